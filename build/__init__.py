@@ -1,0 +1,1 @@
+"""headrace build pipeline: fine-tune, distill, export, quantize, engine build, model cards."""

@@ -1,0 +1,1 @@
+"""headrace edge profile: ONNX Runtime backends, torch-free."""

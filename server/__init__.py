@@ -1,0 +1,1 @@
+"""headrace server: transport, engine, model repository and the torch / TensorRT backends."""

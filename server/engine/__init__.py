@@ -1,0 +1,1 @@
+"""The engine: dynamic batching for encoders, continuous batching for decoders."""
