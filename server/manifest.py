@@ -29,7 +29,7 @@ Imports nothing from headrace but `types`, so build/ may write manifests too.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +108,7 @@ def _sub(cls: type, data: Any, where: str) -> Any:
         return cls()
     if not isinstance(data, dict):
         raise ManifestError(f"{where} must be an object")
-    known = set(cls.__dataclass_fields__)
+    known = {f.name for f in fields(cls)}
     unknown = set(data) - known
     if unknown:
         raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")

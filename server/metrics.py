@@ -46,7 +46,7 @@ BACKEND_DURATION = Histogram(
     "headrace_backend_duration_seconds",
     "Time of one backend call (encoder forward, prefill or decode step).",
     ["model", "kind"],
-    buckets=_TOKEN_BUCKETS + (2.0, 5.0),
+    buckets=(*_TOKEN_BUCKETS, 2.0, 5.0),
     registry=REGISTRY,
 )
 ACTIVE_SLOTS = Gauge(

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
 from headrace.server.types import SamplingParams
 
 

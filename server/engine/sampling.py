@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-
 from headrace.server.types import SamplingParams
 
 

@@ -1,0 +1,83 @@
+"""Rules of the tree that no single feature test would catch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOP = {"client": "headrace.client", "server": "headrace.server", "edge": "headrace.edge",
+       "build": "headrace.build"}
+
+
+def test_generated_code_is_fresh() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_package_folder_is_packaged() -> None:
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for folder, name in TOP.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            found.add(".".join([name, *rel.parts]))
+    assert found <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+def test_serving_code_never_imports_build() -> None:
+    offenders = [
+        str(p.relative_to(ROOT))
+        for folder in ("client", "server", "edge")
+        for p in (ROOT / folder).rglob("*.py")
+        if p.name != "cli.py" and any(m.startswith("headrace.build") for m in _imports(p))
+    ]
+    assert not offenders, f"serving code imports headrace.build: {offenders}"
+
+
+def test_client_depends_on_grpc_and_protobuf_alone() -> None:
+    allowed = ("grpc", "google.protobuf", "google.rpc", "grpc_status", "headrace.client")
+    bad = {}
+    for p in (ROOT / "client").rglob("*.py"):
+        third = {m for m in _imports(p) if m.split(".")[0] not in sys.stdlib_module_names}
+        extra = {m for m in third if not m.startswith(allowed)}
+        if extra:
+            bad[str(p.relative_to(ROOT))] = sorted(extra)
+    assert not bad, bad
+
+
+def test_server_and_edge_import_without_ml_runtimes() -> None:
+    """Importing every non-backend module pulls in no torch, onnxruntime or tensorrt."""
+    modules = []
+    for folder in ("server", "edge"):
+        for p in (ROOT / folder).rglob("*.py"):
+            rel = p.relative_to(ROOT / folder).with_suffix("")
+            if "backends" in rel.parts or rel.name in ("__main__", "ort_backend"):
+                continue
+            parts = [TOP[folder], *rel.parts]
+            if parts[-1] == "__init__":
+                parts.pop()
+            modules.append(".".join(parts))
+    code = (
+        "import importlib, sys\n"
+        f"for m in {sorted(modules)!r}: importlib.import_module(m)\n"
+        "import headrace.server.backends.registry\n"
+        "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'transformers') if m in sys.modules]\n"
+        "print(heavy); sys.exit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
