@@ -1,0 +1,196 @@
+"""The grpc.aio server: Inference, grpc.health.v1 and server reflection on one port.
+
+    async with serve_in_process(config) as server:   # tests and embedders
+        channel = grpc.insecure_channel(server.address)
+
+    headrace serve --models ./models                 # the CLI: run(config)
+
+Health names: "" (the whole server), "headrace.v1.Inference", and one per
+model name. Each is SERVING while it can answer, NOT_SERVING while the server
+drains (or after a model's last version was removed).
+
+Shutdown (SIGTERM / SIGINT, or `stop()`): health goes NOT_SERVING, new calls
+get UNAVAILABLE, in-flight calls (streams too) get `grace_period_s` to
+finish, then the models stop and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from headrace.client.v1 import inference_pb2 as pb
+from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+from headrace.server.config import ServerConfig
+from headrace.server.logs import get_logger
+from headrace.server.repository import ModelRepository
+from headrace.server.service import InferenceService
+
+log = get_logger("headrace.server")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    """One headrace server: the model repository and its gRPC services."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        if config.models is None:
+            raise ValueError("no model repository: set `models` (--models DIR)")
+        self.config = config
+        self.repository = ModelRepository(
+            config.models,
+            profile=config.profile,
+            device=config.device,
+            poll_interval_s=config.poll_interval_s,
+            backend_options=config.backend_options(),
+            defaults=config.defaults(),
+        )
+        self.service = InferenceService(self.repository)
+        self.health = HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._model_names: set[str] = set()
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> None:
+        """Load the models, bind the port and start answering."""
+        await self.repository.start()
+        mb = self.config.max_message_mb * 1024 * 1024
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", mb),
+                ("grpc.max_send_message_length", mb),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_InferenceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+        )
+        host = self.config.host
+        target = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
+        try:
+            self.port = server.add_insecure_port(target)
+        except RuntimeError as exc:
+            await self.repository.stop(drain=False)
+            raise OSError(f"cannot listen on {target}: {exc}") from exc
+        self._grpc = server
+        await server.start()
+        await self.health.set("", SERVING)
+        await self.health.set(INFERENCE_SERVICE, SERVING)
+        self.repository.add_listener(self._sync_health)
+        await self._sync_health()
+        if self.config.port_file is not None:
+            _write_atomic(self.config.port_file, f"{self.port}\n")
+        log.info(
+            "serving",
+            host=host,
+            port=self.port,
+            profile=self.repository.profile,
+            models=self.repository.names(),
+            pid=os.getpid(),
+        )
+
+    async def _sync_health(self) -> None:
+        names = set(self.repository.names())
+        for name in sorted(names):
+            await self.health.set(name, SERVING)
+        for name in sorted(self._model_names - names):
+            await self.health.set(name, NOT_SERVING)
+        self._model_names |= names
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain and stop; concurrent calls share one shutdown."""
+        if self._stopping is None:
+            self._stopping = asyncio.create_task(self._stop(grace))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, grace: float | None) -> None:
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("draining", grace_period_s=grace)
+        # New Inference calls get UNAVAILABLE from here on, while health checks still
+        # answer NOT_SERVING so load balancers see the drain.
+        self.service.draining = True
+        await self.health.enter_graceful_shutdown()
+        if not await self.service.wait_idle(grace):
+            log.warning("grace_period_over", cancelled_calls=self.service.inflight)
+        if self._grpc is not None:
+            # Cancels what is still running (health watches, calls past the grace period).
+            await self._grpc.stop(0)
+        await self.repository.stop(drain=False)
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(config: ServerConfig) -> AsyncIterator[Server]:
+    """A started server for the block's duration (stopped with a short grace at exit)."""
+    server = Server(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(grace=min(config.grace_period_s, 1.0))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+async def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT, then drain. Returns the exit code."""
+    if config.metrics_port:
+        from headrace.server.metrics import serve_metrics
+
+        serve_metrics(config.metrics_port, host=config.host)
+        log.info("metrics", host=config.host, port=config.metrics_port, path="/metrics")
+    server = Server(config)
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    stopping: set[asyncio.Task[None]] = set()
+
+    def on_signal(signame: str) -> None:
+        log.info("signal", signal=signame)
+        stopping.add(asyncio.ensure_future(server.stop()))
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    try:
+        await server.wait_stopped()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def run(config: ServerConfig) -> int:
+    """Blocking entry point of `headrace serve` (uvloop when installed)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(serve(config))
+    return uvloop.run(serve(config))

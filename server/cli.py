@@ -1,0 +1,199 @@
+"""`headrace`: serve a model repository, list it, build models.
+
+    headrace serve --models ./models [--port 50051] [--profile auto] [--config server.toml]
+    headrace models --models ./models [--json]
+    headrace build ...          (with the `build` extra installed)
+
+Only argparse is imported at module level; each command imports what it needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# flag dest -> ServerConfig field (the dest is the field name unless listed)
+SERVE_FIELDS = (
+    "models", "host", "port", "profile", "device", "metrics_port", "grace_period_s",
+    "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
+    "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
+)  # fmt: skip
+
+
+def _add_serve(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model repository over gRPC",
+        description=(
+            "Serve every model of a repository (NAME/VERSION/headrace.json) over gRPC: the "
+            "headrace.v1.Inference service, grpc.health.v1 and server reflection. Values come "
+            "from the defaults, then --config FILE, then these flags."
+        ),
+    )
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML file of settings")
+    p.add_argument("--models", type=Path, metavar="DIR", help="model repository folder")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    p.add_argument(
+        "--profile",
+        choices=("auto", "edge", "datacenter", "cpu"),
+        help="which artifacts to serve (default auto: datacenter with CUDA, else cpu)",
+    )
+    p.add_argument("--device", help="backend device, e.g. cpu, cuda:1 (default: from profile)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0: off)")
+    p.add_argument(
+        "--grace-period", dest="grace_period_s", type=float, metavar="SECONDS",
+        help="time in-flight calls get to finish on SIGTERM/SIGINT (default 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--poll-interval", dest="poll_interval_s", type=float, metavar="SECONDS",
+        help="rescan the repository for new/removed versions this often (default 2; 0: never)",
+    )  # fmt: skip
+    p.add_argument("--intra-op-threads", type=int, help="threads inside one backend op")
+    p.add_argument("--inter-op-threads", type=int, help="threads across backend ops")
+    p.add_argument(
+        "--default-classify-model",
+        metavar="NAME",
+        help="model for classify requests that name none (default: first by name)",
+    )
+    p.add_argument(
+        "--default-generate-model",
+        metavar="NAME",
+        help="model for generate requests that name none (default: first by name)",
+    )
+    p.add_argument("--log-format", choices=("json", "console"), help="log format (default json)")
+    p.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="lowest level logged (default info)",
+    )
+    p.add_argument(
+        "--port-file",
+        type=Path,
+        metavar="FILE",
+        help="write the bound port to FILE once serving (useful with --port 0)",
+    )
+    p.add_argument("--max-message-mb", type=int, help="largest gRPC message (default 16)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from headrace.server.config import ConfigError, load_config
+    from headrace.server.logs import configure_logging, get_logger
+
+    overrides = {name: getattr(args, name, None) for name in SERVE_FIELDS}
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"headrace serve: {exc}", file=sys.stderr)
+        return 2
+    if config.models is None:
+        print("headrace serve: no model repository; pass --models DIR", file=sys.stderr)
+        return 2
+    configure_logging(config.log_format, config.log_level)
+    from headrace.server.app import run
+    from headrace.server.repository import ProfileError
+
+    try:
+        return run(config)
+    except (ProfileError, OSError) as exc:
+        get_logger("headrace.server").error("startup_failed", reason=str(exc))
+        return 1
+
+
+def _add_models(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "models",
+        help="list the models of a local repository (no server needed)",
+        description="List NAME/VERSION folders of a model repository with task and artifacts.",
+    )
+    p.add_argument("--models", type=Path, metavar="DIR", help="model repository folder")
+    p.add_argument("--config", type=Path, metavar="FILE", help="TOML file naming `models`")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_models)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from headrace.server.config import ConfigError, load_config
+    from headrace.server.manifest import ManifestError, read_manifest
+    from headrace.server.repository import scan
+
+    try:
+        config = load_config(args.config, {"models": args.models})
+    except ConfigError as exc:
+        print(f"headrace models: {exc}", file=sys.stderr)
+        return 2
+    if config.models is None or not config.models.is_dir():
+        print("headrace models: pass --models DIR (an existing folder)", file=sys.stderr)
+        return 2
+    rows: list[dict[str, Any]] = []
+    for (name, version), path in sorted(
+        scan(config.models).items(), key=lambda kv: (kv[0][0], -int(kv[0][1]))
+    ):
+        try:
+            m = read_manifest(path)
+        except ManifestError as exc:
+            rows.append({"name": name, "version": version, "error": str(exc)})
+            continue
+        rows.append({
+            "name": name,
+            "version": version,
+            "task": m.task.value,
+            "labels": list(m.labels),
+            "artifacts": [f"{a.backend}:{a.precision}:{a.path}" for a in m.artifacts],
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models in {config.models}")
+        return 0
+    print(f"{'NAME':<24} {'VERSION':>7}  {'TASK':<9} ARTIFACTS")
+    for r in rows:
+        what = (r.get("error") and f"error: {r['error']}") or ", ".join(r["artifacts"])
+        print(f"{r['name']:<24} {r['version']:>7}  {r.get('task', '-'):<9} {what}")
+    return 0
+
+
+def _add_build(subparsers: Any) -> None:
+    try:
+        from headrace.build.cli import register  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        p = subparsers.add_parser("build", help="build models (needs headrace[build])")
+        p.set_defaults(func=_build_missing)
+        return
+    register(subparsers)
+
+
+def _build_missing(args: argparse.Namespace) -> int:
+    print("headrace build needs the build extra: pip install 'headrace[build]'", file=sys.stderr)
+    return 2
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="headrace",
+        description="headrace: a gRPC model server for transformer models (classify, generate).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_serve(subparsers)
+    _add_models(subparsers)
+    _add_build(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

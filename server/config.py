@@ -1,0 +1,148 @@
+"""Server settings: defaults, a TOML file, then command-line flags (last wins).
+
+    # headrace.toml
+    models = "/srv/models"
+    host = "0.0.0.0"
+    port = 50051
+    profile = "edge"
+    metrics_port = 9464
+    grace_period_s = 15
+    intra_op_threads = 2
+    default_classify_model = "sentiment"
+
+Keys are the field names of `ServerConfig`; an unknown key is an error that
+names it. Relative paths in a file are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from headrace.server.types import Task
+
+PROFILES = ("auto", "edge", "datacenter", "cpu")
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or has a wrong value; the message names it."""
+
+
+@dataclass
+class ServerConfig:
+    models: Path | None = None  # the model repository: NAME/VERSION/headrace.json
+    # Loopback by default: exposing a model server is a decision ("0.0.0.0" to listen everywhere).
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port (see port_file and the "serving" log line)
+    profile: str = "auto"  # auto | edge | datacenter | cpu
+    device: str | None = None  # "cpu", "cuda", "cuda:1"; None lets the profile decide
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0 turns it off
+    grace_period_s: float = 10.0  # in-flight calls get this long to finish on shutdown
+    poll_interval_s: float = 2.0  # model repository rescan period; 0 turns hot reload off
+    intra_op_threads: int | None = None  # threads inside one backend op (ORT / torch)
+    inter_op_threads: int | None = None  # threads across ops (ORT / torch)
+    default_classify_model: str | None = None  # model for a ClassifyRequest with no `model`
+    default_generate_model: str | None = None  # model for a GenerateRequest with no `model`
+    log_format: str = "json"  # json | console
+    log_level: str = "info"  # debug | info | warning | error
+    port_file: Path | None = None  # write the bound port here once serving
+    max_message_mb: int = 16  # largest request or response message
+    extra_backend_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> ServerConfig:
+        if self.profile not in PROFILES:
+            raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], not {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in [0, 65535], not {self.metrics_port}")
+        if self.grace_period_s < 0:
+            raise ConfigError("grace_period_s must be >= 0")
+        if self.poll_interval_s < 0:
+            raise ConfigError("poll_interval_s must be >= 0")
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1")
+        if self.max_message_mb < 1:
+            raise ConfigError("max_message_mb must be >= 1")
+        return self
+
+    def backend_options(self) -> dict[str, Any]:
+        """What every backend gets in BackendSpec.options."""
+        options = dict(self.extra_backend_options)
+        if self.intra_op_threads is not None:
+            options["intra_op_threads"] = self.intra_op_threads
+        if self.inter_op_threads is not None:
+            options["inter_op_threads"] = self.inter_op_threads
+        return options
+
+    def defaults(self) -> dict[Task, str]:
+        out: dict[Task, str] = {}
+        if self.default_classify_model:
+            out[Task.CLASSIFY] = self.default_classify_model
+        if self.default_generate_model:
+            out[Task.GENERATE] = self.default_generate_model
+        return out
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+_PATHS = {"models", "port_file"}
+_INTS = {"port", "metrics_port", "intra_op_threads", "inter_op_threads", "max_message_mb"}
+_FLOATS = {"grace_period_s", "poll_interval_s"}
+
+
+def _coerce(key: str, value: Any, base: Path | None) -> Any:
+    if key in _PATHS:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{key} must be a path string")
+        path = Path(value).expanduser()
+        return (base / path) if base is not None and not path.is_absolute() else path
+    if key in _INTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, not {value!r}")
+        return value
+    if key in _FLOATS:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, not {value!r}")
+        return float(value)
+    if key == "extra_backend_options":
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a table")
+        return dict(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, not {value!r}")
+    return value
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> ServerConfig:
+    """Defaults, then the TOML file at `path`, then `overrides` (flags; None values skipped)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise ConfigError(f"unknown key {key!r} in config file {path}")
+            values[key] = _coerce(key, value, path.parent)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, value, None)
+    return ServerConfig(**values).validate()

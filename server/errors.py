@@ -1,0 +1,91 @@
+"""Service-level errors and their gRPC status codes, in one place.
+
+Engine errors (server/types.py) and the service's own errors below are
+mapped to a status by `status_for`; `rich_status` turns one into the
+`google.rpc.Status` that travels in the `grpc-status-details-bin` trailer,
+with a `google.rpc.BadRequest` naming the field for INVALID_ARGUMENT.
+
+    InvalidField / InvalidInput      INVALID_ARGUMENT (+ BadRequest field)
+    ModelNotFound                    NOT_FOUND
+    QueueFull                        RESOURCE_EXHAUSTED
+    ShuttingDown / ServerDraining    UNAVAILABLE
+    BackendFailure / anything else   INTERNAL (generic message)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from headrace.server.types import BackendFailure, InvalidInput, QueueFull, ShuttingDown
+
+INTERNAL_MESSAGE = "internal error while running the model; the server logged the cause"
+
+
+class ServiceError(Exception):
+    """An error raised by the service layer with a message safe to show a caller."""
+
+
+class InvalidField(ServiceError):
+    """A request field is invalid: INVALID_ARGUMENT with a BadRequest naming `field`."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class ModelNotFound(ServiceError):
+    """Unknown model, unknown version, or a model of the other task: NOT_FOUND."""
+
+
+class ServerDraining(ServiceError):
+    """The server is shutting down and takes no new calls: UNAVAILABLE."""
+
+
+@dataclass(frozen=True)
+class MappedError:
+    code: grpc.StatusCode
+    message: str
+    field: str | None = None  # set for INVALID_ARGUMENT
+    internal: bool = False  # True when the cause must be logged, not shown
+
+
+def status_for(exc: BaseException) -> MappedError:
+    """The status a caller sees for `exc`. Never leaks paths or tracebacks."""
+    if isinstance(exc, InvalidField | InvalidInput):
+        return MappedError(grpc.StatusCode.INVALID_ARGUMENT, exc.message, field=exc.field)
+    if isinstance(exc, ModelNotFound):
+        return MappedError(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, QueueFull):
+        return MappedError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the model's queue is full; retry later"
+        )
+    if isinstance(exc, ShuttingDown | ServerDraining):
+        return MappedError(
+            grpc.StatusCode.UNAVAILABLE, str(exc) or "the server is shutting down; retry elsewhere"
+        )
+    if isinstance(exc, BackendFailure):
+        # BackendFailure's own message is documented as safe, but keep one generic
+        # text so nothing from a runtime's error string can reach a caller.
+        return MappedError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, internal=True)
+    return MappedError(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE, internal=True)
+
+
+def rich_status(err: MappedError) -> status_pb2.Status:
+    """The google.rpc.Status for `err`, with a BadRequest detail when a field is named."""
+    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    if err.field is not None:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=err.field, description=err.message
+                )
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad)
+        status.details.append(detail)
+    return status

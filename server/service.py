@@ -1,0 +1,319 @@
+"""The `headrace.v1.Inference` servicer on grpc.aio: validate -> convert -> model -> convert.
+
+One decorator, `rpc`, wraps every method, unary and streaming alike: it
+assigns the request id, refuses calls while the server drains, maps errors
+to status codes (server/errors.py), writes the one log line per RPC and the
+request metrics. Cancellation (client gone, deadline passed) is re-raised,
+never swallowed, and every generation stream is closed in a `finally` so the
+engine frees its KV slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import inspect
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+from grpc_status import rpc_status
+from headrace.client.v1 import inference_pb2 as pb
+from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+from headrace.server import convert
+from headrace.server.errors import ServerDraining, rich_status, status_for
+from headrace.server.logs import get_logger
+from headrace.server.metrics import REQUEST_DURATION, REQUESTS
+from headrace.server.repository import ModelRepository
+from headrace.server.types import Task
+
+log = get_logger("headrace.service")
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+REQUEST_ID_KEY = "x-request-id"
+STREAM_WINDOW = 8  # ClassifyStream requests in flight at once per stream (answers keep order)
+
+
+@dataclass
+class RpcInfo:
+    """What the log line of one RPC says; handlers fill in model and token counts."""
+
+    rpc: str
+    request_id: str
+    peer: str
+    start: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    model_version: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+def _metadata_request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and value:
+            return value[:128]
+    return ""
+
+
+def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a servicer method `(self, request, context, info)` as a grpc.aio handler."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(fn):
+
+            @functools.wraps(fn)
+            async def stream_handler(
+                self: InferenceService, request: Any, context: Context
+            ) -> AsyncIterator[Any]:
+                info = self._begin(name, request, context)
+                try:
+                    await self._open(info, context)
+                    async with contextlib.aclosing(fn(self, request, context, info)) as messages:
+                        async for message in messages:
+                            yield message
+                except BaseException as exc:
+                    await self._fail(info, context, exc)
+                finally:
+                    self._finish(info)
+
+            return stream_handler
+
+        @functools.wraps(fn)
+        async def unary_handler(
+            self: InferenceService, request: Any, context: Context
+        ) -> Any:
+            info = self._begin(name, request, context)
+            try:
+                await self._open(info, context)
+                return await fn(self, request, context, info)
+            except BaseException as exc:
+                await self._fail(info, context, exc)
+            finally:
+                self._finish(info)
+
+        return unary_handler
+
+    return decorate
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self.draining = False
+        self.inflight = 0  # Inference calls between _begin and _finish
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, within_s: float) -> bool:
+        """Wait until no Inference call is running (True) or `within_s` passed (False)."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # -- the decorator's helpers -------------------------------------------------------------
+
+    def _begin(self, name: str, request: Any, context: Context) -> RpcInfo:
+        own = getattr(request, "request_id", "")  # "" for ClassifyStream's request iterator
+        request_id = own or _metadata_request_id(context) or uuid.uuid4().hex
+        self.inflight += 1
+        self._idle.clear()
+        return RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "")
+
+    async def _open(self, info: RpcInfo, context: Context) -> None:
+        if self.draining:
+            raise ServerDraining("the server is shutting down; retry elsewhere")
+        await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
+
+    async def _fail(
+        self, info: RpcInfo, context: Context, exc: BaseException
+    ) -> NoReturn:
+        """Record and re-raise cancellation; turn anything else into a status (raises)."""
+        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            info.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise exc
+        if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+            info.code = context.code() or grpc.StatusCode.UNKNOWN
+            raise exc
+        mapped = status_for(exc)
+        info.code = mapped.code
+        if mapped.internal:
+            log.error(
+                "rpc_failed",
+                rpc=info.rpc,
+                request_id=info.request_id,
+                model=info.model,
+                model_version=info.model_version,
+                exc_info=exc,
+            )
+        abort: Any = getattr(context, "abort_with_status")  # noqa: B009 (missing from the aio stubs)
+        await abort(rpc_status.to_status(rich_status(mapped)))
+        raise AssertionError("abort_with_status returned")  # it raises AbortError
+
+    def _finish(self, info: RpcInfo) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+        seconds = time.perf_counter() - info.start
+        code = info.code.name
+        REQUESTS.labels(info.rpc, info.model, code).inc()
+        REQUEST_DURATION.labels(info.rpc, info.model).observe(seconds)
+        log.info(
+            "rpc",
+            rpc=info.rpc,
+            request_id=info.request_id,
+            model=info.model,
+            model_version=info.model_version,
+            code=code,
+            latency_ms=round(seconds * 1000, 3),
+            prompt_tokens=info.prompt_tokens,
+            completion_tokens=info.completion_tokens,
+            peer=info.peer,
+        )
+
+    # -- classify ----------------------------------------------------------------------------
+
+    async def _classify_one(
+        self, request: pb.ClassifyRequest, request_id: str, info: RpcInfo
+    ) -> pb.ClassifyResponse:
+        async with self.repository.lease(
+            request.model, request.model_version, Task.CLASSIFY
+        ) as loaded:
+            info.model, info.model_version = loaded.name, loaded.version
+            texts = convert.classify_texts(request, loaded.manifest.limits)
+            items = await loaded.model.classify(
+                texts, top_k=request.top_k, reject_overlong=request.reject_overlong
+            )
+        response = convert.classify_response(
+            items, model=loaded.name, version=loaded.version, request_id=request_id
+        )
+        info.prompt_tokens += response.usage.prompt_tokens
+        return response
+
+    @rpc("Classify")
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: Context, info: RpcInfo
+    ) -> pb.ClassifyResponse:
+        return await self._classify_one(request, info.request_id, info)
+
+    @rpc("ClassifyStream")
+    async def ClassifyStream(
+        self,
+        requests: AsyncIterator[pb.ClassifyRequest],
+        context: Context,
+        info: RpcInfo,
+    ) -> AsyncIterator[pb.ClassifyResponse]:
+        # Up to STREAM_WINDOW requests run at once (so the batcher can group them);
+        # answers leave in request order. The first error ends the stream.
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        queue: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | BaseException | None]
+        queue = asyncio.Queue()
+        stream_id = _metadata_request_id(context)
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await window.acquire()
+                    rid = request.request_id or stream_id or uuid.uuid4().hex
+                    queue.put_nowait(asyncio.create_task(self._classify_one(request, rid, info)))
+            except Exception as exc:
+                queue.put_nowait(exc)
+            else:
+                queue.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        started: list[asyncio.Task[pb.ClassifyResponse]] = []
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                started.append(item)
+                response = await item
+                window.release()
+                yield response
+        finally:
+            reader.cancel()
+            for task in started:
+                task.cancel()
+            await asyncio.gather(reader, *started, return_exceptions=True)
+
+    # -- generate ----------------------------------------------------------------------------
+
+    @rpc("Generate")
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context, info: RpcInfo
+    ) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(request_id=info.request_id)
+        texts: list[str] = []
+        async with contextlib.aclosing(self._generate(request, info)) as chunks:
+            async for chunk in chunks:
+                texts.append(chunk.text)
+                response.token_ids.extend(chunk.token_ids)
+                if chunk.model:
+                    response.model, response.model_version = chunk.model, chunk.model_version
+                    response.prompt_truncated = chunk.prompt_truncated
+                if chunk.finish_reason:
+                    response.finish_reason = chunk.finish_reason
+                    response.usage.CopyFrom(chunk.usage)
+        response.text = "".join(texts)
+        return response
+
+    @rpc("GenerateStream")
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context: Context, info: RpcInfo
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        async with contextlib.aclosing(self._generate(request, info)) as chunks:
+            async for chunk in chunks:
+                yield chunk
+
+    async def _generate(
+        self, request: pb.GenerateRequest, info: RpcInfo
+    ) -> AsyncGenerator[pb.GenerateChunk, None]:
+        async with self.repository.lease(
+            request.model, request.model_version, Task.GENERATE
+        ) as loaded:
+            info.model, info.model_version = loaded.name, loaded.version
+            model = loaded.model
+            vocab = getattr(model.backend, "vocab_size", None)
+            args = convert.generate_args(request, loaded.manifest.limits, vocab)
+            params, truncated = model.prepare(**args)
+            info.prompt_tokens = len(params.prompt_ids)
+            events = model.generate(params)
+            first = True
+            try:
+                async for event in events:
+                    chunk = convert.generate_chunk(event, info.request_id)
+                    if first:
+                        chunk.model, chunk.model_version = loaded.name, loaded.version
+                        chunk.prompt_truncated = truncated
+                        first = False
+                    if event.finish_reason is not None:
+                        info.prompt_tokens = event.prompt_tokens
+                        info.completion_tokens = event.completion_tokens
+                    else:
+                        info.completion_tokens += len(event.token_ids)
+                    yield chunk
+            finally:
+                # Frees the KV slot when the caller cancelled or the deadline passed.
+                await events.aclose()
+
+    # -- models ------------------------------------------------------------------------------
+
+    @rpc("ListModels")
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Context, info: RpcInfo
+    ) -> pb.ListModelsResponse:
+        task = convert.TASK_FROM_PB.get(request.task)
+        entries = self.repository.list_models(task)
+        profile = self.repository.profile
+        return pb.ListModelsResponse(models=[convert.model_info(e, profile) for e in entries])
