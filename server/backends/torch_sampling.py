@@ -1,0 +1,122 @@
+"""Next-token choice where the logits are (GPU or CPU), as batch tensors.
+
+Per-row temperature, top-k, top-p and repetition penalty become [N] tensors, and
+each warper runs only when some row needs it (as TGI's HeterogeneousNextTokenChooser).
+Sampling uses the exponential-noise argmax trick (gpt-fast's
+`multinomial_sample_one_no_sync`): argmax(p / E) with E ~ Exp(1) draws from p. The
+noise of row i comes from a counter-based hash of (seed_i, token id), and seed_i is
+drawn from that sequence's own numpy Generator on the host: a seeded sequence gets the
+same tokens whatever shares its batch, and no vocabulary-wide tensor crosses the bus.
+The only device->host transfer is the chosen ids, [N] int64, at the very end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from headrace.server.types import SamplingParams
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    # (x * c) mod 2**32 for x in [0, 2**32), c < 2**32, without overflowing int64
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # lowbias32 (C. Wellons): a bijection on 32-bit values with good avalanche
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def seeded_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
+    """seeds: [N] int64 in [0, 2**32) -> uniform noise [N, vocab] in (0, 1), float32."""
+    cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _mix32(_mix32(seeds[:, None]) ^ cols[None, :])
+    return ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+
+
+def _row_seed(rng: np.random.Generator | None) -> int:
+    if rng is None:  # a sampled row must own an RNG; make one rather than fail
+        rng = np.random.default_rng()
+    return int(rng.integers(0, 2**32))
+
+
+def apply_repetition_penalty(
+    x: torch.Tensor, histories: Sequence[Sequence[int]], penalties: Sequence[float]
+) -> torch.Tensor:
+    """x: [N, V] float32 -> penalised copy (CTRL-style: positive / p, negative * p)."""
+    n, vocab = x.shape
+    width = max((len(h) for h in histories), default=0)
+    if width == 0:
+        return x
+    # histories padded with `vocab`, a column that is dropped after the scatter
+    hist = np.full((n, width), vocab, dtype=np.int64)
+    for i, h in enumerate(histories):
+        if penalties[i] != 1.0 and h:
+            ids = np.asarray(h, dtype=np.int64)
+            hist[i, : len(ids)] = np.where((ids >= 0) & (ids < vocab), ids, vocab)
+    seen = torch.zeros((n, vocab + 1), dtype=torch.bool, device=x.device)
+    seen.scatter_(1, torch.from_numpy(hist).to(x.device), True)
+    seen = seen[:, :vocab]
+    pen = torch.tensor(penalties, dtype=torch.float32, device=x.device)[:, None]
+    return torch.where(seen, torch.where(x > 0, x / pen, x * pen), x)
+
+
+def sample_torch(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[np.random.Generator | None],
+    histories: Sequence[Sequence[int]],
+) -> list[int]:
+    """logits: [N, V] (or [V] for N == 1), any float dtype, any device -> one id per row."""
+    x = logits[None, :] if logits.ndim == 1 else logits
+    x = x.float()
+    n, vocab = x.shape
+    dev = x.device
+    penalties = [p.repetition_penalty for p in params]
+    if any(pen != 1.0 for pen in penalties):
+        x = apply_repetition_penalty(x, histories, penalties)
+    greedy_ids = x.argmax(dim=-1)  # [N]
+    sampled = [not p.greedy for p in params]
+    if not any(sampled):
+        return greedy_ids.tolist()  # the one sync: N ids
+
+    temps = torch.tensor(
+        [p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32, device=dev
+    )
+    x = x / temps[:, None]
+    ks = [p.top_k if (not p.greedy and 0 < p.top_k < vocab) else 0 for p in params]
+    if any(ks):
+        top = torch.topk(x, max(ks), dim=-1).values  # [N, kmax], descending
+        k_t = torch.tensor(ks, dtype=torch.int64, device=dev)
+        thr = top.gather(1, (k_t - 1).clamp(min=0)[:, None])  # [N, 1]
+        thr = torch.where(k_t[:, None] > 0, thr, torch.full_like(thr, -torch.inf))
+        x = x.masked_fill(x < thr, -torch.inf)
+    ps = [p.top_p if not p.greedy else 1.0 for p in params]
+    if any(p < 1.0 for p in ps):
+        sorted_x, order = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(sorted_x, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
+        p_t = torch.tensor(ps, dtype=torch.float32, device=dev)[:, None]
+        drop = (before >= p_t) & (p_t < 1.0)
+        drop[:, 0] = False  # always keep the best token
+        x = x.scatter(1, order, sorted_x.masked_fill(drop, -torch.inf))
+    probs = torch.softmax(x, dim=-1)
+    seeds = torch.tensor(
+        [_row_seed(generators[i]) if sampled[i] else 0 for i in range(n)],
+        dtype=torch.int64,
+        device=dev,
+    )
+    noise = -torch.log(seeded_uniform(seeds, vocab))  # Exp(1), [N, V]
+    sampled_ids = (probs / noise).argmax(dim=-1)
+    chosen = torch.where(torch.tensor(sampled, device=dev), sampled_ids, greedy_ids)
+    return chosen.tolist()  # the one sync: N ids
