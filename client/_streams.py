@@ -150,11 +150,17 @@ class AsyncResponseStream(Generic[T]):
                 raise own from err
             raise error_from_aio_rpc_error(err, self._request_id) from err
         except asyncio.CancelledError:
-            # Either our own task is being cancelled (stop the call and propagate), or
-            # the call was cancelled by aclose() from another task (end quietly).
+            # Our own task is being cancelled (stop the call and propagate), or the call
+            # was cancelled by aclose() from another task (end quietly), or grpc.aio
+            # cancelled it because reading the requests raised (report that error).
             task = asyncio.current_task()
-            if self._closed and not (task is not None and task.cancelling()):
-                raise StopAsyncIteration from None
+            if not (task is not None and task.cancelling()):
+                own = self._request_error() if self._request_error else None
+                if own is not None:
+                    self._done = True
+                    raise own from None
+                if self._closed:
+                    raise StopAsyncIteration from None
             self.cancel()
             raise
         if msg is _EOF:
