@@ -1,0 +1,245 @@
+"""Dynamic batching for encoders: many callers, one backend call per batch.
+
+Callers submit the token ids of one or more texts and await a future. One
+loop per model collects rows until `max_batch` rows are waiting or the
+oldest request has waited `max_delay_ms`, pads them to a bucketed length
+(few distinct shapes for ONNX Runtime / TensorRT profiles, little padding),
+runs one `backend.forward` in the batcher's own worker thread (the event
+loop stays free for health checks and new calls), and scatters the logits
+back. A request with more texts than `max_batch` spans several batches; a
+caller that went away has its rows skipped if they have not started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import structlog
+from headrace.server import metrics
+from headrace.server.backends.base import EncoderBackend
+from headrace.server.types import BackendFailure, QueueFull, ShuttingDown
+
+log = structlog.get_logger(__name__)
+
+BACKEND_FAILED = "the model failed while running this batch"
+
+
+def bucket_length(n: int, cap: int) -> int:
+    """Padded length for a batch whose longest row has n tokens: 8, 16, 32, then
+    multiples of 32, never above cap (the model's input limit)."""
+    n = max(n, 1)
+    if n <= 8:
+        size = 8
+    elif n <= 16:
+        size = 16
+    else:
+        size = -(-n // 32) * 32
+    return max(n, min(size, cap))
+
+
+@dataclass(eq=False)
+class _Request:
+    rows: list[Sequence[int]]  # token ids of each text, already truncated
+    future: asyncio.Future[np.ndarray]  # -> logits float32 [len(rows), labels]
+    arrival: float  # loop.time() at submit, starts the max_delay clock
+    logits: np.ndarray | None = None  # filled batch by batch
+    next_row: int = 0  # first row not yet sent to a batch
+    done_rows: int = 0  # rows whose logits are in
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()  # cancelled by its caller, or failed
+
+
+@dataclass
+class _Batch:
+    # (request, first row, end row) for each slice of a request in this batch
+    parts: list[tuple[_Request, int, int]] = field(default_factory=list)
+    rows: list[Sequence[int]] = field(default_factory=list)
+
+
+class EncoderBatcher:
+    """One batching loop and one worker thread per encoder model."""
+
+    def __init__(
+        self,
+        name: str,
+        backend: EncoderBackend,
+        *,
+        max_batch: int,
+        max_delay_ms: float,
+        max_queue: int,
+        pad_id: int,
+        max_length: int,
+    ) -> None:
+        self.name = name
+        self.backend = backend
+        self.max_batch = max(1, max_batch)
+        self.max_delay = max(0.0, max_delay_ms) / 1000.0
+        self.max_queue = max(1, max_queue)
+        self.pad_id = pad_id
+        self.max_length = max_length
+        self._queue: deque[_Request] = deque()
+        self._rows_waiting = 0  # rows in the queue not yet sent to a batch
+        self._wake = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._queue_gauge = metrics.QUEUE_DEPTH.labels(name)
+        self._batch_hist = metrics.BATCH_SIZE.labels(name)
+        self._forward_hist = metrics.BACKEND_DURATION.labels(name, "forward")
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(1 for r in self._queue if not r.abandoned)
+
+    async def start(self) -> None:
+        """Start the worker thread and the loop; one small forward warms the backend."""
+        if self._task is not None:
+            return
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"encoder-{self.name}")
+        ids = np.full((1, 8), self.pad_id, dtype=np.int64)
+        await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.backend.forward, ids, np.ones_like(ids)
+        )
+        self._task = asyncio.create_task(self._run(), name=f"encoder-batcher-{self.name}")
+
+    async def stop(self, *, drain: bool = True) -> None:
+        """Take no new work; finish what is queued (drain) or fail it with ShuttingDown."""
+        self._closing = True
+        if not drain:
+            while self._queue:
+                req = self._queue.popleft()
+                if not req.future.done():
+                    req.future.set_exception(ShuttingDown("the model is shutting down"))
+            self._rows_waiting = 0
+            self._queue_gauge.set(0)
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+
+    async def submit(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
+        """rows: token ids per text -> logits float32 [len(rows), labels].
+
+        Raises QueueFull at once when max_queue requests wait, ShuttingDown when
+        stopping (or not started), BackendFailure when a batch holding a row failed.
+        """
+        if self._closing or self._task is None:
+            raise ShuttingDown("the model is not serving")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"model {self.name!r} has {self.max_queue} requests waiting")
+        loop = asyncio.get_running_loop()
+        req = _Request(rows=list(rows), future=loop.create_future(), arrival=loop.time())
+        self._queue.append(req)
+        self._rows_waiting += len(req.rows)
+        self._queue_gauge.set(len(self._queue))
+        self._wake.set()
+        return await req.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._drop_abandoned_head()
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            # wait for a full batch, or until the oldest request has waited max_delay
+            while self._rows_waiting < self.max_batch and not self._closing:
+                left = self._queue[0].arrival + self.max_delay - loop.time()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    break
+                self._drop_abandoned_head()
+                if not self._queue:
+                    break
+            batch = self._take()
+            if batch.rows:
+                await self._execute(loop, batch)
+
+    def _drop_abandoned_head(self) -> None:
+        while self._queue and self._queue[0].abandoned:
+            req = self._queue.popleft()
+            self._rows_waiting -= len(req.rows) - req.next_row
+        self._queue_gauge.set(len(self._queue))
+
+    def _take(self) -> _Batch:
+        """Pop up to max_batch rows in arrival order, skipping abandoned requests."""
+        batch = _Batch()
+        while self._queue and len(batch.rows) < self.max_batch:
+            req = self._queue[0]
+            left = len(req.rows) - req.next_row
+            if req.abandoned:
+                self._queue.popleft()
+                self._rows_waiting -= left
+                continue
+            n = min(left, self.max_batch - len(batch.rows))
+            start = req.next_row
+            batch.parts.append((req, start, start + n))
+            batch.rows.extend(req.rows[start : start + n])
+            req.next_row += n
+            self._rows_waiting -= n
+            if req.next_row == len(req.rows):
+                self._queue.popleft()
+        self._queue_gauge.set(len(self._queue))
+        return batch
+
+    def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """rows -> input_ids, attention_mask int64 [B, S], S bucketed; padding has mask 0."""
+        width = bucket_length(max(len(r) for r in rows), self.max_length)
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+        t0 = time.perf_counter()
+        logits = np.asarray(self.backend.forward(ids, mask), dtype=np.float32)  # [B, labels]
+        return logits, time.perf_counter() - t0
+
+    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
+        assert self._executor is not None
+        try:
+            ids, mask = self.pad(batch.rows)
+            logits, seconds = await loop.run_in_executor(self._executor, self._forward, ids, mask)
+            if logits.ndim != 2 or logits.shape[0] != len(batch.rows):
+                raise ValueError(f"backend returned logits of shape {logits.shape}")
+        except Exception as exc:
+            log.error("encoder batch failed", model=self.name, rows=len(batch.rows), exc_info=exc)
+            for req, _, _ in batch.parts:
+                if not req.future.done():
+                    failure = BackendFailure(BACKEND_FAILED)
+                    failure.__cause__ = exc
+                    req.future.set_exception(failure)
+            return
+        self._batch_hist.observe(len(batch.rows))
+        self._forward_hist.observe(seconds)
+        at = 0
+        for req, start, end in batch.parts:
+            part = logits[at : at + end - start]
+            at += end - start
+            if req.future.done():
+                continue
+            if req.logits is None:
+                req.logits = np.empty((len(req.rows), logits.shape[1]), dtype=np.float32)
+            req.logits[start:end] = part
+            req.done_rows += end - start
+            if req.done_rows == len(req.rows):
+                req.future.set_result(req.logits)
