@@ -28,3 +28,16 @@ def model_repo(tiny_models: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "models"
     shutil.copytree(tiny_models, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def onnx_models(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`tiny_models` plus ONNX artifacts: model.int8.onnx and model.onnx in each version,
+    listed in its manifest (int8 first). Session-scoped and shared: never write into it."""
+    from headrace.build.export import export_version
+
+    root = tmp_path_factory.mktemp("onnx-models")
+    shutil.copytree(tiny_models, root, dirs_exist_ok=True)
+    for version_dir in sorted(root.glob("*/*/")):
+        export_version(version_dir)
+    return root

@@ -1,0 +1,245 @@
+"""ONNX Runtime backends (CPU): the edge profile's encoder and decoder.
+
+Never imports torch or transformers. onnxruntime itself is imported when a
+backend is built, not when this module is imported, so `headrace.edge`
+imports without it.
+
+The graphs come from `headrace.build.export`:
+
+- encoder: input_ids, attention_mask [B, S] -> logits [B, labels]
+- decoder: input_ids [B, S], attention_mask [B, P + S], position_ids [B, S],
+  past_key_values.{i}.key/value [B, H, P, D]
+  -> logits [B, V] (last position), present.{i}.key/value [B, H, P + S, D]
+
+  Its facts (num_layers, num_heads, head_dim, vocab_size, max_context,
+  eos_token_id) are ONNX metadata_props written at export time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from headrace.server.backends.registry import BackendSpec
+from headrace.server.types import SamplingParams
+
+NAME = "onnxruntime"
+MAX_DEFAULT_THREADS = 8  # past this, one request's ops gain little and starve the others
+
+_OPT_LEVELS = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "layout": "ORT_ENABLE_LAYOUT",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def default_threads() -> int:
+    """CPUs this process may run on, capped at MAX_DEFAULT_THREADS."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, MAX_DEFAULT_THREADS))
+
+
+def session_options(options: dict[str, Any]) -> Any:
+    """ORT SessionOptions from BackendSpec.options.
+
+    Keys: intra_op_threads (default: default_threads()), inter_op_threads (1),
+    graph_optimization_level ("disable" | "basic" | "extended" | "layout" | "all", default "all"),
+    enable_cpu_mem_arena (True), allow_spinning (True: idle threads spin briefly
+    before sleeping; False saves CPU on a box shared by several models).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = int(options.get("intra_op_threads") or default_threads())
+    opts.inter_op_num_threads = int(options.get("inter_op_threads") or 1)
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    level = str(options.get("graph_optimization_level", "all")).lower()
+    if level not in _OPT_LEVELS:
+        raise ValueError(
+            f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}, not {level!r}"
+        )
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[level])
+    opts.enable_cpu_mem_arena = bool(options.get("enable_cpu_mem_arena", True))
+    if not options.get("allow_spinning", True):
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    opts.log_severity_level = 3  # errors only; ORT's warnings go to stderr otherwise
+    return opts
+
+
+def open_session(path: Path, options: dict[str, Any]) -> Any:
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no ONNX file at {path}")
+    return ort.InferenceSession(
+        str(path), session_options(options), providers=["CPUExecutionProvider"]
+    )
+
+
+def metadata(session: Any) -> dict[str, str]:
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+class OrtEncoder:
+    """A sequence classifier graph on ONNX Runtime (CPU)."""
+
+    name = NAME
+    device = "cpu"
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.precision = spec.precision
+        self._session = open_session(spec.path, spec.options)
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        missing = {"input_ids", "attention_mask"} - self._inputs
+        if missing:
+            raise ValueError(f"{spec.path.name} is not an encoder graph: no {sorted(missing)}")
+        self.labels = len(spec.manifest.labels)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """input_ids, attention_mask: int64 [B, S] -> logits float32 [B, labels]."""
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+        }
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        logits = self._session.run(["logits"], feeds)[0]
+        return np.asarray(logits, dtype=np.float32)
+
+    def close(self) -> None:
+        self._session = None
+
+
+class OrtDecoder:
+    """A causal LM graph with a KV cache of `max_slots` sequences, in host memory.
+
+    cache: [max_slots, layers, 2 (key, value), heads, max_context, head_dim] float32,
+    allocated zeroed (calloc: pages become resident only as slots fill them).
+    A decode step gathers each slot's past, padded to the longest with mask
+    zeros, runs one step for all of them, and writes each new key/value back.
+    """
+
+    name = NAME
+    device = "cpu"
+
+    def __init__(self, spec: BackendSpec) -> None:
+        self.precision = spec.precision
+        self._session = open_session(spec.path, spec.options)
+        meta = metadata(self._session)
+        try:
+            self.num_layers = int(meta["num_layers"])
+            self.num_heads = int(meta["num_heads"])
+            self.head_dim = int(meta["head_dim"])
+            self.vocab_size = int(meta["vocab_size"])
+            graph_context = int(meta["max_context"])
+        except KeyError as exc:
+            raise ValueError(f"{spec.path.name} lacks decoder metadata {exc}") from None
+        eos = int(meta.get("eos_token_id", "-1"))
+        self.eos_token_id: int | None = None if eos < 0 else eos
+        self.max_context = min(graph_context, spec.manifest.generation.max_context)
+        self.max_slots = int(spec.max_slots)
+        self._past = [
+            f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")
+        ]
+        self._outputs = ["logits"] + [
+            f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")
+        ]
+        self._cache = np.zeros(
+            (
+                self.max_slots,
+                self.num_layers,
+                2,
+                self.num_heads,
+                self.max_context,
+                self.head_dim,
+            ),
+            dtype=np.float32,
+        )
+        self._lengths = np.zeros(self.max_slots, dtype=np.int64)  # tokens held per slot
+        self._empty_past = np.zeros((1, self.num_heads, 0, self.head_dim), dtype=np.float32)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.max_slots})")
+
+    def length(self, slot: int) -> int:
+        """Tokens in `slot`'s cache (0 when free)."""
+        return int(self._lengths[slot])
+
+    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
+        """Run the prompt into `slot` (zero-length past) -> logits [vocab] of its last token."""
+        self._check_slot(slot)
+        n = len(token_ids)
+        if n == 0:
+            raise ValueError("prefill needs at least one token")
+        if n > self.max_context:
+            raise ValueError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
+        feeds: dict[str, np.ndarray] = dict.fromkeys(self._past, self._empty_past)
+        feeds["input_ids"] = np.asarray(token_ids, dtype=np.int64)[None, :]  # [1, n]
+        feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
+        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
+        logits, *presents = self._session.run(self._outputs, feeds)
+        cache = self._cache[slot]  # [layers, 2, H, C, D]
+        for j, present in enumerate(presents):  # present: [1, H, n, D]
+            cache[j // 2, j % 2, :, :n, :] = present[0]
+        self._lengths[slot] = n
+        return np.asarray(logits[0], dtype=np.float32)  # [V]
+
+    def decode(self, slots: Sequence[int], last_tokens: Sequence[int]) -> np.ndarray:
+        """One step for each slot: last_tokens[i] goes to slots[i] -> logits [len(slots), V]."""
+        if len(slots) != len(last_tokens) or not slots:
+            raise ValueError("decode needs one last token per slot, and at least one slot")
+        idx = np.asarray(slots, dtype=np.int64)  # [B]
+        for slot in slots:
+            self._check_slot(int(slot))
+        lens = self._lengths[idx]  # [B] tokens already cached per slot
+        if (lens == 0).any():
+            raise ValueError("decode on a slot that was not prefilled")
+        if (lens >= self.max_context).any():
+            raise ValueError(f"a slot is full ({self.max_context} tokens)")
+        past = int(lens.max())
+        # attention_mask: [B, past + 1]; ones over each slot's own tokens and the new one
+        mask = (np.arange(past + 1)[None, :] < lens[:, None]).astype(np.int64)
+        mask[:, past] = 1
+        feeds: dict[str, np.ndarray] = {
+            "input_ids": np.asarray(last_tokens, dtype=np.int64)[:, None],  # [B, 1]
+            "attention_mask": mask,
+            "position_ids": lens[:, None].copy(),  # [B, 1]
+        }
+        for j, name in enumerate(self._past):
+            # [B, H, past, D]; positions past a slot's length are masked out
+            feeds[name] = self._cache[idx, j // 2, j % 2, :, :past, :]
+        logits, *presents = self._session.run(self._outputs, feeds)
+        for j, present in enumerate(presents):  # present: [B, H, past + 1, D]
+            self._cache[idx, j // 2, j % 2, :, lens, :] = present[:, :, past, :]
+        self._lengths[idx] = lens + 1
+        return np.asarray(logits, dtype=np.float32)  # [B, V]
+
+    def sample(
+        self,
+        logits: Any,
+        params: Sequence[SamplingParams],
+        generators: Sequence[np.random.Generator | None],
+        histories: Sequence[Sequence[int]],
+    ) -> list[int]:
+        from headrace.server.engine.sampling import sample_numpy
+
+        tokens: list[int] = sample_numpy(np.asarray(logits), params, generators, histories)
+        return tokens
+
+    def release(self, slot: int) -> None:
+        self._check_slot(slot)
+        self._lengths[slot] = 0
+
+    def close(self) -> None:
+        self._session = None
+        self._cache = np.zeros((0,), dtype=np.float32)
