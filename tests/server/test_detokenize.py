@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from headrace.server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer, WordPieceTrainer
-
-from headrace.server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher
 
 ASCII_CORPUS = ["the quick brown fox jumps over the lazy dog", "stop here and there"] * 8
 TEXT = "café naïve 東京 😀 — the end"

@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import threading
 import zlib
-from collections.abc import AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tokenizers.trainers import BpeTrainer
-
 from headrace.server.engine.sampling import sample_numpy
 from headrace.server.manifest import Artifact, Batching, Generation, Limits, Manifest
 from headrace.server.models import GeneratorModel
@@ -33,6 +30,8 @@ from headrace.server.types import (
     Task,
     TokenEvent,
 )
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.trainers import BpeTrainer
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "tell me a story about a fox"] * 8
 
@@ -152,6 +151,14 @@ def params_for(
     return params
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(4000):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
 async def collect(events: AsyncIterator[TokenEvent]) -> list[TokenEvent]:
     return [e async for e in events]
 
@@ -251,7 +258,7 @@ async def _start_collect_stop(model: GeneratorModel, params: GenerateParams) -> 
 
 
 def test_full_context_finishes_with_length(tokenizer: Tokenizer) -> None:
-    model, backend = make_model(tokenizer, context=16)
+    model, _ = make_model(tokenizer, context=16)
     params = GenerateParams(prompt_ids=tuple(range(1, 13)), max_new_tokens=50)
     events = run(_start_collect_stop(model, params))
     assert events[-1].finish_reason is FinishReason.LENGTH
@@ -367,8 +374,7 @@ def test_slow_reader_gets_pending_tokens_coalesced(tokenizer: Tokenizer) -> None
         await model.start()
         stream = model.generate(params)
         first = await anext(stream)
-        while model.active_slots:  # let the engine finish without reading
-            await asyncio.sleep(0.005)
+        await until(lambda: not model.active_slots)  # the engine finishes; nobody reads
         rest = await collect(stream)
         await model.stop()
         return [first, *rest]
@@ -380,7 +386,7 @@ def test_slow_reader_gets_pending_tokens_coalesced(tokenizer: Tokenizer) -> None
 
 
 def test_stop_with_drain_finishes_in_flight_work(tokenizer: Tokenizer) -> None:
-    model, backend = make_model(tokenizer, slots=2)
+    model, _ = make_model(tokenizer, slots=2)
 
     async def main() -> list[list[TokenEvent]]:
         await model.start()
@@ -408,8 +414,7 @@ def test_stop_without_drain_fails_in_flight_work(tokenizer: Tokenizer) -> None:
             asyncio.create_task(collect(model.generate(params_for(model, p, 6))))
             for p in ("the fox", "the dog")
         ]
-        while not model.active_slots:
-            await asyncio.sleep(0.005)
+        await until(lambda: model.active_slots > 0)
         stopping = asyncio.create_task(model.stop(drain=False))
         await asyncio.sleep(0.01)
         backend.gate.set()

@@ -1,0 +1,213 @@
+"""The encoder batcher with a recording EncoderBackend.
+
+`SumEncoder` scores each row from its unmasked tokens alone, so a row's
+result shows whether padding leaked into it; it records every batch shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+from headrace.server.engine.batcher import EncoderBatcher, bucket_length
+from headrace.server.types import BackendFailure, QueueFull, ShuttingDown
+
+PAD = 7
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+class SumEncoder:
+    name = "sum"
+    precision = "fp32"
+    device = "cpu"
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []  # (rows, padded length) per forward
+        self.fail_next = 0
+        self.gate = threading.Event()  # forward waits on it
+        self.gate.set()
+        self.entered = threading.Event()  # set when a forward starts
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.entered.set()
+        self.gate.wait(10)
+        self.batches.append(input_ids.shape)
+        assert input_ids.dtype == np.int64 and attention_mask.shape == input_ids.shape
+        assert (input_ids[attention_mask == 0] == PAD).all()  # padding uses the pad id
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("forward exploded at /secret/path")
+        real = np.where(attention_mask == 1, input_ids, 0)
+        # [B, 2]: sum of tokens, number of tokens
+        return np.stack([real.sum(1), attention_mask.sum(1)], axis=1).astype(np.float32)
+
+    def close(self) -> None:
+        pass
+
+
+def make(max_batch: int = 4, max_queue: int = 16, delay_ms: float = 20.0):
+    backend = SumEncoder()
+    batcher = EncoderBatcher(
+        "sum",
+        backend,
+        max_batch=max_batch,
+        max_delay_ms=delay_ms,
+        max_queue=max_queue,
+        pad_id=PAD,
+        max_length=64,
+    )
+    return batcher, backend
+
+
+def expected(rows: list[list[int]]) -> np.ndarray:
+    return np.array([[sum(r), len(r)] for r in rows], dtype=np.float32)
+
+
+def test_bucket_lengths() -> None:
+    assert [bucket_length(n, 512) for n in (1, 8, 9, 16, 17, 33, 100)] == [
+        8,
+        8,
+        16,
+        16,
+        32,
+        64,
+        128,
+    ]
+    assert bucket_length(100, 64) == 100  # never shorter than the row
+    assert bucket_length(40, 48) == 48
+
+
+def test_concurrent_callers_share_a_batch_and_get_their_own_rows() -> None:
+    batcher, backend = make(max_batch=8)
+    requests = [[[1, 2, 3]], [[4] * 10, [5]], [[6, 6]], [[9] * 20]]
+
+    async def main() -> list[np.ndarray]:
+        await batcher.start()
+        backend.batches.clear()  # forget the warm-up
+        out = await asyncio.gather(*(batcher.submit(r) for r in requests))
+        await batcher.stop()
+        return list(out)
+
+    for rows, logits in zip(requests, run(main()), strict=True):
+        np.testing.assert_array_equal(logits, expected(rows))
+    assert max(rows for rows, _ in backend.batches) > 1
+    assert all(width in (8, 16, 32, 64) for _, width in backend.batches)
+
+
+def test_a_large_request_spans_several_batches() -> None:
+    batcher, backend = make(max_batch=4)
+    rows = [[i + 1] * (i + 1) for i in range(10)]
+
+    async def main() -> np.ndarray:
+        await batcher.start()
+        backend.batches.clear()
+        out = await batcher.submit(rows)
+        await batcher.stop()
+        return out
+
+    np.testing.assert_array_equal(run(main()), expected(rows))
+    assert [b for b, _ in backend.batches] == [4, 4, 2]
+
+
+def test_full_queue_is_refused_at_once() -> None:
+    batcher, backend = make(max_batch=1, max_queue=2)
+
+    async def main() -> None:
+        await batcher.start()
+        backend.gate.clear()
+        backend.entered.clear()
+        running = asyncio.create_task(batcher.submit([[1]]))
+        await asyncio.get_running_loop().run_in_executor(None, backend.entered.wait, 10)
+        waiting = [asyncio.create_task(batcher.submit([[2]])) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(QueueFull):
+            await batcher.submit([[3]])
+        backend.gate.set()
+        await asyncio.gather(running, *waiting)
+        await batcher.stop()
+
+    run(main())
+
+
+def test_backend_failure_fails_only_that_batch() -> None:
+    batcher, backend = make(max_batch=2, delay_ms=0.0)
+
+    async def main() -> tuple[BaseException | np.ndarray, np.ndarray]:
+        await batcher.start()
+        backend.fail_next = 1
+        first = await asyncio.gather(batcher.submit([[1], [2]]), return_exceptions=True)
+        second = await batcher.submit([[3, 4]])
+        await batcher.stop()
+        return first[0], second
+
+    failed, ok = run(main())
+    assert isinstance(failed, BackendFailure) and "/secret" not in str(failed)
+    assert isinstance(failed.__cause__, RuntimeError)
+    np.testing.assert_array_equal(ok, expected([[3, 4]]))
+
+
+def test_cancelled_caller_rows_are_skipped() -> None:
+    batcher, backend = make(max_batch=2)
+
+    async def main() -> np.ndarray:
+        await batcher.start()
+        backend.gate.clear()
+        backend.entered.clear()
+        running = asyncio.create_task(batcher.submit([[1], [1]]))
+        await asyncio.get_running_loop().run_in_executor(None, backend.entered.wait, 10)
+        gone = asyncio.create_task(batcher.submit([[5]] * 6))
+        kept = asyncio.create_task(batcher.submit([[9]]))
+        await asyncio.sleep(0)
+        gone.cancel()
+        backend.batches.clear()
+        backend.gate.set()
+        await running
+        out = await kept
+        await batcher.stop()
+        return out
+
+    np.testing.assert_array_equal(run(main()), expected([[9]]))
+    assert sum(rows for rows, _ in backend.batches) == 2 + 1  # the 6 cancelled rows never ran
+
+
+def test_stop_with_drain_finishes_queued_work() -> None:
+    batcher, _ = make(max_batch=2, delay_ms=1000.0)
+
+    async def main() -> list[np.ndarray]:
+        await batcher.start()
+        calls = [asyncio.create_task(batcher.submit([[i]])) for i in range(5)]
+        await asyncio.sleep(0)
+        await batcher.stop(drain=True)  # does not wait out the 1 s delay
+        with pytest.raises(ShuttingDown):
+            await batcher.submit([[1]])
+        return list(await asyncio.gather(*calls))
+
+    for i, logits in enumerate(run(main())):
+        np.testing.assert_array_equal(logits, expected([[i]]))
+
+
+def test_stop_without_drain_fails_queued_work() -> None:
+    batcher, backend = make(max_batch=1)
+
+    async def main() -> list[BaseException | np.ndarray]:
+        await batcher.start()
+        backend.gate.clear()
+        backend.entered.clear()
+        calls = [asyncio.create_task(batcher.submit([[i]])) for i in range(3)]
+        await asyncio.get_running_loop().run_in_executor(None, backend.entered.wait, 10)
+        stopping = asyncio.create_task(batcher.stop(drain=False))
+        await asyncio.sleep(0.01)
+        backend.gate.set()
+        await stopping
+        return list(await asyncio.gather(*calls, return_exceptions=True))
+
+    running, *queued = run(main())
+    np.testing.assert_array_equal(running, expected([[0]]))  # the batch in flight completes
+    assert all(isinstance(r, ShuttingDown) for r in queued)
