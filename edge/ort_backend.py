@@ -100,8 +100,11 @@ class OrtEncoder:
         self._session = open_session(spec.path, spec.options)
         self._inputs = {i.name for i in self._session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - self._inputs
-        if missing:
-            raise ValueError(f"{spec.path.name} is not an encoder graph: no {sorted(missing)}")
+        kind = metadata(self._session).get("headrace.kind", "encoder")
+        if missing or kind != "encoder":
+            raise ValueError(
+                f"{spec.path.name} is not an encoder graph ({kind}; missing {sorted(missing)})"
+            )
         self.labels = len(spec.manifest.labels)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
