@@ -18,7 +18,7 @@ compute runs in each engine's own worker thread.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -262,7 +262,7 @@ class GeneratorModel:
         )
         return params, truncated
 
-    async def generate(self, params: GenerateParams) -> AsyncIterator[TokenEvent]:
+    async def generate(self, params: GenerateParams) -> AsyncGenerator[TokenEvent, None]:
         """Token events as they are made; the last has finish_reason and usage.
 
         Closing the iterator (or cancelling its consumer) frees the sequence's

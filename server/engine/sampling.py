@@ -35,21 +35,26 @@ def _sample_row(row: np.ndarray, p: SamplingParams, rng: np.random.Generator) ->
     # row: [V] float32 logits, already penalised
     logits = row.astype(np.float64) / p.temperature
     vocab = logits.shape[0]
+    cand: np.ndarray | None = None  # candidate token ids; None = the whole vocabulary
     if 0 < p.top_k < vocab:
         cand = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
-    else:
-        cand = np.arange(vocab)
-    cand_logits = logits[cand]
-    order = np.argsort(-cand_logits, kind="stable")
-    cand, cand_logits = cand[order], cand_logits[order]
-    probs = np.exp(cand_logits - cand_logits[0])
-    probs /= probs.sum()
+        logits = logits[cand]
+    if p.top_p < 1.0:
+        # sort only when nucleus filtering needs it: [V] argsort is the costly part
+        order = np.argsort(-logits, kind="stable")
+        cand = order if cand is None else cand[order]
+        logits = logits[order]
+    probs = np.exp(logits - logits.max())
+    cdf = np.cumsum(probs)
+    total = cdf[-1]
     if p.top_p < 1.0:
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
-        cand, probs = cand[:keep], probs[:keep]
-        probs = probs / probs.sum()
-    return int(cand[rng.choice(cand.shape[0], p=probs)])
+        keep = int(np.searchsorted(cdf, p.top_p * total) + 1)
+        cdf = cdf[:keep]
+        total = cdf[-1]
+    # inverse CDF: one uniform draw per token, whatever the vocabulary size
+    pick = min(int(np.searchsorted(cdf, rng.random() * total, side="right")), cdf.shape[0] - 1)
+    return int(pick if cand is None else cand[pick])
 
 
 def sample_numpy(
@@ -66,8 +71,11 @@ def sample_numpy(
         logits = np.array(logits, dtype=np.float32, copy=True)
     out: list[int] = []
     greedy_rows = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
-    greedy = dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist(), strict=True)) \
-        if greedy_rows else {}
+    greedy = (
+        dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist(), strict=True))
+        if greedy_rows
+        else {}
+    )
     for i, p in enumerate(params):
         if i in greedy:
             out.append(int(greedy[i]))

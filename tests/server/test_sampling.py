@@ -70,3 +70,21 @@ def test_repetition_penalty_discourages_history() -> None:
     penalised = SamplingParams(repetition_penalty=1.5)
     assert sample_numpy(x, [penalised], [None], [[0]]) == [1]
     assert x[0, 0] == 3.0  # the caller's logits are left alone
+
+
+def test_sampled_frequencies_follow_the_softmax() -> None:
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    x = np.log(probs).astype(np.float32)
+    rng = np.random.default_rng(0)
+    p = SamplingParams(temperature=1.0)
+    counts = np.bincount([sample_numpy(x, [p], [rng], [[]])[0] for _ in range(4000)], minlength=4)
+    np.testing.assert_allclose(counts / 4000, probs, atol=0.03)
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    x = np.log(np.array([0.2, 0.5, 0.3])).astype(np.float32)
+    rng = np.random.default_rng(1)
+    p = SamplingParams(temperature=1.0, top_p=0.7)  # 0.5 + 0.3 reach it; 0.2 is cut
+    seen = [sample_numpy(x, [p], [rng], [[]])[0] for _ in range(500)]
+    assert set(seen) == {1, 2}
+    assert 0.55 < seen.count(1) / 500 < 0.70  # renormalised: 0.5 / 0.8 = 0.625

@@ -273,7 +273,7 @@ def test_aclose_mid_stream_frees_the_slot(tokenizer: Tokenizer) -> None:
         stream = model.generate(params_for(model, "the fox", 50))
         await anext(stream)
         await anext(stream)
-        await stream.aclose()  # type: ignore[attr-defined]
+        await stream.aclose()
         # the only slot must come back, or this waits forever
         events = await collect(model.generate(params_for(model, "the dog", 3)))
         await model.stop()

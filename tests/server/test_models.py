@@ -1,0 +1,208 @@
+"""ClassifierModel and GeneratorModel over the real torch backend and tiny real models.
+
+`Recorder` wraps the real backend only to count rows per call (what the
+engine batched); every call goes through to the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from headrace.server.backends.registry import BackendSpec, load_backend
+from headrace.server.manifest import read_manifest
+from headrace.server.models import ClassifierModel, GeneratorModel, load_tokenizer, pad_id_of
+from headrace.server.types import FinishReason, InvalidInput, SamplingParams, Task, TokenEvent
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+TEXTS = [
+    "I love this, it is great",
+    "terrible",
+    "the weather is fine today, nothing special at all, just clouds",
+    "café 東京 😀",
+    "a cancelled call frees its slot at the next step",
+]
+PROMPTS = ["the service answered", "streams of tokens", "edge boxes run", "café naïve"]
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+class Recorder:
+    """Counts rows per backend call, passes everything else through."""
+
+    def __init__(self, backend: Any) -> None:
+        self._backend = backend
+        self.rows: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.rows.append(input_ids.shape[0])
+        out: np.ndarray = self._backend.forward(input_ids, attention_mask)
+        return out
+
+    def decode(self, slots: Any, last_tokens: Any) -> Any:
+        self.rows.append(len(slots))
+        return self._backend.decode(slots, last_tokens)
+
+
+def load(version_dir: Path, task: Task) -> tuple[Any, Any, Any]:
+    manifest = read_manifest(version_dir)
+    spec = BackendSpec(
+        task=task,
+        backend="torch",
+        path=version_dir / "hf",
+        precision="fp32",
+        device="cpu",
+        manifest=manifest,
+        version_dir=version_dir,
+        max_slots=manifest.batching.max_batch,
+    )
+    return manifest, load_backend(spec), load_tokenizer(version_dir / manifest.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def classifier_parts(tiny_models: Path) -> tuple[Any, Any, Any]:
+    return load(tiny_models / "tiny-classifier" / "1", Task.CLASSIFY)
+
+
+@pytest.fixture(scope="module")
+def generator_parts(tiny_models: Path) -> tuple[Any, Any, Any]:
+    return load(tiny_models / "tiny-generator" / "1", Task.GENERATE)
+
+
+def test_classify_batches_concurrent_calls_without_padding_leaks(
+    classifier_parts: tuple[Any, Any, Any],
+) -> None:
+    manifest, backend, tokenizer = classifier_parts
+    recorder = Recorder(backend)
+    model = ClassifierModel("tiny-classifier", "1", manifest, recorder, tokenizer)
+    assert pad_id_of(tokenizer) == tokenizer.token_to_id("[PAD]")
+
+    async def main() -> list[Any]:
+        await model.start()
+        recorder.rows.clear()
+        out = await asyncio.gather(*(model.classify([t]) for t in TEXTS))
+        await model.stop()
+        return [items[0] for items in out]
+
+    items = run(main())
+    assert max(recorder.rows) > 1  # concurrent calls were merged
+    for text, item in zip(TEXTS, items, strict=True):
+        ids = np.array([tokenizer.encode(text).ids], dtype=np.int64)
+        alone = backend.forward(ids, np.ones_like(ids))[0]  # no padding at all
+        probs = np.exp(alone - alone.max()) / np.exp(alone - alone.max()).sum()
+        got = dict(item.labels)
+        for j, label in enumerate(manifest.labels):
+            assert got[label] == pytest.approx(float(probs[j]), abs=1e-5)
+        scores = [s for _, s in item.labels]
+        assert scores == sorted(scores, reverse=True)
+        assert item.input_tokens == ids.shape[1] and not item.truncated
+
+
+def test_classify_truncates_or_rejects_overlong_texts(
+    classifier_parts: tuple[Any, Any, Any],
+) -> None:
+    manifest, backend, tokenizer = classifier_parts
+    model = ClassifierModel("tiny-classifier", "1", manifest, backend, tokenizer)
+    long_text = "the service answered every request " * 40
+    limit = manifest.limits.max_input_tokens
+
+    async def main() -> tuple[list[Any], InvalidInput]:
+        await model.start()
+        items = await model.classify(["short", long_text], top_k=2)
+        with pytest.raises(InvalidInput) as err:
+            await model.classify(["short", long_text], reject_overlong=True)
+        await model.stop()
+        return items, err.value
+
+    items, error = run(main())
+    assert not items[0].truncated and items[1].truncated
+    assert items[1].input_tokens == limit
+    assert len(items[0].labels) == 2
+    assert error.field == "texts[1]"
+
+
+def stream_all(model: GeneratorModel, params: Any) -> Coroutine[Any, Any, list[TokenEvent]]:
+    async def go() -> list[TokenEvent]:
+        return [e async for e in model.generate(params)]
+
+    return go()
+
+
+def test_generation_is_the_same_alone_or_batched(generator_parts: tuple[Any, Any, Any]) -> None:
+    manifest, backend, tokenizer = generator_parts
+    recorder = Recorder(backend)
+    model = GeneratorModel("tiny-generator", "1", manifest, recorder, tokenizer)
+
+    def prepare(prompt: str, **sampling: Any) -> Any:
+        params, _ = model.prepare(
+            prompt,
+            max_new_tokens=12,
+            sampling=SamplingParams(**sampling),
+            stop=(),
+            reject_overlong=False,
+        )
+        return params
+
+    requests = [prepare(p) for p in PROMPTS] + [prepare(PROMPTS[0], temperature=1.0, seed=5)]
+
+    async def main() -> tuple[list[list[TokenEvent]], list[list[TokenEvent]]]:
+        await model.start()
+        alone = [await stream_all(model, r) for r in requests]
+        recorder.rows.clear()
+        together = await asyncio.gather(*(stream_all(model, r) for r in requests))
+        await model.stop()
+        return alone, list(together)
+
+    alone, together = run(main())
+    assert max(recorder.rows) > 1  # decode steps really were shared
+    for a, b in zip(alone, together, strict=True):
+        ids_a = [t for e in a for t in e.token_ids]
+        assert ids_a == [t for e in b for t in e.token_ids]
+        assert a[-1].finish_reason is not None and a[-1].completion_tokens == len(ids_a)
+        text = "".join(e.text for e in a)
+        eos = manifest.generation.eos_token_id
+        assert text == tokenizer.decode([t for t in ids_a if t != eos])
+    assert model.active_slots == 0
+
+
+def test_stop_string_on_a_real_model(generator_parts: tuple[Any, Any, Any]) -> None:
+    manifest, backend, tokenizer = generator_parts
+    model = GeneratorModel("tiny-generator", "1", manifest, backend, tokenizer)
+
+    def params(stop: tuple[str, ...]) -> Any:
+        p, _ = model.prepare(
+            PROMPTS[1],
+            max_new_tokens=24,
+            sampling=SamplingParams(),
+            stop=stop,
+            reject_overlong=False,
+        )
+        return p
+
+    async def main() -> tuple[str, list[TokenEvent] | None, str]:
+        await model.start()
+        free = "".join(e.text for e in await stream_all(model, params(())))
+        clean = [i for i in range(2, len(free) - 2) if "\ufffd" not in free[i - 2 : i + 2]]
+        if not clean:
+            await model.stop()
+            return free, None, ""
+        stop = free[clean[len(clean) // 2] - 2 : clean[len(clean) // 2] + 2]
+        stopped = await stream_all(model, params((stop,)))
+        await model.stop()
+        return free, stopped, stop
+
+    free, stopped, stop = run(main())
+    assert stopped is not None, f"greedy output too short or garbled to pick a stop: {free!r}"
+    assert stopped[-1].finish_reason is FinishReason.STOP
+    assert "".join(e.text for e in stopped) == free[: free.find(stop)]
