@@ -162,7 +162,8 @@ class TorchDecoder:
             out = self.model(
                 input_ids=ids,
                 attention_mask=mask[:, None],  # [N, 1, S, L], additive
-                position_ids=plan.write_pos,
+                # padding rows of a graph write at the scratch column; their position is clamped
+                position_ids=plan.write_pos.clamp(max=self.max_context - 1),
                 past_key_values=self.cache,
                 use_cache=True,
                 logits_to_keep=logits_to_keep,
