@@ -159,7 +159,9 @@ INVALID = [
 @pytest.mark.parametrize(("rpc", "request_msg", "field"), INVALID, ids=[f for _, _, f in INVALID])
 def test_invalid_argument_names_field(stub, rpc: str, request_msg, field: str) -> None:
     method = getattr(stub, rpc)
-    err = error_of(lambda: list(method(request_msg)) if rpc.endswith("Stream") else method(request_msg))
+    err = error_of(
+        lambda: list(method(request_msg)) if rpc.endswith("Stream") else method(request_msg)
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request_field(err) == field
     assert err.details()
@@ -177,7 +179,9 @@ def test_invalid_argument_names_field(stub, rpc: str, request_msg, field: str) -
 )
 def test_not_found(stub, rpc: str, request_msg) -> None:
     method = getattr(stub, rpc)
-    err = error_of(lambda: list(method(request_msg)) if rpc.endswith("Stream") else method(request_msg))
+    err = error_of(
+        lambda: list(method(request_msg)) if rpc.endswith("Stream") else method(request_msg)
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert request_msg.model in err.details()
     assert "/" not in err.details()  # no paths
@@ -290,7 +294,9 @@ def test_reflection_lists_services(server: RunningServer) -> None:
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }
-        request = reflection_pb2.ServerReflectionRequest(file_containing_symbol="headrace.v1.Inference")
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="headrace.v1.Inference"
+        )
         response = next(stub.ServerReflectionInfo(iter([request])))
         assert response.file_descriptor_response.file_descriptor_proto
 
@@ -304,7 +310,9 @@ def test_drain_finishes_stream_and_refuses_new_calls(start_server, long_models: 
         stopping = running.submit(lambda: running.server.stop())
         wait_for(lambda: running.server.service.draining)
         assert _health(running.address, "") == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert _health(running.address, "long-generator") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert (
+            _health(running.address, "long-generator") == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         err = error_of(lambda: stub.Classify(C(texts=["new call"])))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(call)  # the stream in flight runs to its end
@@ -344,12 +352,16 @@ def test_hot_reload_new_and_removed_versions(start_server, model_repo: Path) -> 
         wait_for(lambda: len(stub.ListModels(pb.ListModelsRequest()).models) == 3)
         assert _health(running.address, "second") == health_pb2.HealthCheckResponse.SERVING
         shutil.rmtree(model_repo / "second")
-        wait_for(lambda: _health(running.address, "second") == health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_for(
+            lambda: _health(running.address, "second") == health_pb2.HealthCheckResponse.NOT_SERVING
+        )
 
 
 def test_concurrent_calls(stub) -> None:
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         classify = [pool.submit(stub.Classify, C(texts=[f"text {i}"])) for i in range(16)]
-        generate = [pool.submit(stub.Generate, G(prompt=f"the {i}", max_new_tokens=4)) for i in range(8)]
+        generate = [
+            pool.submit(stub.Generate, G(prompt=f"the {i}", max_new_tokens=4)) for i in range(8)
+        ]
         assert all(len(f.result().results) == 1 for f in classify)
         assert all(f.result().usage.completion_tokens <= 4 for f in generate)

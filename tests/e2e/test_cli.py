@@ -1,0 +1,147 @@
+"""The `headrace` command: help, `models`, config errors, and `serve` in a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from headrace.client.v1 import inference_pb2 as pb
+from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+
+HEADRACE = [sys.executable, "-m", "headrace.server"]
+
+
+def headrace(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*HEADRACE, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_commands_and_every_serve_flag() -> None:
+    top = headrace("--help")
+    assert top.returncode == 0
+    for command in ("serve", "models", "build"):
+        assert command in top.stdout
+    serve = headrace("serve", "--help")
+    assert serve.returncode == 0
+    for flag in ("--config", "--models", "--host", "--port", "--profile", "--device",
+                 "--metrics-port", "--grace-period", "--poll-interval", "--intra-op-threads",
+                 "--inter-op-threads", "--default-classify-model", "--default-generate-model",
+                 "--log-format", "--log-level", "--port-file", "--max-message-mb"):  # fmt: skip
+        assert flag in serve.stdout, flag
+    assert headrace("models", "--help").returncode == 0
+    assert headrace("build", "--help").returncode == 0
+    assert headrace().returncode == 2  # no command: help and a usage error
+
+
+def test_cli_module_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, headrace.server.cli\n"
+        "heavy = [m for m in ('grpc', 'torch', 'onnxruntime', 'structlog', 'numpy') if m in sys.modules]\n"
+        "print(heavy); sys.exit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_models_lists_repository(tiny_models: Path) -> None:
+    table = headrace("models", "--models", str(tiny_models))
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NAME", "VERSION", "TASK"]
+    assert any(line.split()[:3] == ["tiny-classifier", "1", "classify"] for line in lines)
+    assert any(line.split()[:3] == ["tiny-generator", "1", "generate"] for line in lines)
+    rows = json.loads(headrace("models", "--models", str(tiny_models), "--json").stdout)
+    assert {(r["name"], r["version"], r["task"]) for r in rows} == {
+        ("tiny-classifier", "1", "classify"),
+        ("tiny-generator", "1", "generate"),
+    }
+    assert rows[0]["artifacts"] == ["torch:fp32:hf"]
+
+
+def test_serve_rejects_bad_config(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text('models = "."\nportt = 1\n')
+    proc = headrace("serve", "--config", str(config))
+    assert proc.returncode == 2 and "portt" in proc.stderr
+    proc = headrace("serve")
+    assert proc.returncode == 2 and "--models" in proc.stderr
+    proc = headrace("serve", "--models", str(tmp_path / "missing"), "--port", "0")
+    assert proc.returncode == 1 and "missing" in proc.stderr
+
+
+def _wait_port(port_file: Path, proc: subprocess.Popen[str], timeout: float = 60) -> int:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if port_file.is_file() and port_file.read_text().strip():
+            return int(port_file.read_text())
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stderr.read()}")
+        time.sleep(0.05)
+    raise AssertionError("server did not write its port")
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_drains_stream_then_exits_zero(long_models: Path, tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    config = tmp_path / "server.toml"
+    config.write_text('grace_period_s = 20\npoll_interval_s = 0\nlog_level = "info"\n')
+    proc = subprocess.Popen(
+        [*HEADRACE, "serve", "--config", str(config), "--models", str(long_models),
+         "--port", "0", "--port-file", str(port_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = _wait_port(port_file, proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            req = pb.GenerateRequest(model="long-generator", prompt="the", max_new_tokens=300)
+            call = stub.GenerateStream(req)
+            assert next(call).model == "long-generator"
+            os.kill(proc.pid, signal.SIGTERM)
+            chunks = list(call)  # the stream in flight runs to its end
+            assert chunks[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.index("serving") < names.index("draining") < names.index("stopped")
+    serving = next(e for e in events if e["event"] == "serving")
+    assert serving["port"] == port
+    rpc = next(e for e in events if e["event"] == "rpc" and e["rpc"] == "GenerateStream")
+    assert rpc["code"] == "OK" and rpc["model"] == "long-generator"
+    assert rpc["completion_tokens"] == chunks[-1].usage.completion_tokens
+    for key in ("request_id", "model_version", "latency_ms", "prompt_tokens", "peer"):
+        assert key in rpc
+
+
+@pytest.mark.timeout(120)
+def test_serve_health_and_sigint(tiny_models: Path, tmp_path: Path) -> None:
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen(
+        [*HEADRACE, "serve", "--models", str(tiny_models), "--port", "0", "--port-file",
+         str(port_file), "--log-format", "console", "--profile", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = _wait_port(port_file, proc)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            status = health.Check(health_pb2.HealthCheckRequest(service="tiny-generator"))
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "serving" in proc.stderr.read()
