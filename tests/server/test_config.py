@@ -1,0 +1,62 @@
+"""ServerConfig: defaults, TOML file, flags over file, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from headrace.server.config import ConfigError, ServerConfig, load_config
+from headrace.server.types import Task
+
+
+def test_defaults() -> None:
+    config = load_config()
+    assert config == ServerConfig()
+    assert (config.host, config.port, config.profile) == ("127.0.0.1", 50051, "auto")
+    assert config.metrics_port == 0 and config.grace_period_s == 10.0
+    assert config.backend_options() == {} and config.defaults() == {}
+
+
+def test_file_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(
+        'models = "repo"\nport = 6000\nprofile = "edge"\ngrace_period_s = 3\n'
+        "intra_op_threads = 2\n"
+        'default_generate_model = "lm"\n'
+        '[extra_backend_options]\ngraph_optimization = "all"\n'
+    )
+    config = load_config(path, {"port": 7000, "profile": None, "log_format": "console"})
+    assert config.models == tmp_path / "repo"  # relative to the file's folder
+    assert config.port == 7000  # the flag wins
+    assert config.profile == "edge"  # a flag left unset (None) keeps the file's value
+    assert config.grace_period_s == 3.0 and isinstance(config.grace_period_s, float)
+    assert config.log_format == "console"
+    assert config.backend_options() == {"graph_optimization": "all", "intra_op_threads": 2}
+    assert config.defaults() == {Task.GENERATE: "lm"}
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("portt = 1", "'portt'"),
+        ('port = "x"', "port"),
+        ('profile = "gpu"', "profile"),
+        ("port = 70000", "port"),
+        ("grace_period_s = -1", "grace_period_s"),
+        ("intra_op_threads = 0", "intra_op_threads"),
+        ('log_level = "loud"', "log_level"),
+        ("port = [", "TOML"),
+    ],
+)
+def test_bad_file_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_config(path)
+
+
+def test_missing_file_and_unknown_flag(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="'colour'"):
+        load_config(None, {"colour": "blue"})

@@ -1,0 +1,143 @@
+"""The service's pure parts: proto -> types validation and error -> status mapping.
+
+The servicer itself runs over real sockets in tests/e2e/test_server.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from headrace.client.v1 import inference_pb2 as pb
+from headrace.server import convert
+from headrace.server.errors import (
+    INTERNAL_MESSAGE,
+    InvalidField,
+    ModelNotFound,
+    ServerDraining,
+    rich_status,
+    status_for,
+)
+from headrace.server.manifest import Limits
+from headrace.server.types import (
+    BackendFailure,
+    ClassifyItem,
+    FinishReason,
+    InvalidInput,
+    QueueFull,
+    ShuttingDown,
+    TokenEvent,
+)
+
+LIMITS = Limits(max_new_tokens=32, max_texts=4, max_stop_strings=2, max_stop_length=5)
+
+
+def test_sampling_defaults_and_mapping() -> None:
+    params = convert.sampling_params(pb.SamplingParams(), vocab_size=100)
+    assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (
+        0.0, 1.0, 0, 1.0,
+    )  # fmt: skip
+    assert params.seed is None and params.greedy
+    msg = pb.SamplingParams(temperature=0.7, top_p=0.9, top_k=100, repetition_penalty=1.2, seed=0)
+    params = convert.sampling_params(msg, vocab_size=100)
+    assert params.temperature == pytest.approx(0.7) and params.top_p == pytest.approx(0.9)
+    assert (params.top_k, params.seed) == (100, 0)  # seed 0 is a seed, not "unset"
+
+
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (pb.SamplingParams(temperature=math.nan), "sampling.temperature"),
+        (pb.SamplingParams(temperature=math.inf), "sampling.temperature"),
+        (pb.SamplingParams(temperature=100.5), "sampling.temperature"),
+        (pb.SamplingParams(top_p=math.nan), "sampling.top_p"),
+        (pb.SamplingParams(top_p=-0.01), "sampling.top_p"),
+        (pb.SamplingParams(top_k=101), "sampling.top_k"),
+        (pb.SamplingParams(repetition_penalty=-1), "sampling.repetition_penalty"),
+        (pb.SamplingParams(repetition_penalty=math.nan), "sampling.repetition_penalty"),
+    ],
+)
+def test_sampling_rejects(msg: pb.SamplingParams, field: str) -> None:
+    with pytest.raises(InvalidField) as info:
+        convert.sampling_params(msg, vocab_size=100)
+    assert info.value.field == field
+
+
+def test_top_k_bound_without_vocab() -> None:
+    assert convert.sampling_params(pb.SamplingParams(top_k=5000), None).top_k == 5000
+    with pytest.raises(InvalidField):
+        convert.sampling_params(pb.SamplingParams(top_k=convert.MAX_TOP_K + 1), None)
+
+
+@pytest.mark.parametrize(
+    ("request_msg", "field"),
+    [
+        (pb.GenerateRequest(prompt=""), "prompt"),
+        (pb.GenerateRequest(prompt="a", max_new_tokens=33), "max_new_tokens"),
+        (pb.GenerateRequest(prompt="a", stop=["x", "y", "z"]), "stop"),
+        (pb.GenerateRequest(prompt="a", stop=["x", ""]), "stop[1]"),
+        (pb.GenerateRequest(prompt="a", stop=["123456"]), "stop[0]"),
+    ],
+)
+def test_generate_args_rejects(request_msg: pb.GenerateRequest, field: str) -> None:
+    with pytest.raises(InvalidField) as info:
+        convert.generate_args(request_msg, LIMITS, vocab_size=100)
+    assert info.value.field == field
+
+
+def test_generate_args() -> None:
+    msg = pb.GenerateRequest(prompt="hi", max_new_tokens=32, stop=["\n"], reject_overlong=True)
+    args = convert.generate_args(msg, LIMITS, vocab_size=100)
+    assert args["prompt"] == "hi" and args["max_new_tokens"] == 32
+    assert args["stop"] == ("\n",) and args["reject_overlong"] is True
+
+
+def test_classify_texts() -> None:
+    assert convert.classify_texts(pb.ClassifyRequest(texts=["a", "b"]), LIMITS) == ["a", "b"]
+    for texts, field in (([], "texts"), (["a"] * 5, "texts"), (["a", ""], "texts[1]")):
+        with pytest.raises(InvalidField) as info:
+            convert.classify_texts(pb.ClassifyRequest(texts=texts), LIMITS)
+        assert info.value.field == field
+
+
+def test_results_to_proto() -> None:
+    items = [ClassifyItem(labels=(("pos", 0.75), ("neg", 0.25)), truncated=True, input_tokens=7)]
+    resp = convert.classify_response(items, model="m", version="3", request_id="r")
+    assert resp.results[0].labels[0].name == "pos" and resp.results[0].truncated
+    assert resp.usage.prompt_tokens == 7 and resp.model_version == "3"
+    chunk = convert.generate_chunk(TokenEvent("a", (5,)), "r")
+    assert chunk.finish_reason == pb.FINISH_REASON_UNSPECIFIED and not chunk.HasField("usage")
+    last = convert.generate_chunk(TokenEvent("", (), FinishReason.STOP, 4, 9), "r")
+    assert last.finish_reason == pb.STOP
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 9)
+
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (InvalidField("texts", "empty"), grpc.StatusCode.INVALID_ARGUMENT),
+        (InvalidInput("prompt", "too long"), grpc.StatusCode.INVALID_ARGUMENT),
+        (ModelNotFound("model 'x' is not served"), grpc.StatusCode.NOT_FOUND),
+        (QueueFull("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ShuttingDown("bye"), grpc.StatusCode.UNAVAILABLE),
+        (ServerDraining("bye"), grpc.StatusCode.UNAVAILABLE),
+        (BackendFailure("/secret/path failed"), grpc.StatusCode.INTERNAL),
+        (RuntimeError("/secret/path failed"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_status_for(exc: Exception, code: grpc.StatusCode) -> None:
+    mapped = status_for(exc)
+    assert mapped.code == code
+    if code == grpc.StatusCode.INTERNAL:
+        assert mapped.message == INTERNAL_MESSAGE and mapped.internal
+
+
+def test_rich_status_carries_bad_request() -> None:
+    status = rich_status(status_for(InvalidInput("texts[3]", "too long")))
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    assert bad.field_violations[0].field == "texts[3]"
+    assert not rich_status(status_for(QueueFull("x"))).details
