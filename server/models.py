@@ -25,7 +25,8 @@ import numpy as np
 from headrace.server import metrics
 from headrace.server.backends.base import DecoderBackend, EncoderBackend
 from headrace.server.engine.batcher import EncoderBatcher
-from headrace.server.engine.scheduler import DecoderScheduler, check_stop_strings
+from headrace.server.engine.detokenize import check_stop_strings
+from headrace.server.engine.scheduler import DecoderScheduler
 from headrace.server.manifest import Manifest
 from headrace.server.types import (
     BackendFailure,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -257,14 +256,25 @@ class DecoderScheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            step = self._schedule()
             try:
+                step = self._schedule()
                 assert self._executor is not None
                 outcome = await loop.run_in_executor(self._executor, self._execute, step)
-            except Exception as exc:  # a bug outside the backend calls: fail this step
+                self._update(outcome)
+            except Exception as exc:  # a bug outside the backend calls: start clean
                 log.error("decoder step failed", model=self.name, exc_info=exc)
-                outcome = _Outcome(failed=[(s, exc) for s in step.prefill + step.decode])
-            self._update(outcome)
+                await self._fail_running(loop, exc)
+
+    async def _fail_running(self, loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
+        for seq in self._running:
+            failure = BackendFailure(BACKEND_FAILED)
+            failure.__cause__ = exc
+            seq.fail(failure)
+        slots = [seq.slot for seq in self._running]
+        self._running.clear()
+        self._free = list(range(self.num_slots - 1, -1, -1))
+        self._slots_gauge.set(0)
+        await loop.run_in_executor(self._executor, lambda: [self._release(s) for s in slots])
 
     def _schedule(self) -> _Step:
         step = _Step()
@@ -390,14 +400,3 @@ class DecoderScheduler:
         if seq in self._running:
             self._running.remove(seq)
             self._free.append(seq.slot)
-
-
-def check_stop_strings(stop: Sequence[str], *, max_count: int, max_length: int) -> None:
-    """Raise InvalidInput naming the field when stop strings break the model's limits."""
-    if len(stop) > max_count:
-        raise InvalidInput("stop", f"at most {max_count} stop strings are allowed")
-    for i, s in enumerate(stop):
-        if not s:
-            raise InvalidInput(f"stop[{i}]", "a stop string must not be empty")
-        if len(s) > max_length:
-            raise InvalidInput(f"stop[{i}]", f"a stop string has at most {max_length} characters")

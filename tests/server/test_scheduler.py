@@ -74,6 +74,7 @@ class ScriptedDecoder:
         self.fail_prompt: tuple[int, ...] | None = None  # prefill of this prompt raises
         self.gate = threading.Event()  # decode waits on it
         self.gate.set()
+        self.short_samples = 0  # the next N batched samples return one token too few
 
     def _logits(self, slot: int) -> np.ndarray:
         prompt, fed = self.slots[slot]
@@ -109,7 +110,11 @@ class ScriptedDecoder:
         return np.stack([self._logits(s) for s in slots])
 
     def sample(self, logits: Any, params: Any, generators: Any, histories: Any) -> list[int]:
-        return sample_numpy(logits, params, generators, histories)
+        picks = sample_numpy(logits, params, generators, histories)
+        if self.short_samples and len(picks) > 1:
+            self.short_samples -= 1
+            return picks[:-1]
+        return picks
 
     def release(self, slot: int) -> None:
         self.calls.append(("release", (slot,)))
@@ -450,3 +455,24 @@ def test_prepare_checks_and_truncates(tokenizer: Tokenizer) -> None:
             "x", max_new_tokens=1, sampling=SamplingParams(), stop=["ok", ""], reject_overlong=False
         )
     assert err.value.field == "stop[1]"
+
+
+def test_an_inconsistent_backend_fails_running_work_and_the_engine_recovers(
+    tokenizer: Tokenizer,
+) -> None:
+    model, backend = make_model(tokenizer, slots=2)
+    backend.short_samples = 1  # a backend bug the step cannot attribute to one sequence
+
+    async def main() -> tuple[list[BaseException | list[TokenEvent]], list[TokenEvent]]:
+        await model.start()
+        runs = [collect(model.generate(params_for(model, p, 5))) for p in ("the fox", "the dog")]
+        failed = await asyncio.gather(*runs, return_exceptions=True)
+        after = await asyncio.gather(
+            *(collect(model.generate(params_for(model, p, 5))) for p in ("a", "b"))
+        )
+        await model.stop()
+        return failed, after[1]
+
+    failed, after = run(main())
+    assert all(isinstance(r, BackendFailure) for r in failed)
+    assert after[-1].completion_tokens == 5
