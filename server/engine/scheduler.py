@@ -274,7 +274,11 @@ class DecoderScheduler:
         self._running.clear()
         self._free = list(range(self.num_slots - 1, -1, -1))
         self._slots_gauge.set(0)
-        await loop.run_in_executor(self._executor, lambda: [self._release(s) for s in slots])
+        await loop.run_in_executor(self._executor, self._release_all, slots)
+
+    def _release_all(self, slots: list[int]) -> None:
+        for slot in slots:
+            self._release(slot)
 
     def _schedule(self) -> _Step:
         step = _Step()
