@@ -88,6 +88,9 @@ def test_models_and_health(client: Client) -> None:
     assert models["tiny-generator"].limits.max_new_tokens > 0
     assert [m.name for m in client.models(Task.GENERATE)] == ["tiny-generator"]
     assert client.health() is HealthStatus.SERVING
+    assert client.health("tiny-classifier") is HealthStatus.SERVING
+    with pytest.raises(NotFound):
+        client.health("no-such-model")
 
 
 def test_errors_carry_status_and_field(client: Client) -> None:
