@@ -116,7 +116,8 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
                     dec.prefill(s, rng.integers(0, 50000, size=prompt_len).tolist())
                 last = rng.integers(0, 50000, size=batch).tolist()
                 # each step advances every slot; re-prefill between runs keeps lengths bounded
-                step_times, sample_times = [], []
+                step_times: list[float] = []
+                sample_times: dict[bool, list[float]] = {True: [], False: []}  # by greedy
                 greedy = [SamplingParams()] * batch
                 sampled = [SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=i)
                            for i in range(batch)]  # fmt: skip
@@ -132,7 +133,7 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
                     t2 = time.perf_counter()
                     if i >= 5:
                         step_times.append(t1 - t0)
-                        sample_times.append(t2 - t1)
+                        sample_times[bool(i % 2)].append(t2 - t1)
                 emit(
                     bench="decode_step",
                     model="gpt2-small config, random weights (124M)",
@@ -142,7 +143,8 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
                     context=f"{prompt_len}..{prompt_len + steps + 5}",
                     ms_per_step=round(statistics.median(step_times) * 1e3, 3),
                     tokens_per_s=round(batch / statistics.median(step_times), 1),
-                    ms_sample_on_gpu=round(statistics.median(sample_times) * 1e3, 3),
+                    ms_sample_greedy=round(statistics.median(sample_times[True]) * 1e3, 3),
+                    ms_sample_topk_topp=round(statistics.median(sample_times[False]) * 1e3, 3),
                 )
                 dec.close()
                 del dec
@@ -172,9 +174,10 @@ def bench_server(models: Path, model_name: str, port: int) -> None:
                     raise
                 time.sleep(1.0)
 
-        def one(i: int) -> float:
+        def one(i: int, per_call: int = 1) -> float:
+            batch = [texts[(i + j) % 256] for j in range(per_call)]
             t0 = time.perf_counter()
-            stub.Classify(pb.ClassifyRequest(model=model_name, texts=[texts[i % 256]]), timeout=30)
+            stub.Classify(pb.ClassifyRequest(model=model_name, texts=batch), timeout=30)
             return time.perf_counter() - t0
 
         lat = [one(i) for i in range(300)][50:]
@@ -190,6 +193,16 @@ def bench_server(models: Path, model_name: str, port: int) -> None:
                 wall = time.perf_counter() - t0
             emit(bench="server_classify_concurrent", callers=callers, texts_per_call=1,
                  requests_per_s=round(n / wall, 1), p50_ms=round(statistics.median(lat) * 1e3, 3),
+                 p99_ms=round(float(np.percentile(lat, 99)) * 1e3, 3))  # fmt: skip
+        for callers in (16,):
+            n = 600
+            with ThreadPoolExecutor(callers) as pool:
+                list(pool.map(lambda i: one(i, 32), range(50)))
+                t0 = time.perf_counter()
+                lat = list(pool.map(lambda i: one(i, 32), range(n)))
+                wall = time.perf_counter() - t0
+            emit(bench="server_classify_concurrent", callers=callers, texts_per_call=32,
+                 texts_per_s=round(32 * n / wall, 1), p50_ms=round(statistics.median(lat) * 1e3, 3),
                  p99_ms=round(float(np.percentile(lat, 99)) * 1e3, 3))  # fmt: skip
         channel.close()
     finally:

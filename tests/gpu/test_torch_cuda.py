@@ -58,7 +58,7 @@ def _run_decoder(dec: TorchDecoder, prompts: list[list[int]], feed: list[list[in
     for s in range(dec.max_slots):
         dec.release(s)
     outs = [dec.prefill(s, p).float().cpu().numpy() for s, p in enumerate(prompts)]
-    order = [3, 0, 2, 1][: len(prompts)]
+    order = [s for s in (3, 0, 2, 1) if s < len(prompts)]
     for step in feed:
         outs.append(dec.decode(order, step[: len(order)]).float().cpu().numpy())
     return outs
