@@ -187,7 +187,7 @@ class ModelRepository:
         self._failed: dict[tuple[str, str], float] = {}  # (name, version) -> manifest mtime
         self._listeners: list[Listener] = []
         self._poller: asyncio.Task[None] | None = None
-        self._retiring: set[asyncio.Task[None]] = set()
+        self._retiring: dict[asyncio.Task[None], LoadedVersion] = {}
         self._lock = asyncio.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -213,11 +213,16 @@ class ModelRepository:
         async with self._lock:
             versions = [v for vs in self._served.values() for v in vs.values()]
             self._served.clear()
+        # Removed versions still waiting for their calls: stop them now with the rest.
+        for task, version in list(self._retiring.items()):
+            if version.inflight:
+                task.cancel()
+                versions.append(version)
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(v.model.stop(drain=drain) for v in versions), return_exceptions=True)
         for v in versions:
             await asyncio.to_thread(_close_backend, v.model)
-        if self._retiring:
-            await asyncio.gather(*self._retiring, return_exceptions=True)
 
     async def _poll(self) -> None:
         while True:
@@ -252,8 +257,8 @@ class ModelRepository:
                     del self._served[name]
                 log.info("model_version_removed", model=name, model_version=ver)
                 task = asyncio.create_task(self._retire(retired))
-                self._retiring.add(task)
-                task.add_done_callback(self._retiring.discard)
+                self._retiring[task] = retired
+                task.add_done_callback(self._forget_retired)
                 changed = True
             for key in set(self._failed) - set(found):
                 del self._failed[key]
@@ -316,6 +321,9 @@ class ModelRepository:
         backend = load_backend(spec)
         cls = ClassifierModel if manifest.task is Task.CLASSIFY else GeneratorModel
         return cls(name, version, manifest, backend, tokenizer)
+
+    def _forget_retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.pop(task, None)
 
     async def _retire(self, version: LoadedVersion) -> None:
         if version.inflight:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -124,12 +126,20 @@ def test_sigterm_drains_stream_then_exits_zero(long_models: Path, tmp_path: Path
         assert key in rpc
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.mark.timeout(120)
-def test_serve_health_and_sigint(tiny_models: Path, tmp_path: Path) -> None:
+def test_serve_health_metrics_and_sigint(tiny_models: Path, tmp_path: Path) -> None:
     port_file = tmp_path / "port"
+    metrics_port = _free_port()
     proc = subprocess.Popen(
         [*HEADRACE, "serve", "--models", str(tiny_models), "--port", "0", "--port-file",
-         str(port_file), "--log-format", "console", "--profile", "cpu"],
+         str(port_file), "--log-format", "console", "--profile", "cpu",
+         "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -138,6 +148,21 @@ def test_serve_health_and_sigint(tiny_models: Path, tmp_path: Path) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             status = health.Check(health_pb2.HealthCheckRequest(service="tiny-generator"))
             assert status.status == health_pb2.HealthCheckResponse.SERVING
+            stub = pb_grpc.InferenceStub(channel)
+            stub.Classify(pb.ClassifyRequest(texts=["counted"]))
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        from prometheus_client.parser import text_string_to_metric_families
+
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+        key = (("code", "OK"), ("model", "tiny-classifier"), ("rpc", "Classify"))
+        assert samples[("headrace_requests_total", key)] == 1.0
+        assert ("headrace_request_duration_seconds_count", key[1:]) in samples
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     finally:
