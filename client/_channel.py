@@ -32,8 +32,10 @@ class RetryPolicy:
     exponential backoff and jitter, within the call's deadline. `max_attempts` counts the
     first attempt; gRPC caps it at 5. RESOURCE_EXHAUSTED (a full queue) is not retried by
     default: retrying into an overloaded server makes the overload worse; add it here
-    when the server runs behind several replicas. Retry throttling stops retries once
-    more than half of `throttle_max_tokens` recent calls failed.
+    when the server runs behind several replicas. Retry throttling (gRPC's token
+    bucket): each failed attempt takes a token, each success returns
+    `throttle_token_ratio`, and retries pause while fewer than half of
+    `throttle_max_tokens` are left.
     """
 
     max_attempts: int = 3

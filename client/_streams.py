@@ -49,6 +49,7 @@ class ResponseStream(Generic[T]):
         self._request_error = request_error
         self._done = False
         self._closed = False
+        self._cancelled = False
 
     def __iter__(self) -> Self:
         return self
@@ -80,12 +81,13 @@ class ResponseStream(Generic[T]):
             return
         self._closed = True
         if not self._done:
+            self._cancelled = True
             self._call.cancel()
 
     @property
     def cancelled(self) -> bool:
         """True when this stream cancelled its call before it ended."""
-        return self._closed and not self._done
+        return self._cancelled
 
     def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return tuple(self._call.initial_metadata() or ())
@@ -132,6 +134,7 @@ class AsyncResponseStream(Generic[T]):
         self._request_error = request_error
         self._done = False
         self._closed = False
+        self._cancelled = False
 
     def __aiter__(self) -> Self:
         return self
@@ -174,6 +177,7 @@ class AsyncResponseStream(Generic[T]):
             return
         self._closed = True
         if not self._done:
+            self._cancelled = True
             self._call.cancel()
 
     async def aclose(self) -> None:
@@ -182,7 +186,7 @@ class AsyncResponseStream(Generic[T]):
     @property
     def cancelled(self) -> bool:
         """True when this stream cancelled its call before it ended."""
-        return self._closed and not self._done
+        return self._cancelled
 
     async def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return tuple(await self._call.initial_metadata() or ())

@@ -79,6 +79,7 @@ def test_close_from_another_thread_unblocks_the_reader(server: ServerThread) -> 
         stream.close()
         reader.join(WAIT)
         assert not reader.is_alive()
+        assert stream.cancelled
         assert 0 < len(got) < 500
         assert_cancelled(server, "s-thread")
 
@@ -187,6 +188,7 @@ def test_async_aclose_context_and_task_cancel(server: ServerThread) -> None:
             stream = client.stream("p", model="endless", request_id="as-aclose")
             await stream.__anext__()
             await stream.aclose()
+            assert stream.cancelled
             assert [c async for c in stream] == []
             await asyncio.to_thread(assert_cancelled, server, "as-aclose")
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -133,3 +136,49 @@ def test_async_client(server: Any) -> None:
             assert all(len(r) == 1 for r in results)
 
     asyncio.run(main())
+
+
+def _tokens_made(name: str) -> float:
+    from headrace.server.metrics import REGISTRY
+
+    value = REGISTRY.get_sample_value("headrace_generation_tokens_total", {"model": name})
+    return value or 0.0
+
+
+def _wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_abandoned_streams_stop_generation(start_server: Any, long_models: Path) -> None:
+    running = start_server(long_models)
+    model = running.model("long-generator")
+
+    def made_since(before: float) -> float:
+        _wait_for(lambda: model.active_slots == 0)
+        time.sleep(0.2)
+        return _tokens_made("long-generator") - before
+
+    async def abandon() -> float:
+        async with AsyncClient(running.address, timeout=60) as c:
+            before = _tokens_made("long-generator")
+            async for _ in c.stream("the", model="long-generator", max_new_tokens=400):
+                break  # the stream object is dropped here: the SDK cancels the call
+            # Measured with the channel still open (closing it would cancel the call too).
+            return await asyncio.to_thread(made_since, before)
+
+    made = asyncio.run(abandon())
+    assert 0 < made < 300, made  # 400 tokens asked for, generation cut short
+
+    with Client(running.address, timeout=60) as client:
+        before = _tokens_made("long-generator")
+        with client.stream("the", model="long-generator", max_new_tokens=400) as stream:
+            next(stream)
+            assert model.active_slots == 1
+        assert stream.cancelled
+        made = made_since(before)
+        assert 0 < made < 300, made
+        result = client.generate("the", model="long-generator", max_new_tokens=3)
+        assert result.usage.completion_tokens <= 3
