@@ -104,7 +104,7 @@ def make_tiny_classifier(version_dir: Path, *, seed: int = 0, max_input_tokens: 
         labels=LABELS,
         artifacts=(Artifact(backend="torch", path="hf", precision="fp32"),),
         limits=Limits(max_input_tokens=max_input_tokens, max_texts=32),
-        batching=Batching(max_batch=16, max_delay_ms=2.0, max_queue=256),
+        batching=Batching(max_batch=16, max_queue=256),
         provenance={"source": "headrace.build.tiny", "seed": seed, "random_init": True},
     )
     manifest.write(version_dir)

@@ -17,7 +17,7 @@ Example:
         {"backend": "onnxruntime", "path": "model.int8.onnx", "precision": "int8"}
       ],
       "limits": {"max_input_tokens": 128, "max_texts": 64},
-      "batching": {"max_batch": 32, "max_delay_ms": 2.0, "max_queue": 1024},
+      "batching": {"max_batch": 32, "max_delay_ms": 0.0, "max_queue": 1024},
       "generation": {"eos_token_id": 0, "max_context": 256},
       "provenance": {"base": "...", "built_at": "...", "command": "..."},
       "card": {"accuracy": 0.78, ...}
@@ -66,7 +66,10 @@ class Limits:
 @dataclass(frozen=True)
 class Batching:
     max_batch: int = 32  # encoder: texts per backend call; decoder: KV slots
-    max_delay_ms: float = 2.0  # encoder: wait this long for a batch to fill
+    # encoder: extra wait for a batch to fill. 0 = none: a batch runs as soon as the
+    # backend is free, and requests that arrive meanwhile form the next one, so a lone
+    # caller pays no delay and a loaded server still fills its batches.
+    max_delay_ms: float = 0.0
     max_queue: int = 1024  # requests waiting beyond the running batch
 
 
