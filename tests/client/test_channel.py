@@ -10,7 +10,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-from headrace.client import AsyncClient, Client, ResourceExhausted, RetryPolicy, Unavailable
+from headrace.client import (
+    AsyncClient,
+    Client,
+    DeadlineExceeded,
+    ResourceExhausted,
+    RetryPolicy,
+    Unavailable,
+)
 from headrace.client._channel import credentials, normalize_target, service_config
 
 from tests.client.conftest import ScriptedInference, ServerThread
@@ -188,3 +195,18 @@ def test_mutual_tls(self_signed: tuple[Path, Path]) -> None:
                 client.classify("x", timeout=5)
     finally:
         srv.stop()
+
+
+def test_wait_for_ready_waits_until_the_deadline() -> None:
+    # Fail-fast gives UNAVAILABLE at once; wait_for_ready queues the call until its deadline.
+    with Client("127.0.0.1:1", wait_for_ready=True, retry=None) as client:
+        with pytest.raises(DeadlineExceeded):
+            client.classify("x", timeout=0.3)
+
+
+def test_compression_and_user_agent(server: ServerThread) -> None:
+    with Client(
+        server.address, compression=grpc.Compression.Gzip, user_agent="sentiment-batch/2.1"
+    ) as client:
+        assert client.classify("x" * 1000).model == "tiny"
+    assert server.record.metadata[-1]["user-agent"].startswith("sentiment-batch/2.1")
