@@ -37,10 +37,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_uniform(seeds: torch.Tensor, vocab: int) -> torch.Tensor:
-    """seeds: [N] int64 in [0, 2**32) -> uniform noise [N, vocab] in (0, 1), float32."""
-    cols = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _mix32(_mix32(seeds[:, None]) ^ cols[None, :])
+def seeded_uniform(seeds: torch.Tensor, ids: int | torch.Tensor) -> torch.Tensor:
+    """seeds: [N] int64 in [0, 2**32); ids: token ids [N, M] (or V for all of 0..V-1)
+    -> uniform noise [N, M] in (0, 1), float32, a function of (seed, token id) alone."""
+    if isinstance(ids, int):
+        ids = torch.arange(ids, device=seeds.device, dtype=torch.int64)[None, :]
+    h = _mix32(_mix32(seeds[:, None]) ^ ids)
     return ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 
@@ -90,33 +92,39 @@ def sample_torch(
     if not any(sampled):
         return greedy_ids.tolist()  # the one sync: N ids
 
-    temps = torch.tensor(
-        [p.temperature if not p.greedy else 1.0 for p in params], dtype=torch.float32, device=dev
-    )
-    x = x / temps[:, None]
+    # per-row settings, two small host->device copies: [3, N] float32 and [2, N] int64
     ks = [p.top_k if (not p.greedy and 0 < p.top_k < vocab) else 0 for p in params]
-    if any(ks):
-        top = torch.topk(x, max(ks), dim=-1).values  # [N, kmax], descending
-        k_t = torch.tensor(ks, dtype=torch.int64, device=dev)
-        thr = top.gather(1, (k_t - 1).clamp(min=0)[:, None])  # [N, 1]
-        thr = torch.where(k_t[:, None] > 0, thr, torch.full_like(thr, -torch.inf))
-        x = x.masked_fill(x < thr, -torch.inf)
     ps = [p.top_p if not p.greedy else 1.0 for p in params]
+    temps = [p.temperature if not p.greedy else 1.0 for p in params]
+    seeds = [_row_seed(generators[i]) if sampled[i] else 0 for i in range(n)]
+    fl = torch.tensor([temps, ps, [float(b) for b in sampled]], dtype=torch.float32).to(dev)
+    it = torch.tensor([ks, seeds], dtype=torch.int64).to(dev)
+    temp_t, p_t, sampled_t = fl[0][:, None], fl[1][:, None], fl[2] > 0
+    k_t, seed_t = it[0][:, None], it[1]
+    x = x / temp_t
+    ids: torch.Tensor | None = None  # token id of each column of x when x is not [N, V]
+    if all(ks[i] > 0 for i in range(n) if sampled[i]):
+        # every sampled row has a top-k: work on the kmax best candidates only, sorted
+        x, ids = torch.topk(x, max(ks), dim=-1)  # [N, K] descending, [N, K]
+        cols = torch.arange(x.shape[1], device=dev)
+        x = x.masked_fill(cols[None, :] >= k_t, -torch.inf)
+    elif any(ks):
+        top = torch.topk(x, max(ks), dim=-1).values  # [N, kmax], descending
+        thr = top.gather(1, (k_t - 1).clamp(min=0))  # [N, 1]
+        thr = torch.where(k_t > 0, thr, torch.full_like(thr, -torch.inf))
+        x = x.masked_fill(x < thr, -torch.inf)
     if any(p < 1.0 for p in ps):
-        sorted_x, order = torch.sort(x, dim=-1, descending=True)
-        probs = torch.softmax(sorted_x, dim=-1)
+        if ids is None:
+            x, ids = torch.sort(x, dim=-1, descending=True)
+        probs = torch.softmax(x, dim=-1)
         before = torch.cumsum(probs, dim=-1) - probs  # mass strictly before each token
-        p_t = torch.tensor(ps, dtype=torch.float32, device=dev)[:, None]
         drop = (before >= p_t) & (p_t < 1.0)
         drop[:, 0] = False  # always keep the best token
-        x = x.scatter(1, order, sorted_x.masked_fill(drop, -torch.inf))
+        x = x.masked_fill(drop, -torch.inf)
     probs = torch.softmax(x, dim=-1)
-    seeds = torch.tensor(
-        [_row_seed(generators[i]) if sampled[i] else 0 for i in range(n)],
-        dtype=torch.int64,
-        device=dev,
-    )
-    noise = -torch.log(seeded_uniform(seeds, vocab))  # Exp(1), [N, V]
-    sampled_ids = (probs / noise).argmax(dim=-1)
-    chosen = torch.where(torch.tensor(sampled, device=dev), sampled_ids, greedy_ids)
+    # the noise of a token depends on (row seed, token id) only, whatever columns x has
+    noise = -torch.log(seeded_uniform(seed_t, vocab if ids is None else ids))  # Exp(1)
+    pick = (probs / noise).argmax(dim=-1)  # [N]
+    sampled_ids = pick if ids is None else ids.gather(1, pick[:, None])[:, 0]
+    chosen = torch.where(sampled_t, sampled_ids, greedy_ids)
     return chosen.tolist()  # the one sync: N ids
