@@ -27,6 +27,16 @@ _LEVELS = {
 }
 
 
+class _Stderr:
+    """Writes to whatever sys.stderr is at each call (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def _json_renderer() -> Any:
     try:
         import orjson
@@ -51,7 +61,7 @@ def configure_logging(fmt: str = "json", level: str = "info") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_Stderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     # Libraries (grpc, asyncio) log through the stdlib: warnings and above to stderr.

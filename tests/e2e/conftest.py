@@ -26,6 +26,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from headrace.server.app import Server
 from headrace.server.config import ServerConfig
+from headrace.server.logs import configure_logging
 from headrace.server.manifest import MANIFEST_NAME
 
 
@@ -34,6 +35,7 @@ class RunningServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        configure_logging(config.log_format, config.log_level)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
@@ -71,6 +73,7 @@ class RunningServer:
 
 def make_config(models: Path, **overrides: Any) -> ServerConfig:
     settings: dict[str, Any] = {"models": models, "port": 0, "poll_interval_s": 0.0}
+    settings["log_level"] = "warning"  # rpc lines are checked in test_cli.py
     settings.update(overrides)
     return ServerConfig(**settings).validate()
 
