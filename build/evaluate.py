@@ -1,0 +1,383 @@
+"""Measure what the pipeline wrote: quality, size and speed of every form on the same test set.
+
+Classifier forms are run through the serving backends when they are installed
+(`headrace.server.backends.registry.load_backend`: TorchEncoder, OrtEncoder),
+so the card measures what will serve; a plain torch module / ONNX Runtime
+session stands in otherwise (the result says which ran).
+
+Decoder graphs are measured directly on ONNX Runtime: one KV-cache step with
+a past of `past_len` tokens, at batch 1 and 16.
+
+Threads: every runtime is pinned to `threads` intra-op threads (2 by default)
+so figures compare like with like on a small CPU box.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from headrace.build.training import pad_batch
+
+Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ids, mask [B, S] -> logits [B, C]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def accuracy(pred: np.ndarray, gold: np.ndarray) -> float:
+    return float((pred == gold).mean()) if len(gold) else 0.0
+
+
+def macro_f1(pred: np.ndarray, gold: np.ndarray, num_classes: int) -> float:
+    scores = []
+    for c in range(num_classes):
+        tp = float(((pred == c) & (gold == c)).sum())
+        fp = float(((pred == c) & (gold != c)).sum())
+        fn = float(((pred != c) & (gold == c)).sum())
+        denom = 2 * tp + fp + fn
+        scores.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(scores))
+
+
+def file_bytes(path: Path) -> int:
+    path = Path(path)
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.glob("*.safetensors")) or sum(
+            p.stat().st_size for p in path.rglob("*") if p.is_file()
+        )
+    return path.stat().st_size
+
+
+# --------------------------------------------------------------------------- runners
+
+
+def encoder_runner(
+    backend: str,
+    path: Path,
+    *,
+    precision: str,
+    threads: int = 2,
+    manifest: Any = None,
+    version_dir: Path | None = None,
+) -> tuple[Runner, str, Callable[[], None]]:
+    """-> (run(ids, mask) -> logits, what ran, close)."""
+    if manifest is not None and version_dir is not None:
+        try:
+            from headrace.server.backends.registry import BackendSpec, load_backend
+
+            spec = BackendSpec(
+                task=manifest.task,
+                backend=backend,
+                path=Path(path).resolve(),
+                precision=precision,
+                device="cpu",
+                manifest=manifest,
+                version_dir=Path(version_dir).resolve(),
+                options={"intra_op_threads": threads, "threads": threads},
+            )
+            served = load_backend(spec)
+            if backend == "torch":
+                import torch
+
+                torch.set_num_threads(threads)
+            return served.forward, type(served).__module__ + "." + type(served).__name__, served.close
+        except Exception as exc:  # backend not installed yet, or incompatible: measure directly
+            from headrace.build.steps import log
+
+            log(f"serving backend {backend!r} unavailable ({exc}); measuring directly")
+    if backend == "torch":
+        import torch
+        from transformers import AutoModelForSequenceClassification
+
+        torch.set_num_threads(threads)
+        model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+
+        def run_torch(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+            return out.logits.float().numpy()
+
+        return run_torch, "torch (transformers)", lambda: None
+    session = ort_session(path, threads)
+
+    def run_ort(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+
+    return run_ort, "onnxruntime InferenceSession", lambda: None
+
+
+def ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+# --------------------------------------------------------------------------- classifier
+
+
+def evaluate_classifier_form(
+    run: Runner,
+    rows: Sequence[Sequence[int]],
+    gold: Sequence[int],
+    num_classes: int,
+    *,
+    latency_samples: int = 200,
+    batch_size: int = 32,
+    pad_id: int = 0,
+) -> dict[str, Any]:
+    """Accuracy and macro-F1 over all `rows` (batches of `batch_size` in test order, which
+    also gives the throughput), then p50/p90 latency at batch 1 over the first
+    `latency_samples` rows. Returns the logits too (key "logits", for comparisons)."""
+    from tqdm import tqdm
+
+    gold_arr = np.asarray(gold)
+    logits: list[np.ndarray] = []
+    run(*pad_batch([rows[0]], pad_id))  # warm-up
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(rows), batch_size), desc="  batch 32", unit="batch", leave=False):
+        logits.append(np.asarray(run(*pad_batch(rows[i : i + batch_size], pad_id))))
+    seconds = time.perf_counter() - start
+    all_logits = np.concatenate(logits).astype(np.float32)
+    pred = all_logits.argmax(-1)
+    samples = list(rows[: max(1, latency_samples)])
+    for r in samples[:10]:
+        run(*pad_batch([r], pad_id))
+    times = []
+    for r in tqdm(samples, desc="  batch 1", unit="text", leave=False):
+        ids, mask = pad_batch([r], pad_id)
+        t0 = time.perf_counter()
+        run(ids, mask)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {
+        "accuracy": round(accuracy(pred, gold_arr), 4),
+        "macro_f1": round(macro_f1(pred, gold_arr, num_classes), 4),
+        "p50_ms_batch1": round(1000 * statistics.median(times), 3),
+        "p90_ms_batch1": round(1000 * times[int(0.9 * (len(times) - 1))], 3),
+        "throughput_batch32": round(len(rows) / seconds, 1),
+        "test_texts": len(rows),
+        "logits": all_logits,
+    }
+
+
+# --------------------------------------------------------------------------- generator
+
+
+def lm_perplexity(model: Any, blocks: np.ndarray, *, batch_size: int = 16) -> float:
+    """exp(mean next-token NLL) of a torch causal LM over token blocks int64 [N, T]."""
+    import torch
+    from tqdm import tqdm
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(blocks), batch_size), desc="  perplexity", leave=False):
+            ids = torch.from_numpy(blocks[i : i + batch_size])
+            logits = model(input_ids=ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += ids[:, 1:].numel()
+    return float(np.exp(total / max(1, count)))
+
+
+def torch_greedy(model: Any, prompt: Sequence[int], n: int) -> list[int]:
+    """Greedy tokens with the model's own KV cache (generate), no EOS stop."""
+    import torch
+
+    with torch.inference_mode():
+        out = model.generate(
+            torch.tensor([list(prompt)]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.int64),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def greedy_agreement(
+    model: Any, onnx_path: Path, prompts: Sequence[Sequence[int]], n: int = 64, threads: int = 2
+) -> dict[str, Any]:
+    """Token-by-token agreement of ONNX greedy generation with torch's, over `n` tokens."""
+    from headrace.build.export import greedy_onnx
+
+    session = ort_session(onnx_path, threads)
+    facts = decoder_facts(session)
+    same = total = identical = 0
+    for prompt in prompts:
+        k = max(1, min(n, facts["max_context"] - len(prompt)))
+        ref = torch_greedy(model, prompt, k)
+        got = greedy_onnx(session, facts, prompt, k)
+        same += sum(a == b for a, b in zip(ref, got, strict=True))
+        total += k
+        identical += int(ref == got)
+    return {
+        "greedy_agreement": round(same / max(1, total), 4),
+        "greedy_identical": f"{identical}/{len(prompts)}",
+        "greedy_tokens": n,
+    }
+
+
+def decoder_facts(session: Any) -> dict[str, int]:
+    meta = session.get_modelmeta().custom_metadata_map
+    keys = ("num_layers", "num_heads", "head_dim", "vocab_size", "max_context")
+    return {k: int(meta[k]) for k in keys}
+
+
+def decode_step_latency(
+    onnx_path: Path,
+    *,
+    batch: int,
+    past_len: int = 32,
+    steps: int = 50,
+    threads: int = 2,
+) -> float:
+    """p50 milliseconds of one decode step (1 new token per sequence, `past_len` cached)."""
+    session = ort_session(onnx_path, threads)
+    f = decoder_facts(session)
+    rng = np.random.default_rng(0)
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": rng.integers(0, f["vocab_size"], (batch, 1), dtype=np.int64),
+        "attention_mask": np.ones((batch, past_len + 1), dtype=np.int64),
+        "position_ids": np.full((batch, 1), past_len, dtype=np.int64),
+    }
+    for i in range(f["num_layers"]):
+        for kv in ("key", "value"):
+            shape = (batch, f["num_heads"], past_len, f["head_dim"])
+            feeds[f"past_key_values.{i}.{kv}"] = rng.standard_normal(shape, dtype=np.float32)
+    for _ in range(5):
+        session.run(["logits"], feeds)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - t0)
+    return round(1000 * statistics.median(times), 3)
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def _form_name(role: str, artifact: Any) -> str:
+    return f"{role} {artifact.precision} ({artifact.backend})"
+
+
+def evaluate_classifier_version(
+    version_dir: Path,
+    *,
+    role: str = "",
+    threads: int = 2,
+    latency_samples: int = 200,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every artifact of a classify version, on the test part of its own `split.json`.
+
+    Also records each form's max |logit| difference from the version's torch form.
+    """
+    from headrace.build.data import SPLIT_NAME, Split
+    from headrace.build.steps import log
+    from headrace.build.training import encode_texts, load_tokenizer
+    from headrace.server.manifest import read_manifest
+
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    split = Split.load(version_dir / SPLIT_NAME)
+    test = split.test[:limit] if limit else split.test
+    tok = load_tokenizer(version_dir / manifest.tokenizer, max_len=manifest.limits.max_input_tokens)
+    rows = encode_texts(tok, [e.text for e in test])
+    gold = split.label_ids(test)
+    if tuple(manifest.labels) != split.labels:
+        raise ValueError(f"{version_dir}: manifest labels {manifest.labels} != split {split.labels}")
+    # torch first: the others are compared with its logits
+    order = sorted(manifest.artifacts, key=lambda a: a.backend != "torch")
+    reference: np.ndarray | None = None
+    forms: list[dict[str, Any]] = []
+    for art in order:
+        name = _form_name(role or version_dir.parent.name, art)
+        log(f"  evaluating {name} on {len(rows)} test texts")
+        run, what, close = encoder_runner(
+            art.backend,
+            version_dir / art.path,
+            precision=art.precision,
+            threads=threads,
+            manifest=manifest,
+            version_dir=version_dir,
+        )
+        try:
+            res = evaluate_classifier_form(
+                run, rows, gold, len(split.labels), latency_samples=latency_samples
+            )
+        finally:
+            close()
+        logits = res.pop("logits")
+        if art.backend == "torch":
+            reference = logits
+        size = file_bytes(version_dir / art.path)
+        form = {
+            "form": name,
+            "model": version_dir.parent.name,
+            "version": version_dir.name,
+            "backend": art.backend,
+            "precision": art.precision,
+            "path": art.path,
+            "bytes": size,
+            "megabytes": round(size / 1e6, 2),
+            **res,
+            "runtime": what,
+        }
+        if reference is not None and art.backend != "torch":
+            form["max_abs_diff"] = float(np.max(np.abs(logits - reference)))
+            form["agreement_with_torch"] = round(
+                float((logits.argmax(-1) == reference.argmax(-1)).mean()), 4
+            )
+        forms.append(form)
+    return forms
+
+
+def evaluate_version(
+    version_dir: Path, *, threads: int = 2, latency_samples: int = 200, limit: int | None = None
+) -> list[dict[str, Any]]:
+    """Re-measure every artifact of a written version (classify or generate)."""
+    from headrace.server.manifest import read_manifest
+    from headrace.server.types import Task
+
+    manifest = read_manifest(version_dir)
+    role = str(manifest.provenance.get("role", "")) or Path(version_dir).parent.name
+    if manifest.task is Task.CLASSIFY:
+        return evaluate_classifier_version(
+            version_dir, role=role, threads=threads, latency_samples=latency_samples, limit=limit
+        )
+    from headrace.build.generator import evaluate_generator_version
+
+    return evaluate_generator_version(version_dir, threads=threads, limit=limit)
+
+
+_COMPARED = ("accuracy", "macro_f1", "perplexity", "greedy_agreement", "megabytes",
+             "p50_ms_batch1", "throughput_batch32", "decode_ms_batch1", "decode_ms_batch16")
+
+
+def compare_with_card(version_dir: Path, forms: list[dict[str, Any]]) -> list[str]:
+    """Lines 'form: key measured (card: value)' for the figures the card holds."""
+    from headrace.server.manifest import read_manifest
+
+    card_forms = {f.get("form"): f for f in read_manifest(version_dir).card.get("forms", [])}
+    lines = []
+    for form in forms:
+        old = card_forms.get(form["form"], {})
+        parts = [
+            f"{k} {form[k]} (card {old.get(k, '—')})" for k in _COMPARED if k in form
+        ]
+        lines.append(f"{form['form']}: " + ", ".join(parts))
+    return lines

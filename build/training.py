@@ -1,0 +1,156 @@
+"""Shared training pieces: tokenization, padded batches, a seeded AdamW loop with a progress bar.
+
+Build-time only (imports torch lazily inside functions so the CLI imports cheaply).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from headrace.build.steps import log
+
+
+def load_tokenizer(path: Path, *, max_len: int | None = None) -> Any:
+    """A `tokenizers.Tokenizer` from a tokenizer.json, unpadded, truncated to `max_len`."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    if max_len is not None:
+        tok.enable_truncation(max_len)
+    else:
+        tok.no_truncation()
+    return tok
+
+
+def save_serving_tokenizer(src: Path, *dests: Path) -> None:
+    """Copy a tokenizer.json without padding or truncation: the server applies its own limits."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(src))
+    tok.no_padding()
+    tok.no_truncation()
+    for dest in dests:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        tok.save(str(dest))
+
+
+def encode_texts(tok: Any, texts: Sequence[str]) -> list[list[int]]:
+    return [e.ids for e in tok.encode_batch(list(texts))]
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """-> input_ids, attention_mask: int64 [B, longest row]."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = r
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def shuffled_batches(
+    n: int, batch_size: int, seed: int, lengths: Sequence[int] | None = None
+) -> Iterator[list[int]]:
+    """Endless index batches, reshuffled each epoch with a seeded RNG.
+
+    With `lengths`, each window of 50 batches is sorted by length before it is cut,
+    so a batch pads to similar lengths (about a third less compute on tweets).
+    """
+    rng = random.Random(seed)
+    order = list(range(n))
+    window = batch_size * 50
+    while True:
+        rng.shuffle(order)
+        batches: list[list[int]] = []
+        for w in range(0, n, window):
+            chunk = order[w : w + window]
+            if lengths is not None:
+                chunk.sort(key=lambda i: lengths[i])
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        rng.shuffle(batches)
+        yield from (b for b in batches if len(b) == batch_size or n < batch_size)
+
+
+def train_loop(
+    model: Any,
+    batches: Iterator[Any],
+    loss_fn: Callable[[Any, Any], Any],
+    *,
+    steps: int,
+    lr: float,
+    warmup_fraction: float = 0.06,
+    weight_decay: float = 0.01,
+    desc: str = "train",
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """AdamW with linear warmup and linear decay for `steps` steps -> {"loss": mean of last 50}."""
+    import torch
+    from tqdm import tqdm
+
+    model.train()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+    )
+    warmup = max(1, int(steps * warmup_fraction))
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (steps - step) / max(1, steps - warmup))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
+    recent: list[float] = []
+    bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
+    for _ in bar:
+        batch = next(batches)
+        loss = loss_fn(model, batch)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optim.step()
+        sched.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise RuntimeError(f"{desc}: loss became {value}")
+        recent = [*recent[-49:], value]
+        bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
+    model.eval()
+    final = sum(recent) / max(1, len(recent))
+    log(f"{desc}: {steps} steps, loss {final:.4f}")
+    return {"loss": round(final, 5)}
+
+
+def classifier_logits(
+    model: Any, rows: Sequence[Sequence[int]], *, batch_size: int = 64, desc: str = "predict"
+) -> np.ndarray:
+    """Torch logits float32 [N, labels] for token-id rows, batched by length (less padding)."""
+    import torch
+    from tqdm import tqdm
+
+    model.eval()
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: np.ndarray | None = None
+    with torch.inference_mode():
+        for i in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", leave=False):
+            idx = order[i : i + batch_size]
+            ids, mask = pad_batch([rows[j] for j in idx])
+            logits = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+            values = logits.logits.float().numpy()
+            if out is None:
+                out = np.zeros((len(rows), values.shape[1]), dtype=np.float32)
+            out[idx] = values
+    assert out is not None
+    return out
