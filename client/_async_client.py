@@ -31,8 +31,8 @@ __all__ = ["AsyncClient"]
 class AsyncClient:
     """An asyncio client of a headrace server.
 
-    Make it inside the running event loop that uses it (e.g. `async with AsyncClient(...)`).
-    Arguments are those of `Client`.
+    Make it inside the running event loop that uses it (e.g. `async with AsyncClient(...)`):
+    a grpc.aio channel belongs to one loop. Calls may run concurrently on one client.
 
     Args:
         target: "host:port", a gRPC URI ("dns:///name:port", "unix:///path"), or a list
