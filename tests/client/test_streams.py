@@ -75,7 +75,9 @@ def test_close_from_another_thread_unblocks_the_reader(server: ServerThread) -> 
         got: list[GenerateChunk] = []
         reader = threading.Thread(target=lambda: got.extend(stream))
         reader.start()
-        time.sleep(0.2)
+        deadline = time.monotonic() + WAIT
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
         stream.close()
         reader.join(WAIT)
         assert not reader.is_alive()
@@ -196,12 +198,14 @@ def test_async_aclose_context_and_task_cancel(server: ServerThread) -> None:
                 await s.__anext__()
             await asyncio.to_thread(assert_cancelled, server, "as-with")
 
+            started = asyncio.Event()
+
             async def consume() -> None:
                 async for _ in client.stream("p", model="endless", request_id="as-task"):
-                    pass
+                    started.set()
 
             task = asyncio.create_task(consume())
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(started.wait(), WAIT)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
