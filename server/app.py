@@ -62,6 +62,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._model_names: set[str] = set()
         self._stopped = asyncio.Event()
+        self._hurry = asyncio.Event()  # set: stop waiting for in-flight calls
         self._stopping: asyncio.Task[None] | None = None
         self.port = 0
 
@@ -123,6 +124,18 @@ class Server:
             self._stopping = asyncio.create_task(self._stop(grace))
         await asyncio.shield(self._stopping)
 
+    def hurry(self) -> None:
+        """End a drain now: calls still running are cancelled (a second Ctrl-C)."""
+        self._hurry.set()
+
+    async def _drained(self, grace: float) -> bool:
+        idle = asyncio.create_task(self.service.wait_idle(grace))
+        hurry = asyncio.create_task(self._hurry.wait())
+        await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
+        hurry.cancel()
+        idle.cancel()
+        return idle.done() and not idle.cancelled() and idle.result()
+
     async def _stop(self, grace: float | None) -> None:
         grace = self.config.grace_period_s if grace is None else grace
         log.info("draining", grace_period_s=grace)
@@ -130,7 +143,7 @@ class Server:
         # answer NOT_SERVING so load balancers see the drain.
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
-        if not await self.service.wait_idle(grace):
+        if not await self._drained(grace):
             log.warning("grace_period_over", cancelled_calls=self.service.inflight)
         if self._grpc is not None:
             # Cancels what is still running (health watches, calls past the grace period).
@@ -168,18 +181,32 @@ async def serve(config: ServerConfig) -> int:
         serve_metrics(config.metrics_port, host=config.host)
         log.info("metrics", host=config.host, port=config.metrics_port, path="/metrics")
     server = Server(config)
-    await server.start()
     loop = asyncio.get_running_loop()
-
+    main = asyncio.current_task()
     stopping: set[asyncio.Task[None]] = set()
+    started = False
 
     def on_signal(signame: str) -> None:
         log.info("signal", signal=signame)
-        stopping.add(asyncio.ensure_future(server.stop()))
+        if not started and main is not None:
+            main.cancel()  # still loading models: give up the start
+        elif stopping:
+            server.hurry()  # a second signal: stop waiting for in-flight calls
+        else:
+            stopping.add(asyncio.ensure_future(server.stop()))
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     try:
+        try:
+            await server.start()
+        except asyncio.CancelledError:
+            if server._grpc is not None:
+                await server._grpc.stop(0)
+            await server.repository.stop(drain=False)
+            log.info("stopped", during="startup")
+            return 0
+        started = True
         await server.wait_stopped()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -98,6 +98,16 @@ def test_classify_stream_keeps_order_and_ids(stub) -> None:
     assert all(r.model == "tiny-classifier" for r in responses)
 
 
+def test_classify_stream_ids_from_metadata_or_generated(stub) -> None:
+    requests = [pb.ClassifyRequest(texts=["a"]), pb.ClassifyRequest(texts=["b"], request_id="own")]
+    ids = [
+        r.request_id for r in stub.ClassifyStream(iter(requests), metadata=(("x-request-id", "s"),))
+    ]
+    assert ids == ["s", "own"]
+    ids = [r.request_id for r in stub.ClassifyStream(iter(requests[:1] * 2))]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and ids[0] != ids[1]
+
+
 def test_classify_stream_error_ends_stream(stub) -> None:
     requests = [pb.ClassifyRequest(texts=["ok"], request_id="a"), pb.ClassifyRequest(texts=[])]
     call = stub.ClassifyStream(iter(requests))
@@ -319,6 +329,45 @@ def test_drain_finishes_stream_and_refuses_new_calls(start_server, long_models: 
         assert rest[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
         assert rest[-1].usage.completion_tokens == 300 or rest[-1].finish_reason == pb.EOS
         stopping.result(15)
+
+
+def _stream_until_stopped(running: RunningServer, stop: Callable[[], None]) -> grpc.RpcError:
+    """Start a long stream, run `stop`, and return how the stream ended."""
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        call = stub.GenerateStream(G(model="long-generator", prompt="the", max_new_tokens=400))
+        next(call)
+        stop()
+        chunks: list[pb.GenerateChunk] = []
+        err = error_of(lambda: chunks.extend(call))
+        assert sum(len(c.token_ids) for c in chunks) < 399  # cut short, not finished
+        return err
+
+
+def test_calls_past_grace_period_are_cancelled(start_server, long_models: Path) -> None:
+    running = start_server(long_models, grace_period_s=0.2)
+    model = running.model("long-generator")
+    stopping: list[concurrent.futures.Future[None]] = []
+    err = _stream_until_stopped(
+        running, lambda: stopping.append(running.submit(lambda: running.server.stop()))
+    )
+    assert err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    stopping[0].result(15)
+    assert model.active_slots == 0
+
+
+def test_hurry_ends_a_long_drain(start_server, long_models: Path) -> None:
+    running = start_server(long_models, grace_period_s=120)
+    stopping: list[concurrent.futures.Future[None]] = []
+
+    def stop_then_hurry() -> None:
+        stopping.append(running.submit(lambda: running.server.stop()))
+        wait_for(lambda: running.server.service.draining)
+        running.loop.call_soon_threadsafe(running.server.hurry)
+
+    err = _stream_until_stopped(running, stop_then_hurry)
+    assert err.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    stopping[0].result(15)  # far sooner than the 120 s grace period
 
 
 def test_hot_reload_new_and_removed_versions(start_server, model_repo: Path) -> None:
