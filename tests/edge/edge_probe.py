@@ -22,8 +22,10 @@ async def probe(models: Path) -> dict[str, Any]:
     import headrace.server.service  # noqa: F401
     from headrace.client import AsyncClient
     from headrace.server.app import Server
+    from headrace.server.cli import make_parser
     from headrace.server.config import ServerConfig
 
+    make_parser()  # the `headrace serve` path builds the whole parser, `build` included
     config = ServerConfig(models=models, port=0, profile="edge", poll_interval_s=0.0)
     server = Server(config.validate())
     await server.start()
@@ -46,6 +48,7 @@ async def probe(models: Path) -> dict[str, Any]:
 if __name__ == "__main__":
     result = asyncio.run(probe(Path(sys.argv[1])))
     result["heavy_modules"] = sorted(
-        m for m in ("torch", "transformers", "tensorrt", "headrace.build") if m in sys.modules
+        m for m in ("torch", "transformers", "tensorrt", "onnx") if m in sys.modules
     )
+    result["build_modules"] = sorted(m for m in sys.modules if m.startswith("headrace.build"))
     print(json.dumps(result))
