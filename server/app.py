@@ -99,6 +99,8 @@ class Server:
         await self.health.set(INFERENCE_SERVICE, SERVING)
         self.repository.add_listener(self._sync_health)
         await self._sync_health()
+        if not self.repository.names():
+            log.warning("no_models", models=str(self.config.models))
         if self.config.port_file is not None:
             _write_atomic(self.config.port_file, f"{self.port}\n")
         log.info(
