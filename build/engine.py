@@ -100,7 +100,7 @@ class _Calibrator:
     """INT8 entropy calibration over tokenized texts, cached beside the engine."""
 
     def __new__(cls, trt: Any, torch: Any, batches: list[dict[str, Any]], cache: Path) -> Any:
-        class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc,name-defined]
+        class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
             def __init__(self) -> None:
                 super().__init__()
                 self.batches = batches  # name -> CUDA tensor [B, S]
