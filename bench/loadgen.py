@@ -11,7 +11,8 @@ requests are serialized once before the run and sent as bytes (no per-call proto
 work), classify responses are not parsed (the status code is checked), and stream
 chunks are parsed only for their token ids. N callers each keep exactly one request in
 flight (closed loop); a point runs `warmup` seconds unmeasured, then `duration` seconds
-measured: throughput counts the calls (or tokens) that completed inside the window.
+measured: throughput counts the calls (or tokens) that completed inside the window, and
+latencies are those of the calls that ended (TTFT: whose first token came) inside it.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ async def classify_point(
             finally:
                 i += concurrency
             t1 = time.perf_counter()
-            if window.inside(t1) and t0 >= window.start:
+            if window.inside(t1):
                 latencies.append(t1 - t0)
 
     watcher = asyncio.create_task(window.watch())
@@ -187,9 +188,9 @@ async def generate_point(
                     n += got
                     if window.inside(t):
                         tokens_in_window += got
-                        if prev is None and t0 >= window.start:
+                        if prev is None:
                             ttft.append(t - t0)
-                        elif prev is not None:
+                        else:
                             gaps.extend([(t - prev) / got] * got)
                     prev = t
                     if t > window.end:
@@ -199,7 +200,7 @@ async def generate_point(
                 if exc.code() != grpc.StatusCode.CANCELLED:
                     errors[exc.code().name] += 1
                 continue
-            if t0 >= window.start and time.perf_counter() <= window.end:
+            if window.inside(time.perf_counter()):
                 completions.append(n)
 
     watcher = asyncio.create_task(window.watch())
@@ -221,7 +222,12 @@ async def generate_point(
 
 
 async def cancel_run(
-    channel: grpc.aio.Channel, model: str, streams: int, concurrency: int, call_timeout: float
+    channel: grpc.aio.Channel,
+    model: str,
+    streams: int,
+    concurrency: int,
+    new_tokens: int,
+    call_timeout: float,
 ) -> dict[str, Any]:
     """`streams` GenerateStreams, each cancelled after 1-6 tokens (some before their first)."""
     from headrace.client.v1 import inference_pb2 as pb
@@ -229,7 +235,7 @@ async def cancel_run(
     stream = channel.unary_stream(
         GENERATE_STREAM, response_deserializer=pb.GenerateChunk.FromString
     )
-    payloads = generate_payloads(model, 200)
+    payloads = generate_payloads(model, new_tokens)
     rng = random.Random(0)
     plan = [rng.randint(0, 6) for _ in range(streams)]  # tokens to read before cancelling
     outcome: Counter[str] = Counter()
@@ -242,14 +248,18 @@ async def cancel_run(
             want, got = plan[i], 0
             try:
                 if want == 0:
-                    await asyncio.sleep(0.001 * rng.random())  # cancel before or during prefill
+                    await asyncio.sleep(0.001 * rng.random())  # cancel while queued or in prefill
+                    call.cancel()
+                    outcome["cancelled_after_0"] += 1
+                    continue
+                async for chunk in call:
+                    got += len(chunk.token_ids)
+                    if got >= want:
+                        call.cancel()
+                        outcome["cancelled_after_1-6"] += 1
+                        break
                 else:
-                    async for chunk in call:
-                        got += len(chunk.token_ids)
-                        if got >= want:
-                            break
-                call.cancel()
-                outcome["cancelled_after_%s" % ("0" if want == 0 else "1-6")] += 1
+                    outcome["finished_before_cancel"] += 1  # EOS came first
             except grpc.aio.AioRpcError as exc:
                 outcome[exc.code().name] += 1
 
@@ -258,6 +268,7 @@ async def cancel_run(
     return {
         "streams": streams,
         "concurrency": concurrency,
+        "new_tokens": new_tokens,
         "seconds": time.perf_counter() - t0,
         "outcome": dict(outcome),
     }
@@ -269,7 +280,9 @@ async def _main(a: argparse.Namespace) -> dict[str, Any]:
     points = []
     try:
         if a.mode == "cancel":
-            return await cancel_run(channel, a.model, a.streams, a.concurrency[0], a.timeout)
+            return await cancel_run(
+                channel, a.model, a.streams, a.concurrency[0], a.new_tokens, a.timeout
+            )
         if a.mode == "classify":
             payloads = classify_payloads(a.protocol, a.model, 512)
             method = CLASSIFY if a.protocol == "headrace" else KSERVE_INFER

@@ -66,15 +66,16 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     hr = _point(r.get("teacher_headrace"), 64)
     for tag in ("stock", "batched"):
         ml = _point(r.get(f"teacher_mlserver_{tag}"), 64)
-        if hr and ml and ml["throughput"]:
-            ratio = hr["throughput"] / ml["throughput"]
+        if hr and ml:
+            ratio = hr["throughput"] / ml["throughput"] if ml["throughput"] else float("inf")
+            ml_p99 = ml["p99_ms"] if ml["p99_ms"] is not None else float("inf")
             rows.append(
                 (
                     f"fp32 teacher, 64 callers: headrace / MLServer ({tag})",
                     ">= 2x, p99 no worse",
                     f"{ratio:.1f}x ({hr['throughput']:,.0f} vs {ml['throughput']:,.0f} req/s); "
-                    f"p99 {hr['p99_ms']:.0f} vs {ml['p99_ms']:.0f} ms",
-                    ratio >= 2.0 and hr["p99_ms"] <= ml["p99_ms"],
+                    f"p99 {hr['p99_ms']:.0f} vs {_f(ml['p99_ms'], 0)} ms",
+                    ratio >= 2.0 and hr["p99_ms"] <= ml_p99,
                 )
             )
     gen = r.get("generate_headrace")
@@ -138,8 +139,8 @@ def _classify_table(rows: list[tuple[str, dict[str, Any] | None]]) -> str:
     for name, res in rows:
         for p in (res or {}).get("points", []):
             out.append(
-                f"| {name} | {p['concurrency']} | {_f(p['throughput'])} | {_f(p['p50_ms'])} | "
-                f"{_f(p['p90_ms'])} | {_f(p['p99_ms'])} | {p['errors'] or '0'} | "
+                f"| {name} | {p.get('concurrency')} | {_f(p.get('throughput'))} | {_f(p.get('p50_ms'))} | "
+                f"{_f(p.get('p90_ms'))} | {_f(p.get('p99_ms'))} | {p.get('errors') or '0'} | "
                 f"{_f(p.get('server_cores'), 2)} | {_f(p.get('client_cores'), 2)} |"
             )
     return "\n".join(out)
@@ -154,9 +155,9 @@ def _generate_table(rows: list[tuple[str, dict[str, Any] | None]]) -> str:
     for name, res in rows:
         for p in (res or {}).get("points", []):
             out.append(
-                f"| {name} | {p['concurrency']} | {_f(p['tokens_per_s'])} | {_f(p['ttft_p50_ms'])} | "
-                f"{_f(p['ttft_p99_ms'])} | {_f(p['itl_p50_ms'], 2)} | {_f(p['itl_p99_ms'], 2)} | "
-                f"{p['streams_completed']} | {p['errors'] or '0'} | {_f(p.get('server_cores'), 2)} | "
+                f"| {name} | {p.get('concurrency')} | {_f(p.get('tokens_per_s'))} | {_f(p.get('ttft_p50_ms'))} | "
+                f"{_f(p.get('ttft_p99_ms'))} | {_f(p.get('itl_p50_ms'), 2)} | {_f(p.get('itl_p99_ms'), 2)} | "
+                f"{p.get('streams_completed')} | {p.get('errors') or '0'} | {_f(p.get('server_cores'), 2)} | "
                 f"{_f(p.get('client_cores'), 2)} |"
             )
     return "\n".join(out)
@@ -178,8 +179,8 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
     made = []
 
     def series(res: dict[str, Any] | None, key: str) -> tuple[list[int], list[float]]:
-        pts = (res or {}).get("points", [])
-        return [p["concurrency"] for p in pts], [p[key] or 0.0 for p in pts]
+        pts = [p for p in (res or {}).get("points", []) if p.get(key) is not None]
+        return [p["concurrency"] for p in pts], [p[key] for p in pts]
 
     if r.get("classify_headrace"):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -217,12 +218,12 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
     ]
     if any(res for _, res in peers):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, res in peers:
+        for k, (name, res) in enumerate(peers):
             if res:
                 x, y = series(res, "throughput")
-                ax1.plot(x, y, "o-", label=name)
+                ax1.plot(x, y, "o-", color=f"C{k}", label=name)
                 x, y = series(res, "p99_ms")
-                ax2.plot(x, y, "o-", label=name)
+                ax2.plot(x, y, "o-", color=f"C{k}", label=name)
         ax1.set(
             xscale="log",
             xlabel="concurrent callers",
@@ -250,14 +251,14 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
     ]
     if any(res for _, res in gens):
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-        for name, res in gens:
+        for k, (name, res) in enumerate(gens):
             if res:
                 x, y = series(res, "tokens_per_s")
-                ax1.plot(x, y, "o-", label=name)
+                ax1.plot(x, y, "o-", color=f"C{k}", label=name)
                 x, y = series(res, "itl_p50_ms")
-                ax2.plot(x, y, "o-", label=f"{name} ITL p50")
+                ax2.plot(x, y, "o-", color=f"C{k}", label=f"{name} ITL p50")
                 x, y = series(res, "ttft_p50_ms")
-                ax2.plot(x, y, "s--", label=f"{name} TTFT p50")
+                ax2.plot(x, y, "s--", color=f"C{k}", label=f"{name} TTFT p50")
         for b, style in ((16, "--"), (1, ":")):
             lim = _limit(r.get("generate_limit"), b)
             if lim:
@@ -334,6 +335,16 @@ def render(r: dict[str, Any], images: list[str]) -> str:
         + ", ".join(_f(x, 1) for x in loads)
         + " (above 2 means other work shared the machine).",
         "",
+        *(
+            [
+                f"**This run shared the machine with other work** (1-minute load average up to "
+                f"{max(loads):.1f} on {env.get('cores', '?')} cores): its figures understate every "
+                "server, and by different amounts. Rerun on an idle machine before quoting them.",
+                "",
+            ]
+            if loads and max(x or 0.0 for x in loads) > 2.5
+            else []
+        ),
         "## Headline",
         "",
         headline_table(r),
@@ -428,7 +439,7 @@ def render(r: dict[str, Any], images: list[str]) -> str:
         md += [
             "## Cancellation",
             "",
-            f"{cancel.get('streams')} GenerateStream calls (64 at a time, up to 200 new tokens each), "
+            f"{cancel.get('streams')} GenerateStream calls (64 at a time, {cancel.get('new_tokens')} new tokens asked), "
             "each cancelled by the client after 0-6 tokens (0: before or during prefill), after "
             "a 100-stream warm-up round. Then the server's `/metrics`: "
             f"`headrace_active_slots` = {_f(cancel.get('active_slots_after'), 0)}, "

@@ -261,11 +261,25 @@ class Bench:
             )
             # Cancellation: a warm-up round first, so allocator growth from the first
             # cancellations is not counted, then the measured round.
-            self.loadgen("cancel", target, model, server.pid, streams=100, concurrency=64)
+            self.loadgen(
+                "cancel",
+                target,
+                model,
+                server.pid,
+                streams=100,
+                concurrency=64,
+                new_tokens=self.a.new_tokens,
+            )
             time.sleep(1.0)
             rss0 = server.rss_mb()
             cancel = self.loadgen(
-                "cancel", target, model, server.pid, streams=self.a.cancel_streams, concurrency=64
+                "cancel",
+                target,
+                model,
+                server.pid,
+                streams=self.a.cancel_streams,
+                concurrency=64,
+                new_tokens=self.a.new_tokens,
             )
             time.sleep(2.0)  # cancelled sequences leave at the next step
             rss1 = server.rss_mb()
@@ -370,7 +384,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-mlserver", action="store_true")
     p.add_argument("--skip-setup", action="store_true", help="do not run bench/setup_peers.sh")
     p.add_argument("--quick", action="store_true", help="short points (smoke run, not a report)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="build and use the tiny random test models (a smoke run of the bench itself)",
+    )
     a = p.parse_args(argv)
+    if a.tiny:
+        from headrace.build.tiny import make_tiny_classifier, make_tiny_generator
+
+        tiny = ROOT / ".cache" / "bench" / "tiny"
+        make_tiny_classifier(tiny / "tiny-classifier" / "1")
+        make_tiny_generator(tiny / "tiny-generator" / "1")
+        a.models, a.generate_model = str(tiny), "tiny-generator"
+        a.classify_model = a.teacher_model = "tiny-classifier"
     if a.quick:
         a.warmup, a.duration, a.limit_seconds, a.cancel_streams = 1.0, 3.0, 0.5, 200
     if not a.skip_mlserver and not a.skip_setup and "peers" in a.only:

@@ -146,12 +146,17 @@ def http_ok(url: str) -> bool:
 def scrape_metric(
     metrics_port: int, name: str, labels: dict[str, str] | None = None
 ) -> float | None:
-    """The value of one sample on headrace's /metrics (summed over series matching `labels`)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
+    """The value of one metric on headrace's /metrics (summed over series matching `labels`)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return metric_value(resp.read().decode(), name, labels)
+
+
+def metric_value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """Sum of the samples of `name` in Prometheus text format whose labels include `labels`."""
     total, found = 0.0, False
     for line in text.splitlines():
-        if not line.startswith(name) or line.startswith("#"):
+        if not line.startswith(name):
             continue
         head, _, value = line.rpartition(" ")
         series = head[len(name) :]

@@ -1,0 +1,179 @@
+"""The bench's own parts: the verdicts of the report, the metrics reader, and the load
+generator against a real headrace server on the tiny models (a second or two a point)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.common import read_json
+from bench.report import render, targets
+from bench.servers import (
+    ROOT,
+    ServerProcess,
+    free_port,
+    headrace_cmd,
+    metric_value,
+    models_ready,
+    scrape_metric,
+)
+
+
+def _results(classify_64: dict, limit: float, gen16: float, gen1: float, lim16: float) -> dict:
+    return {
+        "environment": {"cores": 2},
+        "classify_limit": {"limit_texts_per_s": limit, "by_batch": []},
+        "classify_headrace": {"points": [{"concurrency": 64, **classify_64}]},
+        "generate_limit": {"by_batch": [{"batch": 16, "tokens_per_s": lim16, "step_ms": 1.0}]},
+        "generate_headrace": {
+            "points": [
+                {"concurrency": 1, "tokens_per_s": gen1},
+                {"concurrency": 16, "tokens_per_s": gen16},
+            ],
+            "cancel": {
+                "streams": 1000,
+                "active_slots_after": 0.0,
+                "rss_before_mb": 500.0,
+                "rss_after_mb": 560.0,
+            },
+        },
+    }
+
+
+def test_targets_pass_and_fail_on_the_numbers() -> None:
+    r = _results(
+        {"throughput": 900.0, "p50_ms": 50.0, "p99_ms": 200.0}, 1000.0, 900.0, 200.0, 1000.0
+    )
+    verdicts = {name: ok for name, _, _, ok in targets(r)}
+    assert verdicts["classify, 64 callers: throughput / raw limit"] is True  # 90% >= 85%
+    assert verdicts["classify, 64 callers: p99 / p50"] is False  # 4x > 3x
+    assert verdicts["generate, 16 streams: tokens/s / raw batch-16 decode limit"] is True
+    assert verdicts["generate, 16 streams / 1 stream"] is True  # 4.5x
+    assert verdicts["1000 streams cancelled mid-generation: slots in use after"] is True
+    assert verdicts["... server RSS growth"] is False  # +60 MiB on 500 MiB is past the noise bound
+    r = _results(
+        {"throughput": 800.0, "p50_ms": 50.0, "p99_ms": 100.0}, 1000.0, 700.0, 300.0, 1000.0
+    )
+    verdicts = {name: ok for name, _, _, ok in targets(r)}
+    assert verdicts["classify, 64 callers: throughput / raw limit"] is False
+    assert verdicts["classify, 64 callers: p99 / p50"] is True
+    assert verdicts["generate, 16 streams: tokens/s / raw batch-16 decode limit"] is False
+    assert verdicts["generate, 16 streams / 1 stream"] is False  # 2.3x
+    assert "**FAIL**" in render(r, [])
+
+
+def test_metric_value_reads_prometheus_text() -> None:
+    text = (
+        "# HELP headrace_active_slots KV-cache slots holding a running sequence.\n"
+        "# TYPE headrace_active_slots gauge\n"
+        'headrace_active_slots{model="a"} 3.0\n'
+        'headrace_active_slots{model="b"} 1.0\n'
+        'headrace_active_slots_other{model="a"} 7.0\n'
+    )
+    assert metric_value(text, "headrace_active_slots") == 4.0
+    assert metric_value(text, "headrace_active_slots", {"model": "b"}) == 1.0
+    assert metric_value(text, "headrace_queue_depth") is None
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    port, metrics_port = free_port(), free_port()
+    log = tmp_path_factory.mktemp("bench") / "server.log"
+    proc = ServerProcess("headrace", headrace_cmd(tiny_models, port, metrics_port, "cpu"), log)
+    target = f"127.0.0.1:{port}"
+    try:
+        proc.wait_ready(lambda: models_ready(target, ["tiny-classifier", "tiny-generator"]), 120)
+        yield proc, target, metrics_port
+    finally:
+        proc.stop()
+
+
+def _loadgen(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", *args, "--out", str(out)],
+        check=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    return read_json(out)
+
+
+def test_loadgen_classify_and_generate_against_a_real_server(server, tmp_path: Path) -> None:
+    proc, target, _ = server
+    common = [
+        "--target",
+        target,
+        "--server-pid",
+        str(proc.pid),
+        "--warmup",
+        "0.3",
+        "--duration",
+        "1",
+    ]
+    run = _loadgen(
+        tmp_path, "classify", "--model", "tiny-classifier", "--concurrency", "1,8", *common
+    )
+    for point in run["points"]:
+        assert point["errors"] == {}
+        assert point["throughput"] > 0 and point["p50_ms"] <= point["p99_ms"]
+        assert point["server_cores"] > 0
+    run = _loadgen(
+        tmp_path,
+        "generate",
+        "--model",
+        "tiny-generator",
+        "--concurrency",
+        "2",
+        "--new-tokens",
+        "8",
+        *common,
+    )
+    point = run["points"][0]
+    assert point["errors"] == {} and point["tokens_per_s"] > 0
+    assert point["ttft_p50_ms"] is not None and point["itl_p50_ms"] is not None
+
+
+def test_loadgen_unknown_model_counts_errors(server, tmp_path: Path) -> None:
+    _proc, target, _ = server
+    run = _loadgen(
+        tmp_path,
+        "classify",
+        "--model",
+        "no-such-model",
+        "--target",
+        target,
+        "--warmup",
+        "0",
+        "--duration",
+        "0.5",
+    )
+    assert run["points"][0]["throughput"] == 0
+    assert run["points"][0]["errors"].get("NOT_FOUND", 0) > 0
+
+
+def test_cancelled_streams_leave_no_slot_in_use(server, tmp_path: Path) -> None:
+    _proc, target, metrics_port = server
+    run = _loadgen(
+        tmp_path,
+        "cancel",
+        "--model",
+        "tiny-generator",
+        "--target",
+        target,
+        "--streams",
+        "40",
+        "--concurrency",
+        "8",
+    )
+    assert sum(run["outcome"].values()) == 40
+    assert set(run["outcome"]) <= {"cancelled_after_0", "cancelled_after_1-6"}
+    import time
+
+    deadline = time.monotonic() + 10
+    while scrape_metric(metrics_port, "headrace_active_slots") != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert scrape_metric(metrics_port, "headrace_active_slots") == 0
