@@ -13,7 +13,8 @@ with the same thread settings):
   classify          unary Classify p50/p90 via the SDK vs OrtEncoder.forward on the
                     pre-tokenized text (one call in flight)
   ttft              GenerateStream time to first chunk via the SDK vs OrtDecoder.prefill
-  inter-token       gaps between streamed chunks of one token vs one OrtDecoder.decode step
+  time per token    (last chunk - first chunk) / (tokens - 1) of each stream vs the mean
+                    OrtDecoder.decode step (greedy, batch 1) over as many tokens
 
 Rounds interleave the SDK and raw paths so load from other processes spreads over both.
 """
@@ -182,26 +183,25 @@ def main() -> None:
                 encoder.forward(ids, mask)
                 raw_cls.append(time.perf_counter() - t)
 
-            ttft, gaps, raw_prefill, raw_step = [], [], [], []
+            ttft, tpot, raw_prefill, raw_tpot = [], [], [], []
             for _ in range(max(10, args.n // 10)):
                 t = time.perf_counter()
-                last = None
+                stamps, tokens = [], 0
                 for chunk in client.stream(PROMPT, model=gen_name, max_new_tokens=args.tokens):
-                    now = time.perf_counter()
-                    if last is None:
-                        ttft.append(now - t)
-                    elif len(chunk.token_ids) == 1:
-                        gaps.append(now - last)
-                    last = now
+                    stamps.append(time.perf_counter())
+                    tokens += len(chunk.token_ids)
+                ttft.append(stamps[0] - t)
+                if tokens > 1:  # time per output token after the first (chunks may coalesce)
+                    tpot.append((stamps[-1] - stamps[0]) / (tokens - 1))
                 t = time.perf_counter()
                 logits = decoder.prefill(0, prompt_ids)
                 raw_prefill.append(time.perf_counter() - t)
                 token = int(np.argmax(logits))
-                room = decoder.max_context - len(prompt_ids)
-                for _ in range(min(args.tokens - 1, room)):
-                    t = time.perf_counter()
+                steps = min(max(tokens, 2) - 1, decoder.max_context - len(prompt_ids))
+                t = time.perf_counter()
+                for _ in range(steps):
                     token = int(np.argmax(decoder.decode([0], [token])[0]))
-                    raw_step.append(time.perf_counter() - t)
+                raw_tpot.append((time.perf_counter() - t) / steps)
                 decoder.release(0)
             client.close()
         finally:
@@ -219,7 +219,8 @@ def main() -> None:
                    "peak": round(rss["VmHWM"] / 1024, 1)},
         "classify": {"sdk": _summary(sdk_cls), "raw_ort": _summary(raw_cls)},
         "ttft": {"sdk_stream": _summary(ttft), "raw_prefill": _summary(raw_prefill)},
-        "inter_token": {"sdk_stream": _summary(gaps), "raw_decode_step": _summary(raw_step)},
+        "time_per_output_token": {"sdk_stream": _summary(tpot),
+                                  "raw_decode_step": _summary(raw_tpot)},
         "prompt_tokens": len(prompt_ids),
     }  # fmt: skip
     print(json.dumps(result, indent=2))
