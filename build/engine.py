@@ -46,6 +46,8 @@ def _require_runtime() -> tuple[Any, Any]:
             "tensorrt is not installed here: `pip install tensorrt` on a machine with an "
             "NVIDIA GPU, then run this command there"
         ) from None
+    if not hasattr(trt, "Builder"):
+        raise EngineBuildError("the installed `tensorrt` package has no builder (stubs only?)")
     try:
         import torch
     except ImportError:

@@ -38,6 +38,8 @@ def _import_runtime() -> tuple[Any, Any]:
         import torch
     except ImportError as exc:
         raise BackendUnavailable(f"the tensorrt backend needs tensorrt and torch: {exc}") from exc
+    if not hasattr(trt, "Runtime"):  # e.g. only a stubs-only `tensorrt` folder is installed
+        raise BackendUnavailable("the installed `tensorrt` package has no runtime (stubs only?)")
     if not torch.cuda.is_available():
         raise BackendUnavailable("the tensorrt backend needs an NVIDIA GPU with CUDA")
     return trt, torch

@@ -19,7 +19,16 @@ from headrace.server.backends.registry import BackendSpec, BackendUnavailable, l
 from headrace.server.manifest import read_manifest
 from headrace.server.types import SamplingParams, Task
 
-HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
+
+def _have_trt() -> bool:
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    import tensorrt
+
+    return hasattr(tensorrt, "Builder")  # not a stubs-only folder
+
+
+HAVE_TRT = _have_trt()
 
 
 def _cuda() -> bool:
