@@ -85,9 +85,7 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             return stream_handler
 
         @functools.wraps(fn)
-        async def unary_handler(
-            self: InferenceService, request: Any, context: Context
-        ) -> Any:
+        async def unary_handler(self: InferenceService, request: Any, context: Context) -> Any:
             info = self._begin(name, request, context)
             try:
                 await self._open(info, context)
@@ -133,9 +131,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             raise ServerDraining("the server is shutting down; retry elsewhere")
         await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
 
-    async def _fail(
-        self, info: RpcInfo, context: Context, exc: BaseException
-    ) -> NoReturn:
+    async def _fail(self, info: RpcInfo, context: Context, exc: BaseException) -> NoReturn:
         """Record and re-raise cancellation; turn anything else into a status (raises)."""
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):
             remaining = context.time_remaining()
