@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headrace.server.manifest import Artifact, Batching, Generation, Limits, Manifest
 from headrace.server.types import Task
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CORPUS = [
     "the service answered every request before the deadline",
@@ -31,7 +35,7 @@ CORPUS = [
 LABELS = ("negative", "neutral", "positive")
 
 
-def _wordpiece_tokenizer(vocab_size: int = 400):
+def _wordpiece_tokenizer(vocab_size: int = 400) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.trainers import WordPieceTrainer
 
@@ -50,7 +54,7 @@ def _wordpiece_tokenizer(vocab_size: int = 400):
     return tok
 
 
-def _bytelevel_tokenizer(vocab_size: int = 400):
+def _bytelevel_tokenizer(vocab_size: int = 400) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.trainers import BpeTrainer
 
@@ -82,7 +86,7 @@ def make_tiny_classifier(version_dir: Path, *, seed: int = 0, max_input_tokens: 
     version_dir = _fresh(version_dir)
     tok = _wordpiece_tokenizer()
     torch.manual_seed(seed)
-    config = BertConfig(
+    config = BertConfig(  # type: ignore[call-arg]  # transformers types omit **kwargs
         vocab_size=tok.get_vocab_size(),
         hidden_size=32,
         num_hidden_layers=2,
@@ -94,7 +98,7 @@ def make_tiny_classifier(version_dir: Path, *, seed: int = 0, max_input_tokens: 
         label2id={n: i for i, n in enumerate(LABELS)},
         pad_token_id=tok.token_to_id("[PAD]"),
     )
-    model = BertForSequenceClassification(config).eval()
+    model = BertForSequenceClassification(config).eval()  # type: ignore[no-untyped-call]
     model.save_pretrained(version_dir / "hf")
     tok.save(str(version_dir / "hf" / "tokenizer.json"))
     tok.save(str(version_dir / "tokenizer.json"))
@@ -129,7 +133,7 @@ def make_tiny_generator(version_dir: Path, *, seed: int = 0, max_context: int = 
         bos_token_id=eos,
         eos_token_id=eos,
     )
-    model = GPT2LMHeadModel(config).eval()
+    model = GPT2LMHeadModel(config).eval()  # type: ignore[no-untyped-call]
     model.save_pretrained(version_dir / "hf")
     tok.save(str(version_dir / "hf" / "tokenizer.json"))
     tok.save(str(version_dir / "tokenizer.json"))
