@@ -8,13 +8,16 @@ it serves and the tolerance it is held to:
 |-------------------|-----------------|-----------------|--------------------------------|
 | torch-cpu         | <= 1e-4         | all             | all identical                  |
 | onnxruntime-fp32  | <= 1e-4         | all             | all identical                  |
-| onnxruntime-int8  | <= 0.5 (x1000)  | >= 90% of texts | >= 90% of steps                |
+| onnxruntime-int8  | <= 10% of range | >= 90% of texts | >= 90% of steps                |
 | torch-cuda        | <= 1e-3 (TF32)  | all             | all identical                  |
 
 Decoder logits are compared at every step with the same tolerance as the
 classifier's (teacher forcing: every backend is fed the reference tokens, so
-one early difference does not hide the rest). The int8 figures are loose by
-nature; the int8 logit bound is scaled by the logit range (see `_atol`).
+one early difference does not hide the rest). The int8 bounds are loose by
+nature and scaled by the reference logit range (see `_atol`). Measured here
+(x86-64 with AVX512-VNNI): int8 classifier logits within 3.2% of the range,
+decoder logits within 0.7%, 192/192 teacher-forced tokens agree; fp32 ORT
+within 7e-9 (x1000: 6e-6) and 2e-7.
 
 The shared tiny classifier is random and nearly constant: its logits differ
 between texts by ~1e-4, so a 1e-4 tolerance could not see a masking bug.
@@ -71,7 +74,7 @@ CASES = [
     BackendCase("torch-cpu", "torch", "fp32", "cpu", 1e-4, 1.0, 1.0),
     BackendCase("onnxruntime-fp32", "onnxruntime", "fp32", "cpu", 1e-4, 1.0, 1.0, _no_onnxruntime),
     BackendCase(
-        "onnxruntime-int8", "onnxruntime", "int8", "cpu", 0.05, 0.9, 0.9, _no_onnxruntime, True
+        "onnxruntime-int8", "onnxruntime", "int8", "cpu", 0.1, 0.9, 0.9, _no_onnxruntime, True
     ),
     BackendCase("torch-cuda", "torch", "fp32", "cuda", 1e-3, 1.0, 1.0, _no_cuda),
 ]
