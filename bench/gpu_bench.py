@@ -79,6 +79,15 @@ def bench_classify(version_dir: Path, seq_len: int) -> None:
             ms_per_batch=round(sec * 1e3, 3),
             texts_per_s=round(batch / sec, 1),
         )
+    # a new sequence length the first time, then again: the cost of a first shape
+    for seq in (17, 23, 31, 45, 63, 90, 127):
+        ids = rng.integers(1000, vocab, size=(32, seq)).astype(np.int64)
+        t0 = time.perf_counter()
+        enc.forward(ids, np.ones_like(ids))
+        first = time.perf_counter() - t0
+        sec = timed(lambda ids=ids: enc.forward(ids, np.ones_like(ids)), repeats=3, inner=10)
+        emit(bench="classify_first_shape", batch=32, seq_len=seq,
+             ms_first_call=round(first * 1e3, 2), ms_after=round(sec * 1e3, 3))  # fmt: skip
     enc.close()
 
 
@@ -123,6 +132,7 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
                            for i in range(batch)]  # fmt: skip
                 gens = [np.random.default_rng(i) for i in range(batch)]
                 hist: list[list[int]] = [[] for _ in range(batch)]
+                first_ms = 0.0
                 for i in range(steps + 5):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
@@ -131,6 +141,8 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
                     t1 = time.perf_counter()
                     last = dec.sample(logits, greedy if i % 2 else sampled, gens, hist)
                     t2 = time.perf_counter()
+                    if i == 0:
+                        first_ms = (t1 - t0) * 1e3  # includes the graph capture, if any
                     if i >= 5:
                         step_times.append(t1 - t0)
                         sample_times[bool(i % 2)].append(t2 - t1)
@@ -142,6 +154,7 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
                     batch=batch,
                     context=f"{prompt_len}..{prompt_len + steps + 5}",
                     ms_per_step=round(statistics.median(step_times) * 1e3, 3),
+                    ms_first_step=round(first_ms, 1),
                     tokens_per_s=round(batch / statistics.median(step_times), 1),
                     ms_sample_greedy=round(statistics.median(sample_times[True]) * 1e3, 3),
                     ms_sample_topk_topp=round(statistics.median(sample_times[False]) * 1e3, 3),

@@ -78,7 +78,16 @@ def test_decoder_cuda_matches_cpu(tiny_models: Path, precision: str, atol: float
 
 
 def test_cuda_graphs_match_eager(tiny_models: Path) -> None:
-    eager = TorchDecoder(_spec(tiny_models, "tiny-generator", Task.GENERATE, max_slots=8))
+    eager = TorchDecoder(
+        _spec(
+            tiny_models,
+            "tiny-generator",
+            Task.GENERATE,
+            max_slots=8,
+            options={"cuda_graphs": False},
+        )
+    )
+    assert eager.graphs is None
     graphs = TorchDecoder(
         _spec(
             tiny_models,
