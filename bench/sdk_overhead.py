@@ -14,8 +14,8 @@ Paths, each sequential (one call in flight), same text, same model version:
 
 The gRPC paths call a server in a subprocess (`headrace serve`), so client and
 server do not share a GIL; the in-process paths load the same folder in this
-process. Rounds are interleaved (every path once per round) so that load from
-other processes spreads over all paths alike. Prints p50 / p90 / p99 in µs.
+process. Rounds are interleaved (every path once per round, in a shuffled
+order) so that load from other processes spreads over all paths alike. Prints p50 / p90 / p99 in µs.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -81,15 +82,16 @@ def time_sync(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def start_server(models: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(models: Path, workdir: Path, threads: int) -> tuple[subprocess.Popen[bytes], str]:
     port_file = workdir / "port"
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "headrace.server", "serve", "--models", str(models),
             "--port", "0", "--port-file", str(port_file), "--poll-interval", "0",
-            "--log-level", "warning",
+            "--log-level", "warning", "--intra-op-threads", str(threads),
+            "--inter-op-threads", "1",
         ],
-        env={**os.environ},
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not (port_file.exists() and port_file.read_text().strip()):
@@ -101,14 +103,17 @@ def start_server(models: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], 
 
 
 def measure(
-    models: Path, address: str, name: str, text: str, n: int, warmup: int
+    models: Path, address: str, name: str, text: str, n: int, warmup: int, threads: int
 ) -> dict[str, list[float]]:
     """Interleaved: each round calls every path once, so load changes hit all paths alike."""
     from headrace.server.app import Server
     from headrace.server.config import ServerConfig
 
     engine_loop, client_loop = LoopThread(), LoopThread()
-    server = Server(ServerConfig(models=models, port=0, poll_interval_s=0.0).validate())
+    config = ServerConfig(
+        models=models, port=0, poll_interval_s=0.0, intra_op_threads=threads, inter_op_threads=1
+    )
+    server = Server(config.validate())
     engine_loop.run(server.start())
     channel = grpc.insecure_channel(address)
     client = Client(address, timeout=30)
@@ -116,6 +121,9 @@ def measure(
     try:
         versions = server.repository._served[name]
         model = versions[max(versions, key=int)].model
+        if "torch" in sys.modules:
+            # OpenMP thread counts are per calling thread: match the engine's worker here.
+            sys.modules["torch"].set_num_threads(threads)
         ids = np.asarray([model.encode([text])[0][0]], dtype=np.int64)  # [1, T]
         mask = np.ones_like(ids)  # [1, T]
         stub = pb_grpc.InferenceStub(channel)
@@ -133,9 +141,12 @@ def measure(
             "sdk-async": lambda: client_loop.time(lambda: aclient.classify(text, model=name)),
         }
         out: dict[str, list[float]] = {path: [] for path in paths}
+        order = list(paths)
+        rng = random.Random(0)
         for i in range(warmup + n):
-            for path, call in paths.items():
-                latency = call()
+            rng.shuffle(order)  # no path always runs right after another
+            for path in order:
+                latency = paths[path]()
                 if i >= warmup:
                     out[path].append(latency)
         return out
@@ -159,6 +170,13 @@ def main() -> None:
     parser.add_argument("--text", default="I love this, it is great and wonderful")
     parser.add_argument("--n", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="backend intra-op threads, in-process and in the server (default 1: idle "
+        "spinning OpenMP threads of one side would otherwise steal the other's CPU)",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -169,9 +187,11 @@ def main() -> None:
 
             models = workdir / "models"
             make_tiny_classifier(models / "tiny-classifier" / "1")
-        proc, address = start_server(models, workdir)
+        proc, address = start_server(models, workdir, args.threads)
         try:
-            results = measure(models, address, args.model, args.text, args.n, args.warmup)
+            results = measure(
+                models, address, args.model, args.text, args.n, args.warmup, args.threads
+            )
         finally:
             proc.terminate()
             proc.wait(30)
