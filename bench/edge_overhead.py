@@ -15,6 +15,7 @@ with the same thread settings):
   ttft              GenerateStream time to first chunk via the SDK vs OrtDecoder.prefill
   time per token    (last chunk - first chunk) / (tokens - 1) of each stream vs the mean
                     OrtDecoder.decode step (greedy, batch 1) over as many tokens
+  generation total  request -> last chunk of a --tokens stream vs prefill + decode steps
 
 Rounds interleave the SDK and raw paths so load from other processes spreads over both.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -184,13 +186,17 @@ def main() -> None:
                 raw_cls.append(time.perf_counter() - t)
 
             ttft, tpot, raw_prefill, raw_tpot = [], [], [], []
+            total, raw_total, first_chunk_tokens = [], [], []
             for _ in range(max(10, args.n // 10)):
                 t = time.perf_counter()
                 stamps, tokens = [], 0
                 for chunk in client.stream(PROMPT, model=gen_name, max_new_tokens=args.tokens):
                     stamps.append(time.perf_counter())
+                    if not tokens:
+                        first_chunk_tokens.append(len(chunk.token_ids))
                     tokens += len(chunk.token_ids)
                 ttft.append(stamps[0] - t)
+                total.append(stamps[-1] - t)
                 if tokens > 1:  # time per output token after the first (chunks may coalesce)
                     tpot.append((stamps[-1] - stamps[0]) / (tokens - 1))
                 t = time.perf_counter()
@@ -202,6 +208,7 @@ def main() -> None:
                 for _ in range(steps):
                     token = int(np.argmax(decoder.decode([0], [token])[0]))
                 raw_tpot.append((time.perf_counter() - t) / steps)
+                raw_total.append(raw_prefill[-1] + raw_tpot[-1] * steps)
                 decoder.release(0)
             client.close()
         finally:
@@ -210,8 +217,9 @@ def main() -> None:
     result: dict[str, Any] = {
         "models": {"classify": str(cls_dir), "generate": str(gen_dir)},
         "precision": {"classify": encoder.precision, "generate": decoder.precision},
-        "machine": {"cpus": len(__import__("os").sched_getaffinity(0)),
-                    "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cpus": len(os.sched_getaffinity(0)),
+                    "python": platform.python_version(), "platform": platform.platform(),
+                    "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
         "threads": args.threads,
         "cold_start_s": {"median": round(statistics.median(starts), 3),
                          "all": [round(s, 3) for s in starts]},
@@ -219,6 +227,12 @@ def main() -> None:
                    "peak": round(rss["VmHWM"] / 1024, 1)},
         "classify": {"sdk": _summary(sdk_cls), "raw_ort": _summary(raw_cls)},
         "ttft": {"sdk_stream": _summary(ttft), "raw_prefill": _summary(raw_prefill)},
+        "generation_total": {"sdk_stream": _summary(total), "raw": _summary(raw_total),
+                             "tokens": args.tokens},
+        # the detokenizer holds text back until it is whole UTF-8 (and not part of a
+        # stop string), so the first chunk may carry several tokens: then ttft includes
+        # their decode steps and the per-token figure below is too low
+        "first_chunk_tokens_mean": round(float(np.mean(first_chunk_tokens)), 2),
         "time_per_output_token": {"sdk_stream": _summary(tpot),
                                   "raw_decode_step": _summary(raw_tpot)},
         "prompt_tokens": len(prompt_ids),

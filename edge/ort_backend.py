@@ -148,7 +148,8 @@ class OrtDecoder:
             raise ValueError(f"{spec.path.name} lacks decoder metadata {exc}") from None
         eos = int(meta.get("eos_token_id", "-1"))
         self.eos_token_id: int | None = None if eos < 0 else eos
-        self.max_context = min(graph_context, spec.manifest.generation.max_context)
+        wanted = spec.options.get("max_context") or spec.manifest.generation.max_context
+        self.max_context = min(graph_context, int(wanted))
         self.max_slots = int(spec.max_slots)
         self._past = [
             f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")

@@ -68,6 +68,9 @@ def test_manifest_context_caps_the_graph_context(onnx_models: Path, tmp_path: Pa
         dec.decode([0], [5])
     with pytest.raises(ValueError, match="exceeds"):
         dec.prefill(1, list(range(1, 18)))
+    # an option caps it further (as for the torch backend)
+    capped = dataclasses.replace(spec, options={"max_context": 8})
+    assert OrtDecoder(capped).max_context == 8
 
 
 def test_decoder_rejects_misuse(decoder: OrtDecoder) -> None:
