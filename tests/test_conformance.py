@@ -9,7 +9,9 @@ it serves and the tolerance it is held to:
 | torch-cpu         | <= 1e-4         | all             | all identical                  |
 | onnxruntime-fp32  | <= 1e-4         | all             | all identical                  |
 | onnxruntime-int8  | <= 10% of range | >= 90% of texts | >= 90% of steps                |
-| torch-cuda        | <= 1e-3 (TF32)  | all             | all identical                  |
+| torch-cuda        | <= 1e-3         | all             | all identical                  |
+| torch-cuda-fp16   | <= 2% of range  | >= 90% of texts | >= 90% of steps                |
+| tensorrt-fp16     | <= 2% of range  | >= 90% of texts | >= 90% of steps                |
 
 Decoder logits are compared at every step with the same tolerance as the
 classifier's (teacher forcing: every backend is fed the reference tokens, so
@@ -24,8 +26,10 @@ between texts by ~1e-4, so a 1e-4 tolerance could not see a masking bug.
 `tiny-classifier-x1000` is the same checkpoint with its head scaled by 1000,
 which makes the same tolerance discriminate (checked in the test).
 
-A new backend (TensorRT, ...) appends a `BackendCase`; `skip` returns the
-reason it cannot run here (no CUDA, no tensorrt) or None.
+A new backend appends a `BackendCase`; `skip` returns the reason it cannot
+run here (no CUDA, no tensorrt) or None, and `prepare` builds its artifact
+into the version folder first (the TensorRT engine, from the exported ONNX).
+The CUDA and TensorRT cases are skipped on the CPU development machines.
 """
 
 from __future__ import annotations
@@ -57,17 +61,35 @@ def _no_onnxruntime() -> str | None:
     return None if importlib.util.find_spec("onnxruntime") else "onnxruntime is not installed"
 
 
+def _no_tensorrt() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed"
+    return _no_cuda()
+
+
+def _build_engine(version_dir: Path, precision: str) -> None:
+    """Add a TensorRT engine of `precision` to the version (once per module's models)."""
+    manifest = read_manifest(version_dir)
+    if any(a.backend == "tensorrt" and a.precision == precision for a in manifest.artifacts):
+        return
+    from headrace.build.engine import build_version_engine
+
+    build_version_engine(version_dir, precision=precision, max_batch=16)
+
+
 @dataclasses.dataclass(frozen=True)
 class BackendCase:
     id: str
     backend: str  # registry name
     precision: str  # picks the manifest artifact of this backend and precision
     device: str
-    logits_atol: float  # max |logit - reference|, relative to a logit range of 1 (see _atol)
+    logits_atol: float  # max |logit - reference| (a share of the logit range when relative)
     min_label_agreement: float  # share of texts whose top label is the reference's
     min_token_agreement: float  # share of teacher-forced steps whose argmax is the reference's
     skip: Callable[[], str | None] = lambda: None
     relative: bool = False  # scale logits_atol by the reference logit range
+    run_precision: str | None = None  # BackendSpec.precision when not the artifact's (fp16 torch)
+    prepare: Callable[[Path], None] | None = None  # adds the artifact to a version folder
 
 
 CASES = [
@@ -77,7 +99,12 @@ CASES = [
         "onnxruntime-int8", "onnxruntime", "int8", "cpu", 0.1, 0.9, 0.9, _no_onnxruntime, True
     ),
     BackendCase("torch-cuda", "torch", "fp32", "cuda", 1e-3, 1.0, 1.0, _no_cuda),
-]
+    # fp16 cases: bounds as a share of the logit range; not run on the CPU machines here
+    BackendCase("torch-cuda-fp16", "torch", "fp32", "cuda", 0.02, 0.9, 0.9, _no_cuda,
+                relative=True, run_precision="fp16"),
+    BackendCase("tensorrt-fp16", "tensorrt", "fp16", "cuda", 0.02, 0.9, 0.9, _no_tensorrt,
+                relative=True, prepare=lambda version_dir: _build_engine(version_dir, "fp16")),
+]  # fmt: skip
 
 TEXTS = [*dict.fromkeys(CORPUS), "ok", "a much longer text about servers, tokens and slots " * 3]
 PROMPTS = [
@@ -136,12 +163,14 @@ def _load(version_dir: Path, case: BackendCase, task: Task, max_slots: int = 8) 
     reason = case.skip()
     if reason:
         pytest.skip(reason)
+    if case.prepare is not None:
+        case.prepare(version_dir)
     art = _artifact(version_dir, case)
     spec = BackendSpec(
         task=task,
         backend=case.backend,
         path=version_dir / art.path,
-        precision=art.precision,
+        precision=case.run_precision or art.precision,
         device=case.device,
         manifest=read_manifest(version_dir),
         version_dir=version_dir,
