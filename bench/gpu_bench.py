@@ -243,6 +243,25 @@ def bench_server(models: Path, model_name: str, port: int) -> None:
     emit(bench="inprocess_classify_one_text", ms=round(sec * 1e3, 3))
 
 
+def profile_sampler(batch: int, vocab: int) -> None:
+    """Where the time of one top-k/top-p sampling step goes (torch.profiler table)."""
+    from headrace.server.backends.torch_sampling import sample_torch
+    from torch.profiler import ProfilerActivity, profile
+
+    logits = torch.randn(batch, vocab, device="cuda", dtype=torch.float16)
+    params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.95, seed=i) for i in range(batch)]
+    gens = [np.random.default_rng(i) for i in range(batch)]
+    hist: list[list[int]] = [[] for _ in range(batch)]
+    for _ in range(5):
+        sample_torch(logits, params, gens, hist)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            sample_torch(logits, params, gens, hist)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+    sec = timed(lambda: sample_torch(logits, params, gens, hist), repeats=5, inner=20)
+    emit(bench="sample_topk_topp", batch=batch, vocab=vocab, ms=round(sec * 1e3, 3))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--classify-model", type=Path, help="a classify model version folder")
@@ -253,6 +272,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--server", action="store_true", help="run the server benchmark")
     ap.add_argument("--port", type=int, default=50151)
+    ap.add_argument("--profile-sampler", action="store_true", help="profile one sampling step")
     ap.add_argument("--out", type=Path, help="write all rows here as JSON")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -260,6 +280,8 @@ def main() -> int:
         return 2
     if args.classify_model:
         bench_classify(args.classify_model, args.seq_len)
+    if args.profile_sampler:
+        profile_sampler(64, 50257)
     if args.decode:
         bench_decode(args.prompt_len, args.max_context, args.steps)
     if args.server and args.classify_model:
