@@ -397,6 +397,16 @@ def render(r: dict[str, Any], images: list[str]) -> str:
             "BERT tokenizer_config.json added).",
             "",
         ]
+    ref = (r.get("teacher_headrace") or {}).get("sample_labels")
+    for tag in ("stock", "batched"):
+        other = (r.get(f"teacher_mlserver_{tag}") or {}).get("sample_labels")
+        if ref and other:
+            same = sum(a == b for a, b in zip(ref, other, strict=False))
+            md += [
+                f"Same model check: MLServer ({tag}) and headrace gave the same top label to "
+                f"{same} of {len(ref)} sample tweets before the load run.",
+                "",
+            ]
     md += [
         _classify_table(
             [

@@ -26,18 +26,23 @@ from pathlib import Path
 from typing import Any
 
 from bench import mlserver_peer
-from bench.common import find_hf_dir, read_json, write_json
+from bench.common import find_hf_dir, read_json, tweets, write_json
 from bench.servers import (
     ROOT,
     ServerProcess,
     channel_ready,
     free_port,
     headrace_cmd,
+    headrace_labels,
+    kserve_labels,
     model_info,
     models_ready,
     scrape_metric,
     single_model_repo,
 )
+
+# Both servers label these before the load run: the same checkpoint gives the same labels.
+SAMPLE_TEXTS = tweets(16, seed=3)
 
 
 class Bench:
@@ -172,8 +177,9 @@ class Bench:
         server, target, _ = self.headrace([model], f"classify-{model}")
         with server:
             info = model_info(target, model)
+            labels = headrace_labels(target, model, SAMPLE_TEXTS)
             run = self.loadgen("classify", target, model, server.pid, concurrency=concurrency)
-        return {"server": "headrace", "model": model, "info": info, **run}
+        return {"server": "headrace", "model": model, "info": info, "sample_labels": labels, **run}
 
     def mlserver_classify(self, model: str, batched: bool, concurrency: str) -> dict[str, Any]:
         if not mlserver_peer.available():
@@ -205,6 +211,7 @@ class Bench:
         )
         server = mlserver_peer.start(work, model, http_port, self.work / f"mlserver-{tag}.log")
         with server:
+            labels = kserve_labels(f"127.0.0.1:{grpc_port}", model, SAMPLE_TEXTS)
             run = self.loadgen(
                 "classify",
                 f"127.0.0.1:{grpc_port}",
@@ -217,6 +224,7 @@ class Bench:
             "server": f"mlserver-{tag}",
             "model": model,
             "checkpoint_converted": converted,
+            "sample_labels": labels,
             "max_batch_size": max_batch,
             "max_batch_time_s": self.a.mlserver_max_batch_time,
             **run,

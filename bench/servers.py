@@ -130,6 +130,41 @@ def model_info(target: str, name: str) -> dict[str, str]:
     return {}
 
 
+def headrace_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
+    """The top label headrace gives each text (one request per text)."""
+    import grpc
+    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.client.v1 import inference_pb2_grpc as pbg
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pbg.InferenceStub(channel)
+        return [
+            stub.Classify(pb.ClassifyRequest(model=model, texts=[t]), timeout=30)
+            .results[0]
+            .labels[0]
+            .name
+            for t in texts
+        ]
+
+
+def kserve_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
+    """The top label MLServer's Hugging Face runtime gives each text (one request per text)."""
+    import json
+
+    import grpc
+
+    from bench.kserve import infer_request_bytes, top_label
+
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        out = []
+        for t in texts:
+            raw = top_label(infer(infer_request_bytes(model, t), timeout=60))
+            pred = json.loads(raw)
+            out.append(str((pred[0] if isinstance(pred, list) else pred)["label"]))
+        return out
+
+
 def channel_ready(target: str) -> bool:
     import grpc
 
