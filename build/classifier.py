@@ -41,10 +41,11 @@ class ClassifierConfig:
     limit: int | None = None  # keep a stratified slice of this many examples
     max_input_tokens: int = 128
     batch_size: int = 32
-    teacher_epochs: float = 0.3
+    teacher_epochs: float = 0.2
     teacher_lr: float = 1e-4
     student_layers: int = 3
-    student_epochs: float = 0.5
+    distill_examples: int | None = 8000  # training texts the teacher labels for the student
+    student_epochs: float = 1.5  # over the distill examples
     student_lr: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KL) term
@@ -58,7 +59,9 @@ class ClassifierConfig:
         return f"{self.name}-teacher"
 
     def work_dir(self) -> Path:
-        return Path(self.work) if self.work else Path(self.out).parent / ".cache" / "build" / self.name
+        return (
+            Path(self.work) if self.work else Path(self.out).parent / ".cache" / "build" / self.name
+        )
 
 
 def base_checkpoint(cache: Path) -> Path:
@@ -81,6 +84,11 @@ def majority_baseline(split: Split) -> float:
 
     top = Counter(e.label for e in split.train).most_common(1)[0][0]
     return round(sum(e.label == top for e in split.test) / max(1, len(split.test)), 4)
+
+
+def distill_set(cfg: ClassifierConfig, split: Split) -> tuple[Any, ...]:
+    """The training texts the student learns from (the teacher labels each once)."""
+    return split.train[: cfg.distill_examples] if cfg.distill_examples else split.train
 
 
 def _steps_for(cfg: ClassifierConfig, n_train: int, epochs: float) -> int:
@@ -122,17 +130,23 @@ def train_teacher(cfg: ClassifierConfig, base: Path, split: Split, out_hf: Path)
     result = train_loop(model, batches, loss_fn, steps=steps, lr=cfg.teacher_lr, desc="teacher")
     model.save_pretrained(out_hf)
     save_serving_tokenizer(base / "tokenizer.json", out_hf / "tokenizer.json")
-    return {**result, "steps": steps, "examples_seen": steps * cfg.batch_size,
-            "parameters": sum(p.numel() for p in model.parameters())}
+    return {
+        **result,
+        "steps": steps,
+        "examples_seen": steps * cfg.batch_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
 
 
-def teacher_logits(cfg: ClassifierConfig, teacher_hf: Path, split: Split, out: Path) -> dict[str, Any]:
+def teacher_logits(
+    cfg: ClassifierConfig, teacher_hf: Path, split: Split, out: Path
+) -> dict[str, Any]:
     from headrace.build.training import classifier_logits, encode_texts, load_tokenizer
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(teacher_hf).eval()
     tok = load_tokenizer(teacher_hf / "tokenizer.json", max_len=cfg.max_input_tokens)
-    rows = encode_texts(tok, [e.text for e in split.train])
+    rows = encode_texts(tok, [e.text for e in distill_set(cfg, split)])
     logits = classifier_logits(model, rows, desc="teacher logits")
     np.save(out, logits)
     return {"examples": len(rows)}
@@ -159,9 +173,10 @@ def train_student(
     student = student_from_teacher(teacher, layers)
     del teacher
     tok = load_tokenizer(teacher_hf / "tokenizer.json", max_len=cfg.max_input_tokens)
-    rows = encode_texts(tok, [e.text for e in split.train])
+    examples = distill_set(cfg, split)
+    rows = encode_texts(tok, [e.text for e in examples])
     soft = torch.from_numpy(np.load(logits_path))
-    y = torch.tensor(split.label_ids(split.train))
+    y = torch.tensor(split.label_ids(examples))
     steps = _steps_for(cfg, len(rows), cfg.student_epochs)
     batches = shuffled_batches(len(rows), cfg.batch_size, cfg.seed + 1, [len(r) for r in rows])
 
@@ -173,8 +188,12 @@ def train_student(
     result = train_loop(student, batches, loss_fn, steps=steps, lr=cfg.student_lr, desc="student")
     student.save_pretrained(out_hf)
     save_serving_tokenizer(teacher_hf / "tokenizer.json", out_hf / "tokenizer.json")
-    return {**result, "steps": steps, "layers_kept": layers,
-            "parameters": sum(p.numel() for p in student.parameters())}
+    return {
+        **result,
+        "steps": steps,
+        "layers_kept": layers,
+        "parameters": sum(p.numel() for p in student.parameters()),
+    }
 
 
 def export_pair(hf: Path, folder: Path, check_texts: list[str]) -> dict[str, Any]:
@@ -192,7 +211,9 @@ def _jsonable(data: Any) -> Any:
     return json.loads(json.dumps(data, default=str))
 
 
-def _manifest(cfg: ClassifierConfig, labels: tuple[str, ...], artifacts: list[Any], prov: dict) -> Any:
+def _manifest(
+    cfg: ClassifierConfig, labels: tuple[str, ...], artifacts: list[Any], prov: dict
+) -> Any:
     from headrace.server.manifest import Batching, Limits, Manifest
     from headrace.server.types import Task
 
@@ -208,8 +229,14 @@ def _manifest(cfg: ClassifierConfig, labels: tuple[str, ...], artifacts: list[An
 
 
 def stage_version(
-    cfg: ClassifierConfig, dest: Path, hf: Path, onnx_dir: Path, split_path: Path,
-    labels: tuple[str, ...], served_int8: bool, prov: dict[str, Any],
+    cfg: ClassifierConfig,
+    dest: Path,
+    hf: Path,
+    onnx_dir: Path,
+    split_path: Path,
+    labels: tuple[str, ...],
+    served_int8: bool,
+    prov: dict[str, Any],
 ) -> Path:
     from headrace.server.manifest import Artifact
 
@@ -274,43 +301,79 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         return read_manifest(out / cfg.name / cfg.version).card
     work = cfg.work_dir()
     plan = Plan(STEPS, estimates=cfg.estimates)
-    data_params = {k: str(getattr(cfg, k)) for k in ("data", "text_column", "label_column", "seed", "limit")}
+    data_params = {
+        k: str(getattr(cfg, k)) for k in ("data", "text_column", "label_column", "seed", "limit")
+    }
     with plan.step(work / "data", "data", data_params, outputs=[SPLIT_NAME]) as s:
         if not s.done:
-            split, stats = load_split(cfg.data, text_column=cfg.text_column,
-                                      label_column=cfg.label_column, seed=cfg.seed, limit=cfg.limit)
+            split, stats = load_split(
+                cfg.data,
+                text_column=cfg.text_column,
+                label_column=cfg.label_column,
+                seed=cfg.seed,
+                limit=cfg.limit,
+            )
             split.save(work / "data" / SPLIT_NAME)
-            s.result = {**stats, "train": len(split.train), "val": len(split.val),
-                        "test": len(split.test), "labels": list(split.labels),
-                        "majority_baseline": majority_baseline(split),
-                        "source": split.source, "fingerprint": split.fingerprint()}
+            s.result = {
+                **stats,
+                "train": len(split.train),
+                "val": len(split.val),
+                "test": len(split.test),
+                "labels": list(split.labels),
+                "majority_baseline": majority_baseline(split),
+                "source": split.source,
+                "fingerprint": split.fingerprint(),
+            }
     data_result = s.result
     split = Split.load(work / "data" / SPLIT_NAME)
     if len(split.labels) < 2:
         raise ValueError("a classifier needs at least two labels")
     base = Path(cfg.base) if cfg.base else base_checkpoint(work.parent / "base")
-    t_params = {"split": data_result["fingerprint"], "base": str(base), "seed": cfg.seed,
-                "epochs": cfg.teacher_epochs, "lr": cfg.teacher_lr, "batch": cfg.batch_size,
-                "max_len": cfg.max_input_tokens}
+    t_params = {
+        "split": data_result["fingerprint"],
+        "base": str(base),
+        "seed": cfg.seed,
+        "epochs": cfg.teacher_epochs,
+        "lr": cfg.teacher_lr,
+        "batch": cfg.batch_size,
+        "max_len": cfg.max_input_tokens,
+    }
     with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
         if not s.done:
             s.result = train_teacher(cfg, base, split, work / "teacher" / "hf")
     teacher_result, teacher_hf = s.result, work / "teacher" / "hf"
-    l_params = {"teacher": fingerprint(t_params)}
-    with plan.step(work / "teacher-logits", "teacher-logits", l_params, outputs=["logits.npy"]) as s:
+    l_params = {"teacher": fingerprint(t_params), "examples": cfg.distill_examples}
+    with plan.step(
+        work / "teacher-logits", "teacher-logits", l_params, outputs=["logits.npy"]
+    ) as s:
         if not s.done:
-            s.result = teacher_logits(cfg, teacher_hf, split, work / "teacher-logits" / "logits.npy")
-    s_params = {"teacher": fingerprint(t_params), "layers": cfg.student_layers, "seed": cfg.seed,
-                "epochs": cfg.student_epochs, "lr": cfg.student_lr, "T": cfg.temperature,
-                "alpha": cfg.alpha}
+            s.result = teacher_logits(
+                cfg, teacher_hf, split, work / "teacher-logits" / "logits.npy"
+            )
+    s_params = {
+        "logits": fingerprint(l_params),
+        "layers": cfg.student_layers,
+        "seed": cfg.seed,
+        "epochs": cfg.student_epochs,
+        "lr": cfg.student_lr,
+        "T": cfg.temperature,
+        "alpha": cfg.alpha,
+    }
     with plan.step(work / "student", "student", s_params, outputs=["hf/config.json"]) as s:
         if not s.done:
-            s.result = train_student(cfg, teacher_hf, work / "teacher-logits" / "logits.npy",
-                                     split, work / "student" / "hf")
+            s.result = train_student(
+                cfg,
+                teacher_hf,
+                work / "teacher-logits" / "logits.npy",
+                split,
+                work / "student" / "hf",
+            )
     student_result, student_hf = s.result, work / "student" / "hf"
     e_params = {"teacher": fingerprint(t_params), "student": fingerprint(s_params)}
     check = [e.text for e in split.val[:16]]
-    outputs = [f"{r}/{f}" for r in ("teacher", "student") for f in ("model.onnx", "model.int8.onnx")]
+    outputs = [
+        f"{r}/{f}" for r in ("teacher", "student") for f in ("model.onnx", "model.int8.onnx")
+    ]
     with plan.step(work / "export", "export", e_params, outputs=outputs) as s:
         if not s.done:
             s.result = {
@@ -318,16 +381,35 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                 "student": export_pair(student_hf, work / "export" / "student", check),
             }
     export_result = s.result
-    prov = {"base": str(base), "command": " ".join(sys.argv), "build_fingerprint": build_fingerprint(cfg),
-            "split": data_result["fingerprint"], "seed": cfg.seed}
+    prov = {
+        "base": str(base),
+        "command": " ".join(sys.argv),
+        "build_fingerprint": build_fingerprint(cfg),
+        "split": data_result["fingerprint"],
+        "seed": cfg.seed,
+    }
     staged_root = work / "staged"
     split_path = work / "data" / SPLIT_NAME
-    t_dir = stage_version(cfg, staged_root / cfg.teacher_name / cfg.version, teacher_hf,
-                          work / "export" / "teacher", split_path, split.labels, False,
-                          {**prov, "role": "teacher"})
-    s_dir = stage_version(cfg, staged_root / cfg.name / cfg.version, student_hf,
-                          work / "export" / "student", split_path, split.labels, True,
-                          {**prov, "role": "student", "teacher": f"{cfg.teacher_name}/{cfg.version}"})
+    t_dir = stage_version(
+        cfg,
+        staged_root / cfg.teacher_name / cfg.version,
+        teacher_hf,
+        work / "export" / "teacher",
+        split_path,
+        split.labels,
+        False,
+        {**prov, "role": "teacher"},
+    )
+    s_dir = stage_version(
+        cfg,
+        staged_root / cfg.name / cfg.version,
+        student_hf,
+        work / "export" / "student",
+        split_path,
+        split.labels,
+        True,
+        {**prov, "role": "student", "teacher": f"{cfg.teacher_name}/{cfg.version}"},
+    )
     v_params = {**e_params, "latency_samples": cfg.latency_samples, "threads": cfg.threads}
     with plan.step(work / "evaluate", "evaluate", v_params) as s:
         if not s.done:
@@ -338,8 +420,9 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             }
     evaluation = s.result
     with plan.step(work / "write", "write", {"evaluate": fingerprint(v_params)}) as s:
-        card = classifier_card(cfg, data_result, teacher_result, student_result, export_result,
-                               evaluation)
+        card = classifier_card(
+            cfg, data_result, teacher_result, student_result, export_result, evaluation
+        )
         for staged, role in ((t_dir, "teacher"), (s_dir, "student")):
             from headrace.server.manifest import read_manifest
 
@@ -348,6 +431,10 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             cards.write_card(staged, role_card)
             dataclasses.replace(m, card=role_card).write(staged)
             publish(staged, out / staged.parent.name / cfg.version)
-        s.result = {"published": [str(out / cfg.name / cfg.version),
-                                  str(out / cfg.teacher_name / cfg.version)]}
+        s.result = {
+            "published": [
+                str(out / cfg.name / cfg.version),
+                str(out / cfg.teacher_name / cfg.version),
+            ]
+        }
     return card

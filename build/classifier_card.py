@@ -26,25 +26,34 @@ def classifier_card(
     acc_ratio = s_int8["accuracy"] / t_onnx["accuracy"] if t_onnx["accuracy"] else 0.0
     size_ratio = s_int8["bytes"] / t_onnx["bytes"]
     speedup = t_onnx["p50_ms_batch1"] / s_int8["p50_ms_batch1"]
-    diffs = {
-        role: export[role]["onnx"].get("max_abs_diff") for role in ("teacher", "student")
-    }
+    diffs = {role: export[role]["onnx"].get("max_abs_diff") for role in ("teacher", "student")}
     worst_diff = max(float(d) for d in diffs.values() if d is not None)
     targets = [
-        target("int8 student accuracy >= 98% of the fp32 teacher's",
-               f"{acc_ratio:.1%} ({s_int8['accuracy']:.4f} vs {t_onnx['accuracy']:.4f})",
-               acc_ratio >= 0.98),
-        target("int8 student size <= 1/4 of the fp32 teacher's",
-               f"{size_ratio:.3f} ({s_int8['megabytes']} MB vs {t_onnx['megabytes']} MB)",
-               size_ratio <= 0.25),
-        target("int8 student p50 latency (batch 1) >= 5x faster than the fp32 teacher on ORT",
-               f"{speedup:.1f}x ({s_int8['p50_ms_batch1']} ms vs {t_onnx['p50_ms_batch1']} ms)",
-               speedup >= 5.0),
-        target("ONNX fp32 vs torch: max abs logit diff <= 1e-4 (export check)",
-               f"{worst_diff:.2e}", worst_diff <= 1e-4),
+        target(
+            "int8 student accuracy >= 98% of the fp32 teacher's",
+            f"{acc_ratio:.1%} ({s_int8['accuracy']:.4f} vs {t_onnx['accuracy']:.4f})",
+            acc_ratio >= 0.98,
+        ),
+        target(
+            "int8 student size <= 1/4 of the fp32 teacher's",
+            f"{size_ratio:.3f} ({s_int8['megabytes']} MB vs {t_onnx['megabytes']} MB)",
+            size_ratio <= 0.25,
+        ),
+        target(
+            "int8 student p50 latency (batch 1) >= 5x faster than the fp32 teacher on ORT",
+            f"{speedup:.1f}x ({s_int8['p50_ms_batch1']} ms vs {t_onnx['p50_ms_batch1']} ms)",
+            speedup >= 5.0,
+        ),
+        target(
+            "ONNX fp32 vs torch: max abs logit diff <= 1e-4 (export check)",
+            f"{worst_diff:.2e}",
+            worst_diff <= 1e-4,
+        ),
     ]
-    headline = {k: s_int8[k] for k in ("accuracy", "macro_f1", "megabytes", "p50_ms_batch1",
-                                       "throughput_batch32")}
+    headline = {
+        k: s_int8[k]
+        for k in ("accuracy", "macro_f1", "megabytes", "p50_ms_batch1", "throughput_batch32")
+    }
     return {
         "summary": (
             f"Sentiment classifier ({cfg.student_layers}-layer student distilled from a "
@@ -60,11 +69,20 @@ def classifier_card(
         "targets_met": all(t["met"] for t in targets),
         "data": data,
         "training": {
-            "teacher": {"epochs": cfg.teacher_epochs, "lr": cfg.teacher_lr,
-                        "batch_size": cfg.batch_size, **teacher},
-            "student": {"layers": cfg.student_layers, "epochs": cfg.student_epochs,
-                        "lr": cfg.student_lr, "temperature": cfg.temperature,
-                        "alpha_soft": cfg.alpha, **student},
+            "teacher": {
+                "epochs": cfg.teacher_epochs,
+                "lr": cfg.teacher_lr,
+                "batch_size": cfg.batch_size,
+                **teacher,
+            },
+            "student": {
+                "layers": cfg.student_layers,
+                "epochs": cfg.student_epochs,
+                "lr": cfg.student_lr,
+                "temperature": cfg.temperature,
+                "alpha_soft": cfg.alpha,
+                **student,
+            },
             "seed": cfg.seed,
             "max_input_tokens": cfg.max_input_tokens,
         },

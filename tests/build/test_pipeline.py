@@ -1,0 +1,143 @@
+"""The classifier and generator pipelines end to end on tiny models and tiny data (seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from headrace.build.card import CARD_NAME
+from headrace.build.classifier import ClassifierConfig, build_classifier, is_built
+from headrace.build.data import SPLIT_NAME, Split
+from headrace.build.generator import GeneratorConfig, build_generator
+from headrace.build.steps import read_step
+from headrace.server.manifest import read_manifest
+from headrace.server.types import Task
+
+
+@pytest.fixture()
+def classifier_cfg(tmp_path: Path, tiny_models: Path, labelled_csv: Path) -> ClassifierConfig:
+    return ClassifierConfig(
+        out=tmp_path / "models",
+        name="senti",
+        data=labelled_csv,
+        text_column="review",
+        label_column="stars",
+        base=tiny_models / "tiny-classifier" / "1" / "hf",
+        max_input_tokens=32,
+        batch_size=8,
+        teacher_epochs=1.0,
+        teacher_lr=1e-3,
+        student_layers=1,
+        student_epochs=1.0,
+        student_lr=1e-3,
+        latency_samples=5,
+    )
+
+
+def test_classifier_pipeline_writes_two_versions_with_a_card(
+    classifier_cfg: ClassifierConfig,
+) -> None:
+    card = build_classifier(classifier_cfg)
+    out = classifier_cfg.out
+    student, teacher = out / "senti" / "1", out / "senti-teacher" / "1"
+    s_man, t_man = read_manifest(student), read_manifest(teacher)
+    assert s_man.task is Task.CLASSIFY and s_man.labels == ("negative", "neutral", "positive")
+    assert s_man.artifact("onnxruntime").path == "model.int8.onnx"
+    assert t_man.artifact("onnxruntime").path == "model.onnx"
+    for version in (student, teacher):
+        for name in (
+            "hf/config.json",
+            "model.onnx",
+            "model.int8.onnx",
+            "tokenizer.json",
+            SPLIT_NAME,
+            CARD_NAME,
+        ):
+            assert (version / name).exists(), version / name
+        tok = json.loads((version / "tokenizer.json").read_text())
+        assert tok["padding"] is None and tok["truncation"] is None
+    # every form, measured on the one test split saved beside the models
+    split = Split.load(student / SPLIT_NAME)
+    assert Split.load(teacher / SPLIT_NAME) == split
+    forms = {f["form"]: f for f in card["forms"]}
+    assert set(forms) == {
+        f"{r} {p} ({b})"
+        for r in ("teacher", "student")
+        for p, b in (("fp32", "torch"), ("fp32", "onnxruntime"), ("int8", "onnxruntime"))
+    }
+    for form in forms.values():
+        assert form["test_texts"] == len(split.test) == 15
+        assert 0.0 <= form["accuracy"] <= 1.0 and form["p50_ms_batch1"] > 0
+        assert form["bytes"] > 0 and form["throughput_batch32"] > 0
+    assert forms["teacher fp32 (onnxruntime)"]["max_abs_diff"] < 1e-4
+    assert (
+        forms["student int8 (onnxruntime)"]["bytes"] < forms["student fp32 (onnxruntime)"]["bytes"]
+    )
+    assert card["training"]["student"]["layers_kept"] == [1]
+    assert s_man.card["headline"]["form"] == "student int8 (onnxruntime)"
+    assert len(card["targets"]) == 4
+    assert "| student int8 (onnxruntime) |" in (student / CARD_NAME).read_text()
+
+
+def test_classifier_pipeline_resumes_and_skips(classifier_cfg: ClassifierConfig) -> None:
+    build_classifier(classifier_cfg)
+    work = classifier_cfg.work_dir()
+    first = read_step(work / "teacher")["finished_at"]
+    assert is_built(classifier_cfg)
+    # a finished build returns at once; with the versions gone, every step is reused
+    build_classifier(classifier_cfg)
+    for version in ("senti", "senti-teacher"):
+        import shutil
+
+        shutil.rmtree(classifier_cfg.out / version)
+    assert not is_built(classifier_cfg)
+    build_classifier(classifier_cfg)
+    assert read_step(work / "teacher")["finished_at"] == first
+    assert is_built(classifier_cfg)
+    # a changed student setting reruns the student, not the teacher
+    classifier_cfg.student_epochs = 2.0
+    assert not is_built(classifier_cfg)
+    build_classifier(classifier_cfg)
+    assert read_step(work / "teacher")["finished_at"] == first
+    assert read_step(work / "student")["params"]["epochs"] == 2.0
+
+
+def test_generator_pipeline(tmp_path: Path, text_file: Path) -> None:
+    cfg = GeneratorConfig(
+        out=tmp_path / "models",
+        name="gpt",
+        data=text_file,
+        vocab_size=300,
+        block_size=32,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        batch_size=4,
+        teacher_steps=6,
+        student_steps=3,
+        student_layers=1,
+        prompts=2,
+        greedy_tokens=8,
+    )
+    card = build_generator(cfg)
+    version = tmp_path / "models" / "gpt" / "1"
+    m = read_manifest(version)
+    assert m.task is Task.GENERATE and m.generation.max_context == 32
+    assert m.artifact("onnxruntime").path == "model.int8.onnx"
+    assert m.artifact("onnxruntime").extra == {"kv_cache": True}
+    assert m.limits.max_input_tokens + m.limits.max_new_tokens <= 32
+    assert m.provenance["role"] == "teacher"
+    forms = {f["form"]: f for f in card["forms"]}
+    assert forms["teacher fp32 (torch)"]["perplexity"] > 1
+    assert forms["teacher fp32 (onnxruntime)"]["greedy_agreement"] == 1.0
+    assert forms["student int8 (onnxruntime)"]["decode_ms_batch16"] > 0
+    assert card["targets_met"], card["targets"]
+    assert (version / CARD_NAME).exists() and (version / "hf" / "config.json").exists()
+    # the card's figures are reproducible from the written version
+    from headrace.build.evaluate import evaluate_version
+
+    again = {f["form"]: f for f in evaluate_version(version)}
+    assert (
+        again["teacher fp32 (torch)"]["perplexity"] == forms["teacher fp32 (torch)"]["perplexity"]
+    )
