@@ -167,6 +167,7 @@ async def generate_point(
     ttft: list[float] = []
     gaps: list[float] = []  # seconds per token between consecutive token-bearing chunks
     completions: list[int] = []
+    tpot: list[float] = []  # per stream: (last token - first token) / (tokens after the first)
     errors: Counter[str] = Counter()
 
     async def caller(k: int) -> None:
@@ -178,13 +179,16 @@ async def generate_point(
             t0 = time.perf_counter()
             call = stream(payload, timeout=call_timeout)
             prev: float | None = None
-            n = 0
+            first: float | None = None
+            n = n_first = 0
             try:
                 async for chunk in call:
                     t = time.perf_counter()
                     got = len(chunk.token_ids)
                     if not got:
                         continue
+                    if first is None:
+                        first, n_first = t, got
                     n += got
                     if window.inside(t):
                         tokens_in_window += got
@@ -200,6 +204,8 @@ async def generate_point(
                 if exc.code() != grpc.StatusCode.CANCELLED:
                     errors[exc.code().name] += 1
                 continue
+            if first is not None and prev is not None and n > n_first and window.inside(first):
+                tpot.append((prev - first) / (n - n_first))
             if window.inside(time.perf_counter()):
                 completions.append(n)
 
@@ -214,6 +220,8 @@ async def generate_point(
         "ttft_p99_ms": ttft_s["p99_ms"],
         "itl_p50_ms": None if not gaps else round(1e3 * (pct(gaps, 50) or 0.0), 3),
         "itl_p99_ms": None if not gaps else round(1e3 * (pct(gaps, 99) or 0.0), 3),
+        "tpot_p50_ms": None if not tpot else round(1e3 * (pct(tpot, 50) or 0.0), 3),
+        "tpot_p99_ms": None if not tpot else round(1e3 * (pct(tpot, 99) or 0.0), 3),
         "streams_completed": len(completions),
         "mean_tokens_per_stream": (sum(completions) / len(completions)) if completions else None,
         "errors": dict(errors),

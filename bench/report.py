@@ -148,16 +148,16 @@ def _classify_table(rows: list[tuple[str, dict[str, Any] | None]]) -> str:
 
 def _generate_table(rows: list[tuple[str, dict[str, Any] | None]]) -> str:
     out = [
-        "| server | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | "
-        "streams done | errors | server cores | client cores |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "| server | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms | ITL p50 ms | "
+        "ITL p99 ms | tokens per stream | errors | server cores | client cores |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, res in rows:
         for p in (res or {}).get("points", []):
             out.append(
                 f"| {name} | {p.get('concurrency')} | {_f(p.get('tokens_per_s'))} | {_f(p.get('ttft_p50_ms'))} | "
-                f"{_f(p.get('ttft_p99_ms'))} | {_f(p.get('itl_p50_ms'), 2)} | {_f(p.get('itl_p99_ms'), 2)} | "
-                f"{p.get('streams_completed')} | {p.get('errors') or '0'} | {_f(p.get('server_cores'), 2)} | "
+                f"{_f(p.get('ttft_p99_ms'))} | {_f(p.get('tpot_p50_ms'), 2)} | {_f(p.get('itl_p50_ms'), 2)} | "
+                f"{_f(p.get('itl_p99_ms'), 2)} | {_f(p.get('mean_tokens_per_stream'))} | {p.get('errors') or '0'} | {_f(p.get('server_cores'), 2)} | "
                 f"{_f(p.get('client_cores'), 2)} |"
             )
     return "\n".join(out)
@@ -255,8 +255,8 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
             if res:
                 x, y = series(res, "tokens_per_s")
                 ax1.plot(x, y, "o-", color=f"C{k}", label=name)
-                x, y = series(res, "itl_p50_ms")
-                ax2.plot(x, y, "o-", color=f"C{k}", label=f"{name} ITL p50")
+                x, y = series(res, "tpot_p50_ms")
+                ax2.plot(x, y, "o-", color=f"C{k}", label=f"{name} TPOT p50")
                 x, y = series(res, "ttft_p50_ms")
                 ax2.plot(x, y, "s--", color=f"C{k}", label=f"{name} TTFT p50")
         for b, style in ((16, "--"), (1, ":")):
@@ -427,8 +427,9 @@ def render(r: dict[str, Any], images: list[str]) -> str:
         "The raw limit: prefill B slots, then decode steps for all B at once, in-process; "
         "tokens/s = B x steps / time inside `decode` (sampling and prefill excluded). headrace: "
         "N concurrent GenerateStream calls, each starting a new one when it ends; tokens/s counts "
-        "tokens received inside the window; TTFT is send -> first token; ITL is the gap between "
-        f"tokens of one stream. Served by {_served_by(gen)}. The naive baseline "
+        "tokens received inside the window; TTFT is send -> first token; TPOT is one stream's "
+        "(last token - first token) / (tokens after the first); ITL is the gap between "
+        f"token-bearing chunks of one stream, per token. Served by {_served_by(gen)}. The naive baseline "
         "(`bench/naive_server.py`) is a plain `transformers` `generate` with a "
         "`TextIteratorStreamer`, one thread per request behind a grpc sync server, same HF "
         "checkpoint (fp32 torch).",
