@@ -21,20 +21,29 @@ from headrace.server.types import SamplingParams
 _M32 = 0xFFFFFFFF
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    # (x * c) mod 2**32 for x in [0, 2**32), c < 2**32, without overflowing int64
-    lo = x & 0xFFFF
-    hi = x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
-
-
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # lowbias32 (C. Wellons): a bijection on 32-bit values with good avalanche
+    # lowbias32 (C. Wellons): a bijection on 32-bit values with good avalanche. x holds
+    # values in [0, 2**32) as int64; x * c may wrap past 2**63, which keeps its low 32 bits
     x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
+    x = (x * 0x7FEB352D) & _M32
     x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
+    x = (x * 0x846CA68B) & _M32
     return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    """_mix32 of one value, on the host."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _uniform(mixed_seeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    # mixed_seeds: [N, 1] int64; ids: [N, M] or [1, M] -> (0, 1) float32 [N, M]
+    h = _mix32(mixed_seeds ^ ids)
+    return ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
 
 
 def seeded_uniform(seeds: torch.Tensor, ids: int | torch.Tensor) -> torch.Tensor:
@@ -42,8 +51,7 @@ def seeded_uniform(seeds: torch.Tensor, ids: int | torch.Tensor) -> torch.Tensor
     -> uniform noise [N, M] in (0, 1), float32, a function of (seed, token id) alone."""
     if isinstance(ids, int):
         ids = torch.arange(ids, device=seeds.device, dtype=torch.int64)[None, :]
-    h = _mix32(_mix32(seeds[:, None]) ^ ids)
-    return ((h >> 8).to(torch.float32) + 0.5) * (2.0**-24)
+    return _uniform(_mix32(seeds[:, None]), ids)
 
 
 def _row_seed(rng: np.random.Generator | None) -> int:
@@ -87,20 +95,21 @@ def sample_torch(
     penalties = [p.repetition_penalty for p in params]
     if any(pen != 1.0 for pen in penalties):
         x = apply_repetition_penalty(x, histories, penalties)
-    greedy_ids = x.argmax(dim=-1)  # [N]
     sampled = [not p.greedy for p in params]
     if not any(sampled):
-        return greedy_ids.tolist()  # the one sync: N ids
+        greedy: list[int] = x.argmax(dim=-1).tolist()  # the one sync: N ids
+        return greedy
+    greedy_ids = x.argmax(dim=-1) if not all(sampled) else None  # [N]
 
     # per-row settings, two small host->device copies: [3, N] float32 and [2, N] int64
     ks = [p.top_k if (not p.greedy and 0 < p.top_k < vocab) else 0 for p in params]
     ps = [p.top_p if not p.greedy else 1.0 for p in params]
     temps = [p.temperature if not p.greedy else 1.0 for p in params]
-    seeds = [_row_seed(generators[i]) if sampled[i] else 0 for i in range(n)]
+    seeds = [_mix32_int(_row_seed(generators[i])) if sampled[i] else 0 for i in range(n)]
     fl = torch.tensor([temps, ps, [float(b) for b in sampled]], dtype=torch.float32).to(dev)
     it = torch.tensor([ks, seeds], dtype=torch.int64).to(dev)
     temp_t, p_t, sampled_t = fl[0][:, None], fl[1][:, None], fl[2] > 0
-    k_t, seed_t = it[0][:, None], it[1]
+    k_t, mixed_t = it[0][:, None], it[1][:, None]
     x = x / temp_t
     ids: torch.Tensor | None = None  # token id of each column of x when x is not [N, V]
     if all(ks[i] > 0 for i in range(n) if sampled[i]):
@@ -123,8 +132,10 @@ def sample_torch(
         x = x.masked_fill(drop, -torch.inf)
     probs = torch.softmax(x, dim=-1)
     # the noise of a token depends on (row seed, token id) only, whatever columns x has
-    noise = -torch.log(seeded_uniform(seed_t, vocab if ids is None else ids))  # Exp(1)
+    cols = torch.arange(vocab, device=dev)[None, :] if ids is None else ids
+    noise = -torch.log(_uniform(mixed_t, cols))  # Exp(1)
     pick = (probs / noise).argmax(dim=-1)  # [N]
     sampled_ids = pick if ids is None else ids.gather(1, pick[:, None])[:, 0]
-    chosen = torch.where(sampled_t, sampled_ids, greedy_ids)
-    return chosen.tolist()  # the one sync: N ids
+    chosen = sampled_ids if greedy_ids is None else torch.where(sampled_t, sampled_ids, greedy_ids)
+    picks: list[int] = chosen.tolist()  # the one sync: N ids
+    return picks

@@ -252,3 +252,13 @@ def test_seeded_uniform_is_uniform_and_row_specific() -> None:
     assert abs(float(u.mean()) - 0.5) < 0.01
     assert not torch.equal(u[0], u[1])
     assert torch.equal(u, seeded_uniform(torch.tensor([1, 2], dtype=torch.int64), 20000))
+
+
+def test_hash_on_tensors_equals_the_host_version() -> None:
+    from headrace.server.backends.torch_sampling import _mix32, _mix32_int
+
+    x = torch.randint(
+        0, 2**32, (20000,), dtype=torch.int64, generator=torch.Generator().manual_seed(4)
+    )
+    x[:3] = torch.tensor([0, 2**32 - 1, 2**31])
+    assert _mix32(x).tolist() == [_mix32_int(v) for v in x.tolist()]  # int64 wrap keeps low bits
