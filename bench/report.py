@@ -322,7 +322,9 @@ def render(r: dict[str, Any], images: list[str]) -> str:
         "# headrace benchmark report",
         "",
         f"Measured {env.get('date', '?')} on {env.get('cores', '?')} cores ({env.get('cpu', '?')}), "
-        f"commit `{env.get('commit', '?')}`, profile `{env.get('profile', '?')}`, by `make bench` "
+        f"commit `{env.get('commit', '?')}`, `headrace serve --profile {env.get('profile', '?')}"
+        f"{''.join(' ' + x for x in env.get('server_args') or [])}` (backend threads at their "
+        "defaults unless given there), by `make bench` "
         f"(`{env.get('command', '')}`). Each point: {env.get('warmup_s')} s warm-up, then "
         f"{env.get('duration_s')} s measured. One run; numbers move by several percent between runs.",
         "",

@@ -108,7 +108,7 @@ class Bench:
         port, metrics_port = free_port(), free_port()
         server = ServerProcess(
             f"headrace ({tag})",
-            headrace_cmd(repo, port, metrics_port, self.a.profile),
+            [*headrace_cmd(repo, port, metrics_port, self.a.profile), *self.a.server_arg],
             self.work / f"headrace-{tag}.log",
         )
         target = f"127.0.0.1:{port}"
@@ -151,6 +151,7 @@ class Bench:
             "versions": versions,
             "commit": commit,
             "profile": self.a.profile,
+            "server_args": self.a.server_arg,
             "warmup_s": self.a.warmup,
             "duration_s": self.a.duration,
             "command": " ".join(["python -m bench.run", *sys.argv[1:]]),
@@ -389,6 +390,12 @@ def main(argv: list[str] | None = None) -> None:
         help="MLServer max_batch_size (default: the model manifest's batching.max_batch)",
     )
     p.add_argument("--mlserver-max-batch-time", type=float, default=0.005)
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for `headrace serve` (repeatable), e.g. --server-arg=--intra-op-threads=1",
+    )
     p.add_argument("--skip-mlserver", action="store_true")
     p.add_argument("--skip-setup", action="store_true", help="do not run bench/setup_peers.sh")
     p.add_argument("--quick", action="store_true", help="short points (smoke run, not a report)")
