@@ -54,6 +54,10 @@ def session_options(options: dict[str, Any]) -> Any:
     graph_optimization_level ("disable" | "basic" | "extended" | "layout" | "all", default "all"),
     enable_cpu_mem_arena (True), allow_spinning (True: idle threads spin briefly
     before sleeping; False saves CPU on a box shared by several models).
+
+    The backends also read warmup (True: one small run at load, so the first
+    request does not pay ONNX Runtime's first-run allocations) and, for the
+    decoder, max_context (caps the manifest's).
     """
     import onnxruntime as ort
 
@@ -106,6 +110,9 @@ class OrtEncoder:
                 f"{spec.path.name} is not an encoder graph ({kind}; missing {sorted(missing)})"
             )
         self.labels = len(spec.manifest.labels)
+        if spec.options.get("warmup", True):  # the first run allocates: not on a request's time
+            ones = np.ones((1, 8), dtype=np.int64)
+            self.forward(ones, ones)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """input_ids, attention_mask: int64 [B, S] -> logits float32 [B, labels]."""
@@ -170,6 +177,11 @@ class OrtDecoder:
         )
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)  # tokens held per slot
         self._empty_past = np.zeros((1, self.num_heads, 0, self.head_dim), dtype=np.float32)
+        if spec.options.get("warmup", True):  # the first runs allocate: not on a request's time
+            self.prefill(0, [0] * max(1, min(8, self.max_context - 1)))
+            if self.length(0) < self.max_context:
+                self.decode([0], [0])
+            self.release(0)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_slots:

@@ -69,8 +69,9 @@ def test_manifest_context_caps_the_graph_context(onnx_models: Path, tmp_path: Pa
     with pytest.raises(ValueError, match="exceeds"):
         dec.prefill(1, list(range(1, 18)))
     # an option caps it further (as for the torch backend)
-    capped = dataclasses.replace(spec, options={"max_context": 8})
-    assert OrtDecoder(capped).max_context == 8
+    for cap in (8, 1):
+        capped = OrtDecoder(dataclasses.replace(spec, options={"max_context": cap}))
+        assert capped.max_context == cap and capped.length(0) == 0  # warm-up released its slot
 
 
 def test_decoder_rejects_misuse(decoder: OrtDecoder) -> None:
