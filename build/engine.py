@@ -98,33 +98,31 @@ def decoder_profiles(
     return [prefill, decode]
 
 
-class _Calibrator:
-    """INT8 entropy calibration over tokenized texts, cached beside the engine."""
+def make_calibrator(trt: Any, batches: list[dict[str, Any]], cache: Path) -> Any:
+    """An INT8 entropy calibrator over `batches` (name -> CUDA tensor [B, S]), cached."""
 
-    def __new__(cls, trt: Any, torch: Any, batches: list[dict[str, Any]], cache: Path) -> Any:
-        class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
-            def __init__(self) -> None:
-                super().__init__()
-                self.batches = batches  # name -> CUDA tensor [B, S]
-                self.i = 0
+    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.i = 0
 
-            def get_batch_size(self) -> int:
-                return int(next(iter(batches[0].values())).shape[0])
+        def get_batch_size(self) -> int:
+            return int(next(iter(batches[0].values())).shape[0])
 
-            def get_batch(self, names: Sequence[str]) -> list[int] | None:
-                if self.i >= len(self.batches):
-                    return None
-                batch = self.batches[self.i]
-                self.i += 1
-                return [int(batch[n].data_ptr()) for n in names]
+        def get_batch(self, names: Sequence[str]) -> list[int] | None:
+            if self.i >= len(batches):
+                return None
+            batch = batches[self.i]
+            self.i += 1
+            return [int(batch[n].data_ptr()) for n in names]
 
-            def read_calibration_cache(self) -> bytes | None:
-                return cache.read_bytes() if cache.exists() else None
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.exists() else None
 
-            def write_calibration_cache(self, data: Any) -> None:
-                cache.write_bytes(bytes(data))
+        def write_calibration_cache(self, data: Any) -> None:
+            cache.write_bytes(bytes(data))
 
-        return Calibrator()
+    return Calibrator()
 
 
 def _calibration_batches(
@@ -156,6 +154,10 @@ def training_texts(path: Path | None, limit: int) -> list[str]:
     return [e.text for e in stratified_split(examples, seed=0).train[:limit]]
 
 
+def shapes_of_inputs(network: Any) -> list[str]:
+    return [network.get_input(i).name for i in range(network.num_inputs)]
+
+
 def build_engine(
     onnx_path: Path,
     out: Path,
@@ -164,6 +166,7 @@ def build_engine(
     precision: str = "fp16",
     kv_half: bool = False,
     calibrator: Any = None,
+    calib_seq: int = 0,
     workspace_gb: float = 4.0,
 ) -> dict[str, Any]:
     """Parse `onnx_path`, build with `profiles` at `precision`, write `out`; return facts."""
@@ -193,8 +196,13 @@ def build_engine(
         for name, (lo, opt, hi) in shapes.items():
             prof.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(prof)
-    if precision == "int8":
-        config.set_calibration_profile(config.get_optimization_profile(len(profiles) - 1))
+    if precision == "int8" and calibrator is not None:
+        # calibration runs at the calibration batches' own fixed shape
+        calib = builder.create_optimization_profile()
+        shape = (calibrator.get_batch_size(), calib_seq)
+        for name in shapes_of_inputs(network):
+            calib.set_shape(name, shape, shape, shape)
+        config.set_calibration_profile(calib)
     start = time.perf_counter()
     blob = builder.build_serialized_network(network, config)
     if blob is None:
@@ -249,9 +257,12 @@ def build_version_engine(
                 texts = training_texts(calib_data, calib_texts)
                 batches = _calibration_batches(torch, version_dir, texts, 32, max_seq)
                 cache = version_dir / "model.plan.calib"
-                calibrator = _Calibrator(trt, torch, batches, cache)
+                if not batches:
+                    raise EngineBuildError("int8: fewer than 32 calibration texts")
+                calibrator = make_calibrator(trt, batches, cache)
             facts = build_engine(onnx_path, out, profiles, precision=precision,
-                                 calibrator=calibrator, workspace_gb=workspace_gb)  # fmt: skip
+                                 calibrator=calibrator, calib_seq=max_seq,
+                                 workspace_gb=workspace_gb)  # fmt: skip
         else:
             if precision == "int8":
                 raise EngineBuildError("int8 engines are built for classifiers only (use fp16)")

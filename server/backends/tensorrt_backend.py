@@ -174,8 +174,8 @@ class TrtEncoder:
 
     def _to_device(self, arr: np.ndarray, name: str) -> Any:
         torch = self.eng.torch
-        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64)).pin_memory()
-        return t.to(self.eng.device, non_blocking=True).to(self.eng.dtypes[name])
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.int64))
+        return t.to(self.eng.device).to(self.eng.dtypes[name])
 
     def close(self) -> None:
         self.eng.profiles.clear()
@@ -279,7 +279,7 @@ class TrtDecoder:
         lengths = [self.lengths[s] for s in slots]
         past = max(lengths)
         host = torch.tensor([list(last_tokens), list(slots), lengths], dtype=torch.int64)
-        ids_t, rows, lens = host.pin_memory().to(dev, non_blocking=True)
+        ids_t, rows, lens = host.to(dev)  # one small copy: tokens, slots, lengths
         cols = torch.arange(past + 1, device=dev)
         # attention_mask [N, past + 1]: each row's own past, padding 0, the new token 1
         mask = (cols[None, :] < lens[:, None]) | (cols[None, :] == past)
