@@ -60,10 +60,15 @@ def bench_classify(version_dir: Path, seq_len: int) -> None:
     manifest = read_manifest(version_dir)
     art = manifest.artifact("torch")
     assert art is not None
-    spec = BackendSpec(
-        Task.CLASSIFY, "torch", version_dir / art.path, "fp16", "cuda", manifest, version_dir
-    )
-    enc = TorchEncoder(spec)
+    for graphs in (False, True):
+        spec = BackendSpec(
+            Task.CLASSIFY, "torch", version_dir / art.path, "fp16", "cuda", manifest, version_dir,
+            options={"cuda_graphs": graphs, "graph_max_batch": 256},
+        )  # fmt: skip
+        _bench_encoder(TorchEncoder(spec), manifest, version_dir, seq_len, graphs)
+
+
+def _bench_encoder(enc: Any, manifest: Any, version_dir: Path, seq_len: int, graphs: bool) -> None:
     vocab = enc.model.config.vocab_size
     rng = np.random.default_rng(0)
     warm = rng.integers(1000, vocab, size=(64, seq_len)).astype(np.int64)
@@ -78,6 +83,7 @@ def bench_classify(version_dir: Path, seq_len: int) -> None:
             bench="classify_forward",
             model=str(manifest.provenance.get("base", version_dir)),
             precision="fp16",
+            cuda_graphs=graphs,
             batch=batch,
             seq_len=seq_len,
             ms_per_batch=round(sec * 1e3, 3),
@@ -90,7 +96,7 @@ def bench_classify(version_dir: Path, seq_len: int) -> None:
         enc.forward(ids, np.ones_like(ids))
         first = time.perf_counter() - t0
         sec = timed(lambda ids=ids: enc.forward(ids, np.ones_like(ids)), repeats=3, inner=10)
-        emit(bench="classify_first_shape", batch=32, seq_len=seq,
+        emit(bench="classify_first_shape", cuda_graphs=graphs, batch=32, seq_len=seq,
              ms_first_call=round(first * 1e3, 2), ms_after=round(sec * 1e3, 3))  # fmt: skip
     enc.close()
 

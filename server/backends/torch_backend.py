@@ -91,10 +91,23 @@ class TorchEncoder:
         self.precision = {v: k for k, v in DTYPES.items()}[self.dtype]
         self.model = _load(AutoModelForSequenceClassification, spec, self.dtype, self.device_t)
         self.num_labels = int(self.model.config.num_labels)
+        self.graphs: Any = None
+        if spec.options.get("cuda_graphs", True) and self.device_t.type == "cuda":
+            from headrace.server.backends.torch_graphs import EncoderGraphs
+
+            config = self.model.config
+            max_seq = int(getattr(config, "max_position_embeddings", 512))
+            max_batch = int(spec.options.get("graph_max_batch") or spec.manifest.batching.max_batch)
+            self.graphs = EncoderGraphs(self, max_batch, max_seq)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
-        mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
+        input_ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        attention_mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if self.graphs is not None and self.graphs.fits(*input_ids.shape):
+            with _attention_kernels(self.device_t):
+                graphed: np.ndarray = self.graphs.run(input_ids, attention_mask)
+            return graphed
+        ids, mask = torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
         with torch.inference_mode(), _attention_kernels(self.device_t):
             # plain copies: pinning a fresh host buffer per call costs more than it saves
             ids, mask = ids.to(self.device_t), mask.to(self.device_t)
@@ -103,6 +116,7 @@ class TorchEncoder:
             return result
 
     def close(self) -> None:
+        self.graphs = None
         del self.model
         if self.device_t.type == "cuda":
             torch.cuda.empty_cache()

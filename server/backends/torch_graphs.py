@@ -116,3 +116,66 @@ class DecodeGraphs:
         g.graph.replay()
         assert g.logits is not None
         return g.logits[:n]  # [N, V]; valid until the next replay
+
+
+class EncoderGraphs:
+    """CUDA graphs of the encoder forward, one per (batch bucket, length rounded up to 32).
+
+    A small encoder on a large GPU is bound by kernel launches (the forward takes the same
+    time for 1 or 256 texts, docs/datacenter.md); a replayed graph launches once. Padding
+    rows and columns are masked; the logits of real rows are copied out before return.
+    Larger batches or longer texts than the buckets fall back to eager.
+    """
+
+    SEQ_ALIGN = 32
+
+    def __init__(self, encoder: Any, max_batch: int, max_seq: int) -> None:
+        self.enc = encoder
+        self.batch_buckets = [b for b in DEFAULT_BATCH_BUCKETS if b < max_batch] + [max_batch]
+        self.max_seq = max_seq
+        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.pool: Any = None
+
+    def fits(self, batch: int, seq: int) -> bool:
+        return batch <= self.batch_buckets[-1] and seq <= self.max_seq
+
+    def _forward(self, g: _Graph) -> torch.Tensor:
+        enc = self.enc
+        ids, mask = g.inputs[0], g.inputs[1]  # [B, S] each
+        # additive mask [B, 1, 1, S]: 0 where attended, the dtype's minimum on padding
+        add = (1 - mask[:, None, None, :]).to(enc.dtype) * torch.finfo(enc.dtype).min
+        logits: torch.Tensor = enc.model(input_ids=ids, attention_mask=add).logits
+        return logits
+
+    def _capture(self, batch: int, seq: int) -> _Graph:
+        dev = self.enc.device_t
+        g = _Graph(batch, seq, dev)
+        g.inputs = torch.zeros((2, batch, seq), dtype=torch.long, device=dev)  # ids, mask
+        g.inputs[1, :, 0] = 1
+        side = torch.cuda.Stream(device=dev)  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(g)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.inference_mode(), torch.cuda.graph(g.graph, pool=self.pool):
+            g.logits = self._forward(g)
+        if self.pool is None:
+            self.pool = g.graph.pool()
+        self.graphs[(batch, seq)] = g
+        return g
+
+    def run(self, input_ids: Any, attention_mask: Any) -> Any:
+        """int64 numpy [b, s] each -> float32 numpy logits [b, labels]."""
+        b, s = input_ids.shape
+        batch = next(x for x in self.batch_buckets if x >= b)
+        seq = min(-(-s // self.SEQ_ALIGN) * self.SEQ_ALIGN, self.max_seq)
+        g = self.graphs.get((batch, seq)) or self._capture(batch, seq)
+        host = torch.zeros((2, batch, seq), dtype=torch.long)
+        host[0, :b, :s] = torch.from_numpy(input_ids)
+        host[1, :b, :s] = torch.from_numpy(attention_mask)
+        host[1, b:, 0] = 1  # padding rows attend to one column: no all-masked row
+        g.inputs.copy_(host)
+        g.graph.replay()
+        assert g.logits is not None
+        return g.logits[:b].float().cpu().numpy()

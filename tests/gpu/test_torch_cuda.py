@@ -53,6 +53,25 @@ def test_encoder_cuda_matches_cpu(tiny_models: Path, precision: str, atol: float
         assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("precision,atol", [("fp32", 1e-4), ("fp16", 1e-2)])
+def test_encoder_cuda_graphs_match_eager(tiny_models: Path, precision: str, atol: float) -> None:
+    def enc(graphs: bool) -> TorchEncoder:
+        return TorchEncoder(_spec(tiny_models, "tiny-classifier", Task.CLASSIFY,
+                                  precision=precision, options={"cuda_graphs": graphs}))  # fmt: skip
+
+    eager, graphed = enc(False), enc(True)
+    assert eager.graphs is None and graphed.graphs is not None
+    rng = np.random.default_rng(5)
+    vocab = eager.model.config.vocab_size
+    for batch, seq in [(1, 5), (3, 33), (16, 64), (7, 1), (40, 20)]:  # 40 > max_batch 16: eager
+        ids = rng.integers(5, vocab, size=(batch, seq)).astype(np.int64)
+        mask = np.ones_like(ids)
+        mask[0, max(1, seq // 2) :] = 0
+        np.testing.assert_allclose(graphed.forward(ids, mask), eager.forward(ids, mask), atol=atol)
+    assert (16, 64) in graphed.graphs.graphs and (4, 64) in graphed.graphs.graphs
+    assert not any(b > 16 for b, _ in graphed.graphs.graphs)
+
+
 def _run_decoder(dec: TorchDecoder, prompts: list[list[int]], feed: list[list[int]]) -> list:
     """Prefill slot i with prompts[i], then decode feed[t] in slots 3, 0, 2, 1 order."""
     for s in range(dec.max_slots):
