@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MIN_KV_BUCKET = 64
+# Other models' worker threads keep using the GPU while one backend captures (a new
+# version loading beside a serving one): restrict only the capturing thread.
+CAPTURE_MODE = "thread_local"
 
 
 def kv_buckets(max_context: int) -> list[int]:
@@ -82,7 +85,10 @@ class DecodeGraphs:
             for _ in range(2):  # warm-up outside the graph (allocator, cuBLAS handles)
                 self._forward(g)
         torch.cuda.current_stream(dec.device_t).wait_stream(side)
-        with torch.inference_mode(), torch.cuda.graph(g.graph, pool=self.pool):
+        with (
+            torch.inference_mode(),
+            torch.cuda.graph(g.graph, pool=self.pool, capture_error_mode=CAPTURE_MODE),
+        ):
             g.logits = self._forward(g)
         if self.pool is None:
             self.pool = g.graph.pool()
@@ -158,7 +164,10 @@ class EncoderGraphs:
             for _ in range(2):
                 self._forward(g)
         torch.cuda.current_stream(dev).wait_stream(side)
-        with torch.inference_mode(), torch.cuda.graph(g.graph, pool=self.pool):
+        with (
+            torch.inference_mode(),
+            torch.cuda.graph(g.graph, pool=self.pool, capture_error_mode=CAPTURE_MODE),
+        ):
             g.logits = self._forward(g)
         if self.pool is None:
             self.pool = g.graph.pool()

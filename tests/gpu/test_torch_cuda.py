@@ -159,3 +159,39 @@ def test_sampler_on_gpu_matches_cpu_and_is_seeded() -> None:
     assert on_gpu[0] == on_cpu[0] == int(x[0].argmax())
     assert on_gpu[4] == on_cpu[4] != int(x[4].argmax())
     assert on_gpu == on_cpu
+
+
+def test_graph_capture_while_another_model_runs(tiny_models: Path) -> None:
+    """A new encoder shape is captured while a decoder steps in another thread (as when a
+    model version loads beside a serving one): neither fails, results stay right."""
+    import threading
+
+    enc = TorchEncoder(_spec(tiny_models, "tiny-classifier", Task.CLASSIFY))
+    ref = TorchEncoder(_spec(tiny_models, "tiny-classifier", Task.CLASSIFY,
+                             options={"cuda_graphs": False}))  # fmt: skip
+    dec = TorchDecoder(_spec(tiny_models, "tiny-generator", Task.GENERATE,
+                             options={"cuda_graphs": False}))  # fmt: skip
+    stop, errors = threading.Event(), []
+
+    def decode_loop() -> None:
+        try:
+            while not stop.is_set():
+                dec.release(0)
+                logits = dec.prefill(0, [1, 2, 3])
+                for _ in range(20):
+                    logits = dec.decode([0], [int(logits.reshape(-1, 400)[0].argmax())])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    worker = threading.Thread(target=decode_loop)
+    worker.start()
+    try:
+        rng = np.random.default_rng(6)
+        for batch, seq in [(2, 40), (5, 70), (9, 100), (1, 128)]:  # each a new graph
+            ids = rng.integers(5, 200, size=(batch, seq)).astype(np.int64)
+            mask = np.ones_like(ids)
+            np.testing.assert_allclose(enc.forward(ids, mask), ref.forward(ids, mask), atol=1e-4)
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors

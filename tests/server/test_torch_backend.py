@@ -262,3 +262,35 @@ def test_hash_on_tensors_equals_the_host_version() -> None:
     )
     x[:3] = torch.tensor([0, 2**32 - 1, 2**31])
     assert _mix32(x).tolist() == [_mix32_int(v) for v in x.tolist()]  # int64 wrap keeps low bits
+
+
+def test_random_slot_traffic_matches_full_forwards(decoder: TorchDecoder, hf_lm) -> None:
+    """Prefills, decodes of random slot subsets and releases, in a random order, as a
+    scheduler would issue them: every logit row equals a no-cache forward."""
+    _release_all(decoder)
+    rng = np.random.default_rng(7)
+    seqs: dict[int, list[int]] = {}
+    for _ in range(40):
+        op = rng.random()
+        free = [s for s in range(decoder.max_slots) if s not in seqs]
+        if free and (op < 0.3 or not seqs):
+            slot = int(rng.choice(free))
+            seqs[slot] = rng.integers(0, 400, size=int(rng.integers(1, 30))).tolist()
+            got = decoder.prefill(slot, seqs[slot]).numpy()
+            np.testing.assert_allclose(got, _ref_last_logits(hf_lm, seqs[slot]), atol=ATOL)
+        elif op < 0.4:
+            slot = int(rng.choice(list(seqs)))
+            decoder.release(slot)
+            del seqs[slot]
+        else:
+            active = [s for s in seqs if len(seqs[s]) < decoder.max_context]
+            if not active:
+                continue
+            picked = [
+                int(s) for s in rng.permutation(active)[: int(rng.integers(1, len(active) + 1))]
+            ]
+            nxt = rng.integers(0, 400, size=len(picked)).tolist()
+            logits = decoder.decode(picked, nxt).numpy()
+            for row, s in enumerate(picked):
+                seqs[s].append(nxt[row])
+                np.testing.assert_allclose(logits[row], _ref_last_logits(hf_lm, seqs[s]), atol=ATOL)
