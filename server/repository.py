@@ -94,6 +94,17 @@ def cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def tensorrt_available() -> bool:
+    """True when the real TensorRT runtime imports (a stubs-only `tensorrt` folder does not count)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return False
+    try:
+        import tensorrt
+    except ImportError:
+        return False
+    return hasattr(tensorrt, "Runtime")
+
+
 def gpu_name(device: str) -> str | None:
     import torch
 
@@ -122,7 +133,7 @@ def choose_artifact(manifest: Manifest, profile: str, device: str | None) -> Cho
     if profile == "datacenter":
         dev = device or "cuda:0"
         trt = manifest.artifact("tensorrt")
-        if trt is not None and importlib.util.find_spec("tensorrt") is not None:
+        if trt is not None and tensorrt_available():
             built_for = trt.extra.get("gpu")
             if built_for is None or built_for == gpu_name(dev):
                 return Choice("tensorrt", trt, dev)
