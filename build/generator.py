@@ -122,7 +122,9 @@ def _random_blocks(n: int, batch: int, seed: int) -> Any:
         yield rng.integers(0, n, batch)
 
 
-def train_teacher(cfg: GeneratorConfig, tok_path: Path, blocks: np.ndarray, out_hf: Path) -> dict:
+def train_teacher(
+    cfg: GeneratorConfig, tok_path: Path, blocks: np.ndarray, out_hf: Path
+) -> dict[str, Any]:
     import torch
     from headrace.build.training import train_loop
     from tokenizers import Tokenizer
@@ -130,7 +132,9 @@ def train_teacher(cfg: GeneratorConfig, tok_path: Path, blocks: np.ndarray, out_
 
     seed_everything(cfg.seed)
     tok = Tokenizer.from_file(str(tok_path))
-    model = GPT2LMHeadModel(_model_config(cfg, tok.get_vocab_size(), tok.token_to_id(EOS)))
+    eos = tok.token_to_id(EOS)
+    assert eos is not None, "the tokenizer lacks <|endoftext|>"
+    model = GPT2LMHeadModel(_model_config(cfg, tok.get_vocab_size(), eos))
     data = torch.from_numpy(blocks)
 
     def loss_fn(m: Any, idx: np.ndarray) -> Any:
@@ -156,14 +160,16 @@ def train_teacher(cfg: GeneratorConfig, tok_path: Path, blocks: np.ndarray, out_
     }
 
 
-def train_student(cfg: GeneratorConfig, teacher_hf: Path, blocks: np.ndarray, out_hf: Path) -> dict:
+def train_student(
+    cfg: GeneratorConfig, teacher_hf: Path, blocks: np.ndarray, out_hf: Path
+) -> dict[str, Any]:
     import torch
     from headrace.build.distill import kd_loss, pick_layers, student_from_teacher
     from headrace.build.training import train_loop
     from transformers import GPT2LMHeadModel
 
     seed_everything(cfg.seed)
-    teacher = GPT2LMHeadModel.from_pretrained(teacher_hf).eval()
+    teacher = GPT2LMHeadModel.from_pretrained(teacher_hf).eval()  # type: ignore[no-untyped-call]
     layers = pick_layers(cfg.n_layer, cfg.student_layers)
     student = student_from_teacher(teacher, layers)
     data = torch.from_numpy(blocks)
@@ -234,7 +240,7 @@ def evaluate_generator_version(
     split = Split.load(version_dir / SPLIT_NAME)
     test = list(split.test[:limit] if limit else split.test)
     tok = Tokenizer.from_file(str(version_dir / m.tokenizer))
-    model = GPT2LMHeadModel.from_pretrained(version_dir / "hf").eval()
+    model = GPT2LMHeadModel.from_pretrained(version_dir / "hf").eval()  # type: ignore[no-untyped-call]
     block = int(model.config.n_positions)
     held_out = pack(tok, [e.text for e in test], block)
     ppl = lm_perplexity(model, held_out)

@@ -95,7 +95,8 @@ def train_loop(
     from tqdm import tqdm
 
     model.train()
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
