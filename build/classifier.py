@@ -269,7 +269,7 @@ def publish(staged: Path, dest: Path) -> None:
 
 
 def build_fingerprint(cfg: ClassifierConfig) -> str:
-    skip = {"out", "work", "force", "estimates", "latency_samples"}
+    skip = {"out", "work", "force", "estimates", "latency_samples", "threads"}
     return fingerprint({k: v for k, v in asdict(cfg).items() if k not in skip})
 
 
@@ -288,18 +288,21 @@ def is_built(cfg: ClassifierConfig) -> bool:
 
 def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the student's card."""
-    import torch
     from headrace.build.classifier_card import classifier_card
     from headrace.build.evaluate import evaluate_classifier_version
 
-    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if is_built(cfg) and not cfg.force:
         log(f"{out / cfg.name / cfg.version}: up to date")
         from headrace.server.manifest import read_manifest
 
         return read_manifest(out / cfg.name / cfg.version).card
+    import torch
+
+    torch.set_num_threads(cfg.threads)
     work = cfg.work_dir()
+    if cfg.force and work.exists():  # a true rebuild: no step is reused
+        shutil.rmtree(work)
     plan = Plan(STEPS, estimates=cfg.estimates)
     data_params = {
         k: str(getattr(cfg, k)) for k in ("data", "text_column", "label_column", "seed", "limit")

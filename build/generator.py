@@ -317,7 +317,7 @@ def _stage(
 
 
 def build_fingerprint(cfg: GeneratorConfig) -> str:
-    skip = {"out", "work", "force", "estimates"}
+    skip = {"out", "work", "force", "estimates", "threads"}
     return fingerprint({k: v for k, v in asdict(cfg).items() if k not in skip})
 
 
@@ -333,7 +333,6 @@ def is_built(cfg: GeneratorConfig) -> bool:
 
 def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     """Run (or resume) the generator pipeline; returns the card."""
-    import torch
     from headrace.build import card as cards
     from headrace.build.classifier import publish
     from headrace.build.export import export_decoder
@@ -342,12 +341,16 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     from headrace.server.manifest import read_manifest
     from tokenizers import Tokenizer
 
-    torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     if is_built(cfg) and not cfg.force:
         log(f"{out / cfg.name / cfg.version}: up to date")
         return read_manifest(out / cfg.name / cfg.version).card
+    import torch
+
+    torch.set_num_threads(cfg.threads)
     work = cfg.work_dir()
+    if cfg.force and work.exists():  # a true rebuild: no step is reused
+        shutil.rmtree(work)
     plan = Plan(STEPS, estimates=cfg.estimates)
     d_params = {
         "data": str(cfg.data),
