@@ -43,9 +43,11 @@ class ClassifierConfig:
     batch_size: int = 32
     teacher_epochs: float = 0.2
     teacher_lr: float = 1e-4
-    student_layers: int = 3
+    # 2 of 6 layers: 3 of 6 measured 3.4x faster than the teacher at batch 1 in int8, short
+    # of the 5x target; 2 layers cut the per-text cost by about a third more.
+    student_layers: int = 2
     distill_examples: int | None = 8000  # training texts the teacher labels for the student
-    student_epochs: float = 1.5  # over the distill examples
+    student_epochs: float = 2.0  # over the distill examples
     student_lr: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KL) term
@@ -422,22 +424,18 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                 "student": evaluate_classifier_version(s_dir, role="student", **kw),
             }
     evaluation = s.result
-    with plan.step(work / "write", "write", {"evaluate": fingerprint(v_params)}) as s:
-        card = classifier_card(
-            cfg, data_result, teacher_result, student_result, export_result, evaluation
-        )
-        for staged, role in ((t_dir, "teacher"), (s_dir, "student")):
-            from headrace.server.manifest import read_manifest
+    from headrace.server.manifest import read_manifest
 
-            m = read_manifest(staged)
-            role_card = {**card, "model": staged.parent.name, "role": role}
-            cards.write_card(staged, role_card)
-            dataclasses.replace(m, card=role_card).write(staged)
-            publish(staged, out / staged.parent.name / cfg.version)
-        s.result = {
-            "published": [
-                str(out / cfg.name / cfg.version),
-                str(out / cfg.teacher_name / cfg.version),
-            ]
-        }
+    card = classifier_card(
+        cfg, data_result, teacher_result, student_result, export_result, evaluation
+    )
+    for staged, role in ((t_dir, "teacher"), (s_dir, "student")):
+        m = read_manifest(staged)
+        role_card = {**card, "model": staged.parent.name, "role": role}
+        cards.write_card(staged, role_card)
+        dataclasses.replace(m, card=role_card).write(staged)
+        publish(staged, out / staged.parent.name / cfg.version)
+    plan.note(
+        "write", f"published {out / cfg.name / cfg.version}, {out / cfg.teacher_name / cfg.version}"
+    )
     return card

@@ -99,17 +99,20 @@ def _classifier_parser(sub: Any) -> None:
         help="HF checkpoint folder to fine-tune (default: packaged all-MiniLM-L6-v2)",
     )
     p.add_argument(
-        "--teacher-epochs", type=float, default=None, help="teacher epochs (default 0.3)"
+        "--teacher-epochs", type=float, default=None, help="teacher epochs (default 0.2)"
     )
     p.add_argument("--teacher-lr", type=float, default=None)
     p.add_argument(
         "--student-layers",
         type=int,
         default=None,
-        help="teacher layers the student keeps (default 3)",
+        help="teacher layers the student keeps (default 2)",
     )
     p.add_argument(
-        "--student-epochs", type=float, default=None, help="student epochs (default 0.5)"
+        "--student-epochs",
+        type=float,
+        default=None,
+        help="student epochs over the distillation texts (default 2)",
     )
     p.add_argument("--student-lr", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="distillation temperature")

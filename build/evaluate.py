@@ -78,7 +78,7 @@ def encoder_runner(
                 device="cpu",
                 manifest=manifest,
                 version_dir=Path(version_dir).resolve(),
-                options={"intra_op_threads": threads, "threads": threads},
+                options={"intra_op_threads": threads},
             )
             served = load_backend(spec)
             if backend == "torch":

@@ -41,10 +41,10 @@ class GeneratorConfig:
     n_layer: int = 4
     n_head: int = 4
     batch_size: int = 16
-    teacher_steps: int = 400
+    teacher_steps: int = 300
     teacher_lr: float = 2e-3
     student_layers: int = 2
-    student_steps: int = 150
+    student_steps: int = 120
     student_lr: float = 1e-3
     temperature: float = 1.0
     alpha: float = 0.5
@@ -460,18 +460,15 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
                 for role in staged
             }
     evaluation = s.result
-    with plan.step(
-        work / "write", "write", {"evaluate": fingerprint(v_params), "serve": cfg.serve}
-    ) as s:
-        card = generator_card(
-            cfg, data_result, tok_result, teacher_result, student_result, export_result, evaluation
-        )
-        chosen = staged[cfg.serve]
-        m = read_manifest(chosen)
-        cards.write_card(chosen, card)
-        dataclasses.replace(m, card=card).write(chosen)
-        publish(chosen, out / cfg.name / cfg.version)
-        s.result = {"published": str(out / cfg.name / cfg.version)}
+    card = generator_card(
+        cfg, data_result, tok_result, teacher_result, student_result, export_result, evaluation
+    )
+    chosen = staged[cfg.serve]
+    m = read_manifest(chosen)
+    cards.write_card(chosen, card)
+    dataclasses.replace(m, card=card).write(chosen)
+    publish(chosen, out / cfg.name / cfg.version)
+    plan.note("write", f"published {out / cfg.name / cfg.version} (the {cfg.serve})")
     return card
 
 

@@ -82,6 +82,12 @@ class Plan:
         seconds = sum(self.estimates.get(n, 0.0) for n in left)
         return f", ~{fmt_seconds(seconds)} after this step" if seconds else ""
 
+    def note(self, name: str, message: str) -> None:
+        """Log a step that always runs (e.g. publishing), without a record."""
+        index = list(self.names).index(name) + 1 if name in self.names else len(self.finished) + 1
+        self.log(f"[{index}/{len(self.names)}] {name}: {message}")
+        self.finished.append(name)
+
     @contextmanager
     def step(
         self,
