@@ -259,15 +259,20 @@ def stage_version(
 
 
 def publish(staged: Path, dest: Path) -> None:
-    """Move a complete version into the repository (rename when on the same filesystem)."""
+    """Move a complete version into the repository: copied beside it under a hidden name,
+    then renamed into place, so a server scanning the repository never sees half of one."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.exists():
-        shutil.rmtree(dest)
     tmp = dest.parent / f".{dest.name}.incoming"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    old = dest.parent / f".{dest.name}.replaced"
+    for leftover in (tmp, old):
+        if leftover.exists():
+            shutil.rmtree(leftover)
     shutil.copytree(staged, tmp)
+    if dest.exists():
+        dest.rename(old)
     tmp.rename(dest)
+    if old.exists():
+        shutil.rmtree(old)
 
 
 def build_fingerprint(cfg: ClassifierConfig) -> str:
@@ -291,7 +296,7 @@ def is_built(cfg: ClassifierConfig) -> bool:
 def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     """Run (or resume) the pipeline; returns the student's card."""
     from headrace.build.classifier_card import classifier_card
-    from headrace.build.evaluate import evaluate_classifier_version
+    from headrace.build.classifier_eval import add_latency, evaluate_classifier_version
 
     out = Path(cfg.out)
     if is_built(cfg) and not cfg.force:
@@ -415,14 +420,24 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         True,
         {**prov, "role": "student", "teacher": f"{cfg.teacher_name}/{cfg.version}"},
     )
-    v_params = {**e_params, "latency_samples": cfg.latency_samples, "threads": cfg.threads}
+    v_params = {
+        **e_params,
+        "latency_samples": cfg.latency_samples,
+        "threads": cfg.threads,
+        "latency": "interleaved",
+    }
     with plan.step(work / "evaluate", "evaluate", v_params) as s:
         if not s.done:
-            kw = {"threads": cfg.threads, "latency_samples": cfg.latency_samples}
-            s.result = {
-                "teacher": evaluate_classifier_version(t_dir, role="teacher", **kw),
-                "student": evaluate_classifier_version(s_dir, role="student", **kw),
-            }
+            kw = {"threads": cfg.threads, "latency_samples": 0}
+            teacher_forms = evaluate_classifier_version(t_dir, role="teacher", **kw)
+            student_forms = evaluate_classifier_version(s_dir, role="student", **kw)
+            add_latency(
+                teacher_forms + student_forms,
+                [(t_dir, "teacher"), (s_dir, "student")],
+                threads=cfg.threads,
+                samples=cfg.latency_samples,
+            )
+            s.result = {"teacher": teacher_forms, "student": student_forms}
     evaluation = s.result
     from headrace.server.manifest import read_manifest
 

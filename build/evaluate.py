@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from headrace.build.training import pad_batch
 
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]  # ids, mask [B, S] -> logits [B, C]
 
@@ -125,54 +124,6 @@ def ort_session(path: Path, threads: int) -> Any:
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-# --------------------------------------------------------------------------- classifier
-
-
-def evaluate_classifier_form(
-    run: Runner,
-    rows: Sequence[Sequence[int]],
-    gold: Sequence[int],
-    num_classes: int,
-    *,
-    latency_samples: int = 200,
-    batch_size: int = 32,
-    pad_id: int = 0,
-) -> dict[str, Any]:
-    """Accuracy and macro-F1 over all `rows` (batches of `batch_size` in test order, which
-    also gives the throughput), then p50/p90 latency at batch 1 over the first
-    `latency_samples` rows. Returns the logits too (key "logits", for comparisons)."""
-    from tqdm import tqdm
-
-    gold_arr = np.asarray(gold)
-    logits: list[np.ndarray] = []
-    run(*pad_batch([rows[0]], pad_id))  # warm-up
-    start = time.perf_counter()
-    for i in tqdm(range(0, len(rows), batch_size), desc="  batch 32", unit="batch", leave=False):
-        logits.append(np.asarray(run(*pad_batch(rows[i : i + batch_size], pad_id))))
-    seconds = time.perf_counter() - start
-    all_logits = np.concatenate(logits).astype(np.float32)
-    pred = all_logits.argmax(-1)
-    samples = list(rows[: max(1, latency_samples)])
-    for r in samples[:10]:
-        run(*pad_batch([r], pad_id))
-    times = []
-    for r in tqdm(samples, desc="  batch 1", unit="text", leave=False):
-        ids, mask = pad_batch([r], pad_id)
-        t0 = time.perf_counter()
-        run(ids, mask)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {
-        "accuracy": round(accuracy(pred, gold_arr), 4),
-        "macro_f1": round(macro_f1(pred, gold_arr, num_classes), 4),
-        "p50_ms_batch1": round(1000 * statistics.median(times), 3),
-        "p90_ms_batch1": round(1000 * times[int(0.9 * (len(times) - 1))], 3),
-        "throughput_batch32": round(len(rows) / seconds, 1),
-        "test_texts": len(rows),
-        "logits": all_logits,
-    }
 
 
 # --------------------------------------------------------------------------- generator
@@ -279,84 +230,6 @@ def decode_step_latency(
 # --------------------------------------------------------------------------- versions
 
 
-def _form_name(role: str, artifact: Any) -> str:
-    return f"{role} {artifact.precision} ({artifact.backend})"
-
-
-def evaluate_classifier_version(
-    version_dir: Path,
-    *,
-    role: str = "",
-    threads: int = 2,
-    latency_samples: int = 200,
-    limit: int | None = None,
-) -> list[dict[str, Any]]:
-    """Every artifact of a classify version, on the test part of its own `split.json`.
-
-    Also records each form's max |logit| difference from the version's torch form.
-    """
-    from headrace.build.data import SPLIT_NAME, Split
-    from headrace.build.steps import log
-    from headrace.build.training import encode_texts, load_tokenizer
-    from headrace.server.manifest import read_manifest
-
-    version_dir = Path(version_dir)
-    manifest = read_manifest(version_dir)
-    split = Split.load(version_dir / SPLIT_NAME)
-    test = split.test[:limit] if limit else split.test
-    tok = load_tokenizer(version_dir / manifest.tokenizer, max_len=manifest.limits.max_input_tokens)
-    rows = encode_texts(tok, [e.text for e in test])
-    gold = split.label_ids(test)
-    if tuple(manifest.labels) != split.labels:
-        raise ValueError(
-            f"{version_dir}: manifest labels {manifest.labels} != split {split.labels}"
-        )
-    # torch first: the others are compared with its logits
-    order = sorted(manifest.artifacts, key=lambda a: a.backend != "torch")
-    reference: np.ndarray | None = None
-    forms: list[dict[str, Any]] = []
-    for art in order:
-        name = _form_name(role or version_dir.parent.name, art)
-        log(f"  evaluating {name} on {len(rows)} test texts")
-        run, what, close = encoder_runner(
-            art.backend,
-            version_dir / art.path,
-            precision=art.precision,
-            threads=threads,
-            manifest=manifest,
-            version_dir=version_dir,
-        )
-        try:
-            res = evaluate_classifier_form(
-                run, rows, gold, len(split.labels), latency_samples=latency_samples
-            )
-        finally:
-            close()
-        logits = res.pop("logits")
-        if art.backend == "torch":
-            reference = logits
-        size = file_bytes(version_dir / art.path)
-        form = {
-            "form": name,
-            "model": version_dir.parent.name,
-            "version": version_dir.name,
-            "backend": art.backend,
-            "precision": art.precision,
-            "path": art.path,
-            "bytes": size,
-            "megabytes": round(size / 1e6, 2),
-            **res,
-            "runtime": what,
-        }
-        if reference is not None and art.backend != "torch":
-            form["max_abs_diff"] = float(np.max(np.abs(logits - reference)))
-            form["agreement_with_torch"] = round(
-                float((logits.argmax(-1) == reference.argmax(-1)).mean()), 4
-            )
-        forms.append(form)
-    return forms
-
-
 def evaluate_version(
     version_dir: Path,
     *,
@@ -373,6 +246,8 @@ def evaluate_version(
     manifest = read_manifest(version_dir)
     role = str(manifest.provenance.get("role", "")) or Path(version_dir).parent.name
     if manifest.task is Task.CLASSIFY:
+        from headrace.build.classifier_eval import evaluate_classifier_version
+
         return evaluate_classifier_version(
             version_dir, role=role, threads=threads, latency_samples=latency_samples, limit=limit
         )

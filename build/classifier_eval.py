@@ -1,0 +1,196 @@
+"""Classifier forms measured on the test split: quality and throughput per form, then the
+batch-1 latency of all forms together, interleaved.
+
+Interleaving matters on a shared machine: timing the teacher for a minute and then the
+student for a minute lets other load land on one of them; timing text i on every form in
+turn before text i + 1 spreads it over all of them alike, so the ratios hold.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from headrace.build.evaluate import (
+    Runner,
+    accuracy,
+    encoder_runner,
+    file_bytes,
+    macro_f1,
+)
+from headrace.build.training import pad_batch
+
+
+def evaluate_classifier_form(
+    run: Runner,
+    rows: Sequence[Sequence[int]],
+    gold: Sequence[int],
+    num_classes: int,
+    *,
+    batch_size: int = 32,
+    pad_id: int = 0,
+) -> dict[str, Any]:
+    """Accuracy and macro-F1 over all `rows` (batches of `batch_size` in test order, which
+    also gives the throughput). Returns the logits too (key "logits", for comparisons)."""
+    from tqdm import tqdm
+
+    gold_arr = np.asarray(gold)
+    logits: list[np.ndarray] = []
+    run(*pad_batch([rows[0]], pad_id))  # warm-up
+    start = time.perf_counter()
+    for i in tqdm(range(0, len(rows), batch_size), desc="  batch 32", unit="batch", leave=False):
+        logits.append(np.asarray(run(*pad_batch(rows[i : i + batch_size], pad_id))))
+    seconds = time.perf_counter() - start
+    all_logits = np.concatenate(logits).astype(np.float32)
+    pred = all_logits.argmax(-1)
+    return {
+        "accuracy": round(accuracy(pred, gold_arr), 4),
+        "macro_f1": round(macro_f1(pred, gold_arr, num_classes), 4),
+        "throughput_batch32": round(len(rows) / seconds, 1),
+        "test_texts": len(rows),
+        "logits": all_logits,
+    }
+
+
+def add_latency(
+    forms: list[dict[str, Any]],
+    versions: Sequence[tuple[Path, str]],
+    *,
+    threads: int = 2,
+    samples: int = 200,
+    pad_id: int = 0,
+) -> None:
+    """Set p50/p90 batch-1 latency on `forms` (found by name), every artifact of `versions`
+    timed on the same first `samples` test texts, interleaved text by text."""
+    from headrace.build.data import SPLIT_NAME, Split
+    from headrace.build.training import encode_texts, load_tokenizer
+    from headrace.server.manifest import read_manifest
+    from tqdm import tqdm
+
+    runners: dict[str, Runner] = {}
+    closers = []
+    rows: list[list[int]] = []
+    try:
+        for version_dir, role in versions:
+            manifest = read_manifest(version_dir)
+            if not rows:
+                split = Split.load(Path(version_dir) / SPLIT_NAME)
+                tok = load_tokenizer(
+                    Path(version_dir) / manifest.tokenizer,
+                    max_len=manifest.limits.max_input_tokens,
+                )
+                rows = encode_texts(tok, [e.text for e in split.test[: max(1, samples)]])
+            for art in manifest.artifacts:
+                run, _, close = encoder_runner(
+                    art.backend,
+                    Path(version_dir) / art.path,
+                    precision=art.precision,
+                    threads=threads,
+                    manifest=manifest,
+                    version_dir=Path(version_dir),
+                )
+                runners[_form_name(role, art)] = run
+                closers.append(close)
+        names = list(runners)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in rows[:10]:  # warm-up
+            for n in names:
+                runners[n](*pad_batch([r], pad_id))
+        for i, r in enumerate(tqdm(rows, desc="  batch 1 (interleaved)", unit="text", leave=False)):
+            ids, mask = pad_batch([r], pad_id)
+            for n in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
+                t0 = time.perf_counter()
+                runners[n](ids, mask)
+                times[n].append(time.perf_counter() - t0)
+    finally:
+        for close in closers:
+            close()
+    for form in forms:
+        t = sorted(times.get(form["form"], []))
+        if t:
+            form["p50_ms_batch1"] = round(1000 * statistics.median(t), 3)
+            form["p90_ms_batch1"] = round(1000 * t[int(0.9 * (len(t) - 1))], 3)
+            form["latency_texts"] = len(t)
+
+
+def _form_name(role: str, artifact: Any) -> str:
+    return f"{role} {artifact.precision} ({artifact.backend})"
+
+
+def evaluate_classifier_version(
+    version_dir: Path,
+    *,
+    role: str = "",
+    threads: int = 2,
+    latency_samples: int = 200,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every artifact of a classify version, on the test part of its own `split.json`.
+
+    Also records each form's max |logit| difference from the version's torch form.
+    `latency_samples` > 0 measures the batch-1 latency too (`add_latency`).
+    """
+    from headrace.build.data import SPLIT_NAME, Split
+    from headrace.build.steps import log
+    from headrace.build.training import encode_texts, load_tokenizer
+    from headrace.server.manifest import read_manifest
+
+    version_dir = Path(version_dir)
+    manifest = read_manifest(version_dir)
+    split = Split.load(version_dir / SPLIT_NAME)
+    test = split.test[:limit] if limit else split.test
+    tok = load_tokenizer(version_dir / manifest.tokenizer, max_len=manifest.limits.max_input_tokens)
+    rows = encode_texts(tok, [e.text for e in test])
+    gold = split.label_ids(test)
+    if tuple(manifest.labels) != split.labels:
+        raise ValueError(
+            f"{version_dir}: manifest labels {manifest.labels} != split {split.labels}"
+        )
+    # torch first: the others are compared with its logits
+    order = sorted(manifest.artifacts, key=lambda a: a.backend != "torch")
+    reference: np.ndarray | None = None
+    forms: list[dict[str, Any]] = []
+    for art in order:
+        name = _form_name(role or version_dir.parent.name, art)
+        log(f"  evaluating {name} on {len(rows)} test texts")
+        run, what, close = encoder_runner(
+            art.backend,
+            version_dir / art.path,
+            precision=art.precision,
+            threads=threads,
+            manifest=manifest,
+            version_dir=version_dir,
+        )
+        try:
+            res = evaluate_classifier_form(run, rows, gold, len(split.labels))
+        finally:
+            close()
+        logits = res.pop("logits")
+        if art.backend == "torch":
+            reference = logits
+        size = file_bytes(version_dir / art.path)
+        form = {
+            "form": name,
+            "model": version_dir.parent.name,
+            "version": version_dir.name,
+            "backend": art.backend,
+            "precision": art.precision,
+            "path": art.path,
+            "bytes": size,
+            "megabytes": round(size / 1e6, 2),
+            **res,
+            "runtime": what,
+        }
+        if reference is not None and art.backend != "torch":
+            form["max_abs_diff"] = float(np.max(np.abs(logits - reference)))
+            form["agreement_with_torch"] = round(
+                float((logits.argmax(-1) == reference.argmax(-1)).mean()), 4
+            )
+        forms.append(form)
+    if latency_samples > 0:
+        add_latency(forms, [(version_dir, role)], threads=threads, samples=latency_samples)
+    return forms
