@@ -190,6 +190,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
         if lim:
             ax1.axhline(lim, color="k", ls="--", label=f"raw backend limit ({lim:,.0f})")
             ax1.axhline(0.85 * lim, color="grey", ls=":", label="85% of limit")
+        ax1.set_ylim(bottom=0)
         ax1.set(
             xscale="log",
             xlabel="concurrent callers (1 text each)",
@@ -224,6 +225,12 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
                 ax1.plot(x, y, "o-", color=f"C{k}", label=name)
                 x, y = series(res, "p99_ms")
                 ax2.plot(x, y, "o-", color=f"C{k}", label=name)
+        tlim = (r.get("teacher_limit") or {}).get("limit_texts_per_s")
+        if tlim:
+            ax1.axhline(
+                tlim, color="k", ls="--", label=f"raw limit of headrace's backend ({tlim:,.0f})"
+            )
+        ax1.set_ylim(bottom=0)
         ax1.set(
             xscale="log",
             xlabel="concurrent callers",
@@ -265,6 +272,7 @@ def plots(r: dict[str, Any], out: Path) -> list[str]:
                 ax1.axhline(
                     lim, color="k", ls=style, label=f"raw decode limit, batch {b} ({lim:,.0f})"
                 )
+        ax1.set_ylim(bottom=0)
         ax1.set(
             xscale="log",
             xlabel="concurrent streams",
