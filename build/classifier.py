@@ -23,6 +23,7 @@ import numpy as np
 from headrace.build import card as cards
 from headrace.build.data import SPLIT_NAME, Split, load_split
 from headrace.build.steps import Plan, fingerprint, log, seed_everything
+from headrace.build.versions import jsonable, publish
 
 STEPS = ("data", "teacher", "teacher-logits", "student", "export", "evaluate", "write")
 
@@ -204,13 +205,7 @@ def export_pair(hf: Path, folder: Path, check_texts: list[str]) -> dict[str, Any
 
     fp32 = export_encoder(hf, folder / "model.onnx", check_texts=check_texts)
     int8 = quantize_int8(folder / "model.onnx", folder / "model.int8.onnx")
-    return {"onnx": _jsonable(fp32), "int8": _jsonable(int8)}
-
-
-def _jsonable(data: Any) -> Any:
-    import json
-
-    return json.loads(json.dumps(data, default=str))
+    return {"onnx": jsonable(fp32), "int8": jsonable(int8)}
 
 
 def _manifest(
@@ -256,23 +251,6 @@ def stage_version(
     torch_art = Artifact(backend="torch", path="hf", precision="fp32")
     _manifest(cfg, labels, [*onnx, torch_art], prov).write(dest)
     return dest
-
-
-def publish(staged: Path, dest: Path) -> None:
-    """Move a complete version into the repository: copied beside it under a hidden name,
-    then renamed into place, so a server scanning the repository never sees half of one."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.incoming"
-    old = dest.parent / f".{dest.name}.replaced"
-    for leftover in (tmp, old):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    shutil.copytree(staged, tmp)
-    if dest.exists():
-        dest.rename(old)
-    tmp.rename(dest)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def build_fingerprint(cfg: ClassifierConfig) -> str:
@@ -424,7 +402,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
         **e_params,
         "latency_samples": cfg.latency_samples,
         "threads": cfg.threads,
-        "latency": "interleaved",
+        "latency": "interleaved blocks of 20",
     }
     with plan.step(work / "evaluate", "evaluate", v_params) as s:
         if not s.done:

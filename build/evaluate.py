@@ -251,7 +251,7 @@ def evaluate_version(
         return evaluate_classifier_version(
             version_dir, role=role, threads=threads, latency_samples=latency_samples, limit=limit
         )
-    from headrace.build.generator import evaluate_generator_version
+    from headrace.build.generator_eval import evaluate_generator_version
 
     return evaluate_generator_version(
         version_dir, threads=threads, limit=limit, prompts=prompts, greedy_tokens=greedy_tokens
