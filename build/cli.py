@@ -143,9 +143,10 @@ def _generator_parser(sub: Any) -> None:
     p.add_argument("--student-layers", type=int, default=None, help="student layers (default 2)")
     p.add_argument(
         "--serve",
-        choices=("teacher", "student"),
+        choices=("teacher", "student", "auto"),
         default=None,
-        help="which model the version holds (default: teacher)",
+        help="which model the version holds (default auto: the student unless its "
+        "perplexity is more than 5%% worse than the teacher's)",
     )
     p.set_defaults(func=cmd_generator)
 

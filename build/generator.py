@@ -49,7 +49,7 @@ class GeneratorConfig:
     student_lr: float = 1e-3
     temperature: float = 1.0
     alpha: float = 0.5
-    serve: str = "teacher"  # which model the published version holds
+    serve: str = "auto"  # "teacher" | "student" | "auto" (build/generator_card.py: choose)
     threads: int = 2
     prompts: int = 8  # greedy-agreement prompts (first tokens of test texts)
     greedy_tokens: int = 64
@@ -398,10 +398,10 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     card = generator_card(
         cfg, data_result, tok_result, teacher_result, student_result, export_result, evaluation
     )
-    chosen = staged[cfg.serve]
+    chosen = staged[card["served"]]
     m = read_manifest(chosen)
     cards.write_card(chosen, card)
     dataclasses.replace(m, card=card).write(chosen)
     publish(chosen, out / cfg.name / cfg.version)
-    plan.note("write", f"published {out / cfg.name / cfg.version} (the {cfg.serve})")
+    plan.note("write", f"published {out / cfg.name / cfg.version} (the {card['served']})")
     return card

@@ -127,9 +127,10 @@ def test_generator_pipeline(tmp_path: Path, text_file: Path) -> None:
     assert m.artifact("onnxruntime").path == "model.int8.onnx"
     assert m.artifact("onnxruntime").extra == {"kv_cache": True}
     assert m.limits.max_input_tokens + m.limits.max_new_tokens <= 32
-    assert m.provenance["role"] == "teacher"
+    assert m.provenance["role"] == card["served"] in ("teacher", "student")
     forms = {f["form"]: f for f in card["forms"]}
     assert forms["teacher fp32 (torch)"]["perplexity"] > 1
+    assert forms["student fp32 (torch)"]["perplexity"] > 1
     assert forms["teacher fp32 (onnxruntime)"]["greedy_agreement"] == 1.0
     assert forms["student int8 (onnxruntime)"]["decode_ms_batch16"] > 0
     assert card["targets_met"], card["targets"]
@@ -137,7 +138,41 @@ def test_generator_pipeline(tmp_path: Path, text_file: Path) -> None:
     # the card's figures are reproducible from the written version
     from headrace.build.evaluate import evaluate_version
 
+    role = card["served"]
     again = {f["form"]: f for f in evaluate_version(version)}
-    assert (
-        again["teacher fp32 (torch)"]["perplexity"] == forms["teacher fp32 (torch)"]["perplexity"]
-    )
+    key = f"{role} fp32 (torch)"
+    assert again[key]["perplexity"] == forms[key]["perplexity"]
+
+
+def _evaluation(ppl_teacher: float, ppl_student: float) -> dict:
+    def forms(ppl: float, ms: float) -> list[dict]:
+        return [
+            {"backend": "torch", "precision": "fp32", "perplexity": ppl},
+            {
+                "backend": "onnxruntime",
+                "precision": "int8",
+                "decode_ms_batch1": ms,
+                "megabytes": 5.0,
+            },
+        ]
+
+    return {"teacher": forms(ppl_teacher, 0.7), "student": forms(ppl_student, 0.4)}
+
+
+@pytest.mark.parametrize(
+    ("serve", "teacher", "student", "expected"),
+    [
+        ("auto", 190.0, 182.0, "student"),
+        ("auto", 190.0, 199.0, "student"),  # within 5%
+        ("auto", 190.0, 210.0, "teacher"),
+        ("teacher", 190.0, 150.0, "teacher"),
+    ],
+)
+def test_which_generator_is_served(
+    serve: str, teacher: float, student: float, expected: str
+) -> None:
+    from headrace.build.generator_card import choose
+
+    role, why = choose(GeneratorConfig(out=Path("m"), serve=serve), _evaluation(teacher, student))
+    assert role == expected
+    assert f"{student:.1f} (student) vs {teacher:.1f} (teacher)" in why
