@@ -15,6 +15,7 @@ A card is a plain dict so it round-trips through headrace.json unchanged:
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -49,13 +50,24 @@ def environment(threads: int) -> dict[str, Any]:
     except ImportError:  # pragma: no cover
         cpus = None
     return {
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model() or platform.processor() or platform.machine(),
         "logical_cpus": cpus,
         "threads": threads,
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def _cell(value: Any) -> str:

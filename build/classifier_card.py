@@ -105,8 +105,12 @@ def classifier_card(
             "3.4x faster than the fp32 teacher on ORT, short of 5x; 2 of 6 is the default). "
             "A shorter token limit would not help: tweets average about 33 tokens, and "
             "nothing is padded at batch 1.",
-            "Latency: p50 over single test texts (unpadded, batch 1); throughput: the whole "
-            "test set in batches of 32 in test order, padded to each batch's longest text.",
+            f"Latency: p50 over the first {cfg.latency_samples} test texts one at a time "
+            "(unpadded, batch 1), every form in turn in blocks of 20 texts (3 untimed calls "
+            "first), so load from other processes falls on all forms alike. Throughput: the "
+            "whole test set in batches of 32 in test order, padded to each batch's longest "
+            "text, one form after another. The load average when the card was written is "
+            "under 'Measured on'; figures from a busy machine are slower across the board.",
             "int8: ONNX Runtime dynamic quantisation (weights int8 per channel, activations "
             "quantised at run time) of the ORT-optimised fp32 graph.",
         ],
