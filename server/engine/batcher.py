@@ -201,7 +201,10 @@ class EncoderBatcher:
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
         """rows -> input_ids, attention_mask int64 [B, S], S bucketed; padding has mask 0."""
-        width = bucket_length(max(len(r) for r in rows), self.max_length)
+        longest = max(len(r) for r in rows)
+        # a lone row runs at its own length: padding 12 tokens to 16 cost the int8
+        # demo student 0.52 -> 0.65 ms at batch 1; batches keep few distinct shapes
+        width = longest if len(rows) == 1 else bucket_length(longest, self.max_length)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
