@@ -71,6 +71,11 @@ class Batching:
     # caller pays no delay and a loaded server still fills its batches.
     max_delay_ms: float = 0.0
     max_queue: int = 1024  # requests waiting beyond the running batch
+    # encoder: a batch is sorted by length and cut into groups whose padding stays
+    # under this share of each group's tokens (1.0: never cut). Padding a batch of
+    # tweets to its longest cost the int8 student 2x per text (2.5 ms vs 1.2 ms
+    # at 0.1, measured on 1,024 tweets). GPUs want big batches: set 1.0 there.
+    max_padding: float = 0.1
 
 
 @dataclass(frozen=True)

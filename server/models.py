@@ -109,6 +109,7 @@ class ClassifierModel:
             max_batch=batching.max_batch,
             max_delay_ms=batching.max_delay_ms,
             max_queue=batching.max_queue,
+            max_padding=batching.max_padding,
             pad_id=self.pad_id,
             max_length=self.max_tokens,
         )

@@ -2,11 +2,10 @@
 
 Callers submit the token ids of one or more texts and await a future. One
 loop per model collects rows until `max_batch` rows are waiting or the
-oldest request has waited `max_delay_ms`, pads them to a bucketed length
-(few distinct shapes for ONNX Runtime / TensorRT profiles, little padding),
-runs one `backend.forward` in the batcher's own worker thread (the event
-loop stays free for health checks and new calls), and scatters the logits
-back. A request with more texts than `max_batch` spans several batches; a
+oldest request has waited `max_delay_ms`, sorts them by length and cuts them
+into groups whose padding stays under `max_padding` of their tokens, runs one
+`backend.forward` per group in the batcher's own worker thread (the event loop
+stays free for health checks and new calls), and scatters the logits back. A request with more texts than `max_batch` spans several batches; a
 caller that went away has its rows skipped if they have not started.
 """
 
@@ -30,17 +29,24 @@ log = structlog.get_logger(__name__)
 BACKEND_FAILED = "the model failed while running this batch"
 
 
-def bucket_length(n: int, cap: int) -> int:
-    """Padded length for a batch whose longest row has n tokens: 8, 16, 32, then
-    multiples of 32, never above cap (the model's input limit)."""
-    n = max(n, 1)
-    if n <= 8:
-        size = 8
-    elif n <= 16:
-        size = 16
-    else:
-        size = -(-n // 32) * 32
-    return max(n, min(size, cap))
+def length_groups(lengths: Sequence[int], max_padding: float) -> list[list[int]]:
+    """Row indices sorted by length, cut so that padding to each group's longest row
+    stays under `max_padding` of the group's tokens -> [[row, ...], ...]."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    groups: list[list[int]] = []
+    group: list[int] = []
+    real = 0  # tokens of the rows in `group`
+    for i in order:
+        n = lengths[i]  # the longest so far: rows come shortest first
+        width_tokens = n * (len(group) + 1)
+        if group and width_tokens - (real + n) > max_padding * width_tokens:
+            groups.append(group)
+            group, real = [], 0
+        group.append(i)
+        real += n
+    if group:
+        groups.append(group)
+    return groups
 
 
 @dataclass(eq=False)
@@ -75,6 +81,7 @@ class EncoderBatcher:
         max_batch: int,
         max_delay_ms: float,
         max_queue: int,
+        max_padding: float = 0.1,
         pad_id: int,
         max_length: int,
     ) -> None:
@@ -83,6 +90,7 @@ class EncoderBatcher:
         self.max_batch = max(1, max_batch)
         self.max_delay = max(0.0, max_delay_ms) / 1000.0
         self.max_queue = max(1, max_queue)
+        self.max_padding = max_padding
         self.pad_id = pad_id
         self.max_length = max_length
         self._queue: deque[_Request] = deque()
@@ -200,11 +208,8 @@ class EncoderBatcher:
         return batch
 
     def pad(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-        """rows -> input_ids, attention_mask int64 [B, S], S bucketed; padding has mask 0."""
-        longest = max(len(r) for r in rows)
-        # a lone row runs at its own length: padding 12 tokens to 16 cost the int8
-        # demo student 0.52 -> 0.65 ms at batch 1; batches keep few distinct shapes
-        width = longest if len(rows) == 1 else bucket_length(longest, self.max_length)
+        """rows -> input_ids, attention_mask int64 [B, S], S the longest row; padding has mask 0."""
+        width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), width), dtype=np.int64)
         for i, row in enumerate(rows):
@@ -212,18 +217,25 @@ class EncoderBatcher:
             mask[i, : len(row)] = 1
         return ids, mask
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, float]:
+    def _forward(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, float]:
+        """Worker thread: one backend.forward per length group -> logits [len(rows), labels]."""
         t0 = time.perf_counter()
-        logits = np.asarray(self.backend.forward(ids, mask), dtype=np.float32)  # [B, labels]
-        return logits, time.perf_counter() - t0
+        out: np.ndarray | None = None
+        for group in length_groups([len(r) for r in rows], self.max_padding):
+            ids, mask = self.pad([rows[i] for i in group])
+            logits = np.asarray(self.backend.forward(ids, mask), dtype=np.float32)  # [G, labels]
+            if logits.ndim != 2 or logits.shape[0] != len(group):
+                raise ValueError(f"backend returned logits of shape {logits.shape}")
+            if out is None:
+                out = np.empty((len(rows), logits.shape[1]), dtype=np.float32)
+            out[group] = logits
+        assert out is not None
+        return out, time.perf_counter() - t0
 
     async def _execute(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
         assert self._executor is not None
         try:
-            ids, mask = self.pad(batch.rows)
-            logits, seconds = await loop.run_in_executor(self._executor, self._forward, ids, mask)
-            if logits.ndim != 2 or logits.shape[0] != len(batch.rows):
-                raise ValueError(f"backend returned logits of shape {logits.shape}")
+            logits, seconds = await loop.run_in_executor(self._executor, self._forward, batch.rows)
         except Exception as exc:
             log.error("encoder batch failed", model=self.name, rows=len(batch.rows), exc_info=exc)
             for req, _, _ in batch.parts:

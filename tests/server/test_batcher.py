@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from headrace.server.engine.batcher import EncoderBatcher, bucket_length
+from headrace.server.engine.batcher import EncoderBatcher, length_groups
 from headrace.server.types import BackendFailure, QueueFull, ShuttingDown
 
 PAD = 7
@@ -70,18 +70,16 @@ def expected(rows: list[list[int]]) -> np.ndarray:
     return np.array([[sum(r), len(r)] for r in rows], dtype=np.float32)
 
 
-def test_bucket_lengths() -> None:
-    assert [bucket_length(n, 512) for n in (1, 8, 9, 16, 17, 33, 100)] == [
-        8,
-        8,
-        16,
-        16,
-        32,
-        64,
-        128,
-    ]
-    assert bucket_length(100, 64) == 100  # never shorter than the row
-    assert bucket_length(40, 48) == 48
+def test_length_groups_bound_padding_and_cover_every_row() -> None:
+    lengths = [30, 4, 5, 31, 4, 12, 29, 6]
+    groups = length_groups(lengths, 0.25)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        width = max(lengths[i] for i in g)
+        real = sum(lengths[i] for i in g)
+        assert width * len(g) - real <= 0.25 * width * len(g)
+    assert [sorted(lengths[i] for i in g) for g in groups] == [[4, 4, 5, 6], [12], [29, 30, 31]]
+    assert length_groups(lengths, 1.0) == [sorted(range(8), key=lengths.__getitem__)]
 
 
 def test_concurrent_callers_share_a_batch_and_get_their_own_rows() -> None:
@@ -98,11 +96,11 @@ def test_concurrent_callers_share_a_batch_and_get_their_own_rows() -> None:
     for rows, logits in zip(requests, run(main()), strict=True):
         np.testing.assert_array_equal(logits, expected(rows))
     assert max(rows for rows, _ in backend.batches) > 1
-    assert all(width in (8, 16, 32, 64) for _, width in backend.batches)
 
 
 def test_a_large_request_spans_several_batches() -> None:
     batcher, backend = make(max_batch=4)
+    batcher.max_padding = 1.0  # one forward per batch: count batches, not length groups
     rows = [[i + 1] * (i + 1) for i in range(10)]
 
     async def main() -> np.ndarray:
