@@ -84,6 +84,7 @@ def test_length_groups_bound_padding_and_cover_every_row() -> None:
 
 def test_concurrent_callers_share_a_batch_and_get_their_own_rows() -> None:
     batcher, backend = make(max_batch=8)
+    batcher.max_padding = 1.0  # one forward per batch, whatever the lengths
     requests = [[[1, 2, 3]], [[4] * 10, [5]], [[6, 6]], [[9] * 20]]
 
     async def main() -> list[np.ndarray]:
