@@ -163,6 +163,7 @@ class AsyncClient:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
         stop: str | Sequence[str] = (),
         request_id: str | None = None,
         reject_overlong: bool = False,
@@ -171,7 +172,8 @@ class AsyncClient:
     ) -> GenerateResult:
         """The whole completion of `prompt` (greedy unless `temperature` > 0).
 
-        `max_new_tokens=0` is the model's default; `seed` makes sampling repeatable.
+        `max_new_tokens=0` is the model's default; `seed` makes sampling repeatable;
+        `ignore_eos` generates past the end-of-sequence token (fixed-length load tests).
         """
         request = _convert.generate_request(
             prompt,
@@ -183,6 +185,7 @@ class AsyncClient:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            ignore_eos=ignore_eos,
             stop=stop,
             request_id=request_id,
             reject_overlong=reject_overlong,
@@ -239,6 +242,7 @@ class AsyncClient:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
         stop: str | Sequence[str] = (),
         request_id: str | None = None,
         reject_overlong: bool = False,
@@ -260,6 +264,7 @@ class AsyncClient:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            ignore_eos=ignore_eos,
             stop=stop,
             request_id=request_id,
             reject_overlong=reject_overlong,

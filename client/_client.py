@@ -158,6 +158,7 @@ class Client:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
         stop: str | Sequence[str] = (),
         request_id: str | None = None,
         reject_overlong: bool = False,
@@ -166,7 +167,8 @@ class Client:
     ) -> GenerateResult:
         """The whole completion of `prompt` (greedy unless `temperature` > 0).
 
-        `max_new_tokens=0` is the model's default; `seed` makes sampling repeatable.
+        `max_new_tokens=0` is the model's default; `seed` makes sampling repeatable;
+        `ignore_eos` generates past the end-of-sequence token (fixed-length load tests).
         """
         request = _convert.generate_request(
             prompt,
@@ -178,6 +180,7 @@ class Client:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            ignore_eos=ignore_eos,
             stop=stop,
             request_id=request_id,
             reject_overlong=reject_overlong,
@@ -234,6 +237,7 @@ class Client:
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         seed: int | None = None,
+        ignore_eos: bool = False,
         stop: str | Sequence[str] = (),
         request_id: str | None = None,
         reject_overlong: bool = False,
@@ -255,6 +259,7 @@ class Client:
             top_k=top_k,
             repetition_penalty=repetition_penalty,
             seed=seed,
+            ignore_eos=ignore_eos,
             stop=stop,
             request_id=request_id,
             reject_overlong=reject_overlong,

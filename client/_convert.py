@@ -106,6 +106,7 @@ def generate_request(
     repetition_penalty: float,
     seed: int | None,
     stop: str | Sequence[str],
+    ignore_eos: bool = False,
     request_id: str | None,
     reject_overlong: bool,
 ) -> pb.GenerateRequest:
@@ -116,6 +117,7 @@ def generate_request(
         top_p=top_p,
         top_k=top_k,
         repetition_penalty=repetition_penalty,
+        ignore_eos=ignore_eos,
     )
     if seed is not None:
         sampling.seed = seed

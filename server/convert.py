@@ -91,6 +91,7 @@ def sampling_params(msg: pb.SamplingParams, vocab_size: int | None) -> SamplingP
         top_k=int(msg.top_k),
         repetition_penalty=1.0 if rp == 0.0 else float(rp),
         seed=int(msg.seed) if msg.HasField("seed") else None,
+        ignore_eos=bool(msg.ignore_eos),
     )
 
 

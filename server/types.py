@@ -35,6 +35,7 @@ class SamplingParams:
     top_k: int = 0
     repetition_penalty: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # generate past EOS until max_new_tokens (load tests)
 
     @property
     def greedy(self) -> bool:

@@ -264,6 +264,7 @@ class SamplingParams(_message.Message):
     TOP_K_FIELD_NUMBER: _builtins.int
     REPETITION_PENALTY_FIELD_NUMBER: _builtins.int
     SEED_FIELD_NUMBER: _builtins.int
+    IGNORE_EOS_FIELD_NUMBER: _builtins.int
     temperature: _builtins.float
     """0 means greedy (argmax). Otherwise in (0, 100]; logits are divided by it."""
     top_p: _builtins.float
@@ -281,6 +282,11 @@ class SamplingParams(_message.Message):
     give the same text, whatever other requests share the batch. Unset means
     a random seed.
     """
+    ignore_eos: _builtins.bool
+    """Keep generating past the end-of-sequence token until `max_new_tokens` (or a
+    stop string). For load tests that need a fixed output length, as vLLM's
+    `ignore_eos`; the EOS token is then emitted like any other token.
+    """
     def __init__(
         self,
         *,
@@ -289,10 +295,11 @@ class SamplingParams(_message.Message):
         top_k: _builtins.int = ...,
         repetition_penalty: _builtins.float = ...,
         seed: _builtins.int | None = ...,
+        ignore_eos: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "ignore_eos", b"ignore_eos", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "top_k", b"top_k", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015

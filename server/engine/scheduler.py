@@ -46,6 +46,7 @@ from tokenizers import Tokenizer
 log = structlog.get_logger(__name__)
 
 BACKEND_FAILED = "the model failed while generating this sequence"
+MAX_INNER_STEPS = 32  # decode steps one executor call may run back to back
 
 
 @dataclass(eq=False)
@@ -64,6 +65,7 @@ class SequenceState:
     last_token: int = -1  # input of the next decode step
     last_token_at: float = 0.0
     cancelled: bool = False  # the consumer went away; its slot goes at the next step
+    finished_in_engine: bool = False  # worker thread: slot released, no more steps
     finished: bool = False  # the engine is done with it (finish reason or error)
     # delivery buffer (event-loop thread only)
     pending_text: list[str] = field(default_factory=list)
@@ -159,6 +161,7 @@ class DecoderScheduler:
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._loop: asyncio.AbstractEventLoop | None = None
         m = name
         self._queue_gauge = metrics.QUEUE_DEPTH.labels(m)
         self._slots_gauge = metrics.ACTIVE_SLOTS.labels(m)
@@ -249,6 +252,7 @@ class DecoderScheduler:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        self._loop = loop
         while True:
             if not self._running and not self._waiting:
                 if self._closing:
@@ -311,31 +315,49 @@ class DecoderScheduler:
                 )
                 out.prefill_s.append(time.perf_counter() - t0)
             except Exception as exc:
+                seq.finished_in_engine = True
                 out.failed.append((seq, exc))
                 self._release(seq.slot)
                 continue
             out.advanced.append(self._advance(seq, int(token)))
         if step.decode:
-            seqs = step.decode
-            try:
-                t0 = time.perf_counter()
-                logits = self.backend.decode([s.slot for s in seqs], [s.last_token for s in seqs])
-                tokens = self.backend.sample(  # logits: [N, V]
-                    logits,
-                    [s.params.sampling for s in seqs],
-                    [s.generator for s in seqs],
-                    [s.history for s in seqs],
-                )
-                out.decode_s = time.perf_counter() - t0
-                out.decode_rows = len(seqs)
-            except Exception as exc:
-                for seq in seqs:
-                    out.failed.append((seq, exc))
-                    self._release(seq.slot)
-            else:
-                for seq, token in zip(seqs, tokens, strict=True):
-                    out.advanced.append(self._advance(seq, int(token)))
+            self._decode(step.decode, out)
+        # Multi-step: while nobody waits to join and nobody left, keep stepping here
+        # instead of a round trip through the event loop per token (that loop is busy
+        # writing the last step's chunks: it made a 1.8 ms step take 4.6 ms). Tokens of
+        # each inner step go to the consumers at once through call_soon_threadsafe.
+        live = [s for s in (*step.decode, *step.prefill) if not s.finished_in_engine]
+        for _ in range(MAX_INNER_STEPS):
+            if not live or self._waiting or self._closing or any(s.cancelled for s in live):
+                break
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._update, out)
+            out = _Outcome()
+            self._decode(live, out)
+            live = [s for s in live if not s.finished_in_engine]
         return out
+
+    def _decode(self, seqs: list[SequenceState], out: _Outcome) -> None:
+        """Worker thread: one backend.decode + sample for `seqs`, recorded in `out`."""
+        try:
+            t0 = time.perf_counter()
+            logits = self.backend.decode([s.slot for s in seqs], [s.last_token for s in seqs])
+            tokens = self.backend.sample(  # logits: [N, V]
+                logits,
+                [s.params.sampling for s in seqs],
+                [s.generator for s in seqs],
+                [s.history for s in seqs],
+            )
+            out.decode_s = time.perf_counter() - t0
+            out.decode_rows = len(seqs)
+        except Exception as exc:
+            for seq in seqs:
+                seq.finished_in_engine = True
+                out.failed.append((seq, exc))
+                self._release(seq.slot)
+        else:
+            for seq, token in zip(seqs, tokens, strict=True):
+                out.advanced.append(self._advance(seq, int(token)))
 
     def _advance(
         self, seq: SequenceState, token: int
@@ -345,7 +367,7 @@ class DecoderScheduler:
         seq.history.append(token)
         seq.last_token = token
         finish: FinishReason | None = None
-        if self.eos_token_id is not None and token == self.eos_token_id:
+        if token == self.eos_token_id and not seq.params.sampling.ignore_eos:
             text, finish = "", FinishReason.EOS
         else:
             text, matched = seq.stops.push(seq.detok.add(token))
@@ -363,6 +385,7 @@ class DecoderScheduler:
             else:
                 text += seq.stops.flush()
         if finish is not None:
+            seq.finished_in_engine = True
             self._release(seq.slot)
         return seq, text, token, finish
 

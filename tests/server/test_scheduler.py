@@ -255,6 +255,17 @@ def test_multibyte_text_and_eos(tokenizer: Tokenizer) -> None:
     assert events[-1].prompt_tokens == len(prompt.prompt_ids)
 
 
+def test_ignore_eos_runs_to_max_new_tokens(tokenizer: Tokenizer) -> None:
+    model, backend = make_model(tokenizer)
+    prompt = params_for(model, "tell me", 12, ignore_eos=True)
+    backend.scripts[prompt.prompt_ids] = tokenizer.encode("a fox").ids  # then EOS, EOS, ...
+
+    events = run(_start_collect_stop(model, prompt))
+    _, ids = joined(events)
+    assert events[-1].finish_reason is FinishReason.LENGTH
+    assert len(ids) == 12 and backend.eos in ids
+
+
 async def _start_collect_stop(model: GeneratorModel, params: GenerateParams) -> list[TokenEvent]:
     await model.start()
     events = await collect(model.generate(params))
