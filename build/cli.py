@@ -313,16 +313,32 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     _prepare_process()
+    from headrace.build.classifier_eval import add_latency
     from headrace.build.evaluate import compare_with_card, evaluate_version
+    from headrace.server.manifest import read_manifest
+    from headrace.server.types import Task
 
     report: list[dict[str, Any]] = []
+    classify: list[tuple[Path, str]] = []
     for version in args.versions:
+        manifest = read_manifest(version)
+        is_classify = manifest.task is Task.CLASSIFY
         forms = evaluate_version(
-            version, threads=args.threads, latency_samples=args.latency_samples, limit=args.limit
+            version,
+            threads=args.threads,
+            latency_samples=0 if is_classify else args.latency_samples,
+            limit=args.limit,
         )
-        report.append(
-            {"version": str(version), "forms": forms, "card": compare_with_card(version, forms)}
-        )
+        if is_classify:
+            role = str(manifest.provenance.get("role", "")) or version.parent.name
+            classify.append((version, role))
+        report.append({"version": version, "forms": forms})
+    if classify and args.latency_samples > 0:  # all classify versions timed together, as built
+        every = [f for entry in report for f in entry["forms"]]
+        add_latency(every, classify, threads=args.threads, samples=args.latency_samples)
+    for entry in report:
+        entry["card"] = compare_with_card(entry["version"], entry["forms"])
+        entry["version"] = str(entry["version"])
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
