@@ -23,6 +23,7 @@ from headrace.build.steps import Plan, fingerprint, log, seed_everything
 from headrace.build.versions import jsonable, publish
 
 EOS = "<|endoftext|>"
+CARD_VERSION = 2  # bumped when the card's content changes: written versions are remade
 STEPS = ("data", "tokenizer", "teacher", "student", "export", "evaluate", "write")
 
 
@@ -253,7 +254,9 @@ def _stage(
 
 def build_fingerprint(cfg: GeneratorConfig) -> str:
     skip = {"out", "work", "force", "estimates", "threads"}
-    return fingerprint({k: v for k, v in asdict(cfg).items() if k not in skip})
+    return fingerprint(
+        {"card": CARD_VERSION, **{k: v for k, v in asdict(cfg).items() if k not in skip}}
+    )
 
 
 def is_built(cfg: GeneratorConfig) -> bool:
