@@ -27,6 +27,7 @@ from headrace.build.versions import jsonable, publish
 
 # Bumped when the way forms are measured or reported changes: written cards are remade.
 EVAL_METHOD = "latency: forms interleaved in blocks of 20 texts; card 2"
+CARD_VERSION = 3  # bumped when the card's content changes: written versions are remade
 STEPS = ("data", "teacher", "teacher-logits", "student", "export", "evaluate", "write")
 
 
@@ -46,9 +47,10 @@ class ClassifierConfig:
     batch_size: int = 32
     teacher_epochs: float = 0.2
     teacher_lr: float = 1e-4
-    # 2 of 6 layers: 3 of 6 measured 3.4x faster than the teacher at batch 1 in int8, short
-    # of the 5x target; 2 layers cut the per-text cost by about a third more.
-    student_layers: int = 2
+    # 1 of 6 layers (the last): in int8 at batch 1, 3 of 6 measured 3.4x faster than the fp32
+    # teacher on ORT and 2 of 6 4.5x, both short of the 5x target; 1 layer meets it at 98%
+    # of the teacher's accuracy (the card's notes hold the figures).
+    student_layers: int = 1
     distill_examples: int | None = 8000  # training texts the teacher labels for the student
     student_epochs: float = 2.0  # over the distill examples
     student_lr: float = 2e-4
@@ -258,7 +260,11 @@ def stage_version(
 def build_fingerprint(cfg: ClassifierConfig) -> str:
     skip = {"out", "work", "force", "estimates", "latency_samples", "threads"}
     return fingerprint(
-        {"method": EVAL_METHOD, **{k: v for k, v in asdict(cfg).items() if k not in skip}}
+        {
+            "method": EVAL_METHOD,
+            "card": CARD_VERSION,
+            **{k: v for k, v in asdict(cfg).items() if k not in skip},
+        }
     )
 
 

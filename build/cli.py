@@ -106,7 +106,7 @@ def _classifier_parser(sub: Any) -> None:
         "--student-layers",
         type=int,
         default=None,
-        help="teacher layers the student keeps (default 2)",
+        help="teacher layers the student keeps (default 1)",
     )
     p.add_argument(
         "--student-epochs",
