@@ -139,11 +139,22 @@ async def classify_point(
     }
 
 
-def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
+# Sampled at temperature 1 with a seed per request: greedy decoding of the demo tweet model
+# reaches its end-of-text token after about 4 tokens, sampling after about 18.
+TEMPERATURE = 1.0
+
+
+def generate_payloads(model: str, new_tokens: int, seeds: int = 8) -> list[bytes]:
     from headrace.client.v1 import inference_pb2 as pb
 
     return [
-        pb.GenerateRequest(model=model, prompt=p, max_new_tokens=new_tokens).SerializeToString()
+        pb.GenerateRequest(
+            model=model,
+            prompt=p,
+            max_new_tokens=new_tokens,
+            sampling=pb.SamplingParams(temperature=TEMPERATURE, seed=seed),
+        ).SerializeToString()
+        for seed in range(seeds)
         for p in PROMPTS
     ]
 

@@ -88,7 +88,10 @@ class NaiveInference(pbg.InferenceServicer):
             "input_ids": ids,
             "attention_mask": self.torch.ones_like(ids),
             "max_new_tokens": request.max_new_tokens or 64,
-            "do_sample": False,
+            # temperature 0 (unset) is greedy, as in headrace
+            "do_sample": request.sampling.temperature > 0,
+            "temperature": request.sampling.temperature or None,
+            "top_k": request.sampling.top_k or None,
             "streamer": streamer,
             "pad_token_id": eos,
             "stopping_criteria": StoppingCriteriaList([self.cancelled_cls(context)]),

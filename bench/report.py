@@ -355,6 +355,11 @@ def render(r: dict[str, Any], images: list[str]) -> str:
             if loads and max(x or 0.0 for x in loads) > 2.5
             else []
         ),
+        *[
+            f"The {', '.join(x['phases'])} phases were rerun on {x['date']} (after a change to "
+            "the bench) into this run's results; the load averages above include that rerun." + "\n"
+            for x in r.get("reruns", [])
+        ],
         "## Headline",
         "",
         headline_table(r),
@@ -433,7 +438,11 @@ def render(r: dict[str, Any], images: list[str]) -> str:
         "## Generate: headrace vs the raw decode limit and a naive server",
         "",
         f"Model `{gl.get('model', '?')}` ({gl.get('backend', '?')} {gl.get('precision', '?')}, "
-        f"`{gl.get('artifact', '?')}`), greedy, {gl.get('new_tokens', '?')} new tokens per request. "
+        f"`{gl.get('artifact', '?')}`), up to {gl.get('new_tokens', '?')} new tokens per request, "
+        "sampled at temperature 1 with a seed per request (greedy decoding of this tweet model "
+        "ends after about 4 tokens). Streams end at the model's end-of-text token, so a stream "
+        "carries far fewer tokens than asked (see `tokens per stream`) and headrace pays one "
+        "prefill per stream, while the raw limit decodes every slot for all its steps. "
         "The raw limit: prefill B slots, then decode steps for all B at once, in-process; "
         "tokens/s = B x steps / time inside `decode` (sampling and prefill excluded). headrace: "
         "N concurrent GenerateStream calls, each starting a new one when it ends; tokens/s counts "

@@ -51,6 +51,12 @@ class Bench:
         self.work = ROOT / ".cache" / "bench" / "work"
         self.work.mkdir(parents=True, exist_ok=True)
         self.results: dict[str, Any] = {"errors": {}}
+        if a.merge and self.raw_path.exists():
+            # Rerun some phases into an earlier run's results (the report says which, when).
+            self.results = read_json(self.raw_path)
+            self.results.setdefault("reruns", []).append(
+                {"phases": a.only, "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")}
+            )
         self.models = Path(a.models).resolve()
 
     # -- helpers --------------------------------------------------------------------------
@@ -338,7 +344,8 @@ class Bench:
     def run(self) -> None:
         a = self.a
         conc = "1,4,16,64"
-        self.phase("environment", self.environment)
+        if not (a.merge and "environment" in self.results):
+            self.phase("environment", self.environment)
         if "classify" in a.only:
             self.phase("classify_limit", lambda: self.classify_limit(a.classify_model))
             self.phase("classify_headrace", lambda: self.headrace_classify(a.classify_model, conc))
@@ -395,6 +402,11 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         default=[],
         help="extra flag for `headrace serve` (repeatable), e.g. --server-arg=--intra-op-threads=1",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other phases of the results.raw.json already in --out (rerun some phases)",
     )
     p.add_argument("--skip-mlserver", action="store_true")
     p.add_argument("--skip-setup", action="store_true", help="do not run bench/setup_peers.sh")
