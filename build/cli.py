@@ -332,13 +332,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if is_classify:
             role = str(manifest.provenance.get("role", "")) or version.parent.name
             classify.append((version, role))
-        report.append({"version": version, "forms": forms})
+        report.append({"version": version, "forms": forms, "classify": is_classify})
     if classify and args.latency_samples > 0:  # all classify versions timed together, as built
-        every = [f for entry in report for f in entry["forms"]]
+        every = [f for entry in report if entry["classify"] for f in entry["forms"]]
         add_latency(every, classify, threads=args.threads, samples=args.latency_samples)
     for entry in report:
         entry["card"] = compare_with_card(entry["version"], entry["forms"])
         entry["version"] = str(entry["version"])
+        del entry["classify"]
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
