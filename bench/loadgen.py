@@ -139,12 +139,12 @@ async def classify_point(
     }
 
 
-# Sampled at temperature 1 with a seed per request: greedy decoding of the demo tweet model
-# reaches its end-of-text token after about 4 tokens, sampling after about 18.
-TEMPERATURE = 1.0
+# Greedy with ignore_eos: every stream carries exactly `new_tokens` tokens, as the raw
+# limit decodes every slot for all its steps (greedy decoding of the demo tweet model
+# would otherwise reach its end-of-text token after about 4 tokens).
 
 
-def generate_payloads(model: str, new_tokens: int, seeds: int = 8) -> list[bytes]:
+def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
     from headrace.client.v1 import inference_pb2 as pb
 
     return [
@@ -152,9 +152,8 @@ def generate_payloads(model: str, new_tokens: int, seeds: int = 8) -> list[bytes
             model=model,
             prompt=p,
             max_new_tokens=new_tokens,
-            sampling=pb.SamplingParams(temperature=TEMPERATURE, seed=seed),
+            sampling=pb.SamplingParams(ignore_eos=True),
         ).SerializeToString()
-        for seed in range(seeds)
         for p in PROMPTS
     ]
 

@@ -96,6 +96,8 @@ class NaiveInference(pbg.InferenceServicer):
             "pad_token_id": eos,
             "stopping_criteria": StoppingCriteriaList([self.cancelled_cls(context)]),
         }
+        if request.sampling.ignore_eos:  # as headrace: run to max_new_tokens
+            kwargs["min_new_tokens"] = kwargs["max_new_tokens"]
         thread = threading.Thread(target=self._generate, kwargs=kwargs, daemon=True)
         thread.start()
         n = 0

@@ -439,9 +439,8 @@ def render(r: dict[str, Any], images: list[str]) -> str:
         "",
         f"Model `{gl.get('model', '?')}` ({gl.get('backend', '?')} {gl.get('precision', '?')}, "
         f"`{gl.get('artifact', '?')}`), up to {gl.get('new_tokens', '?')} new tokens per request, "
-        "sampled at temperature 1 with a seed per request (greedy decoding of this tweet model "
-        "ends after about 4 tokens). Streams end at the model's end-of-text token, so a stream "
-        "carries far fewer tokens than asked (see `tokens per stream`) and headrace pays one "
+        "greedy with `ignore_eos`, so every stream carries exactly that many tokens (greedy "
+        "decoding of this tweet model would end after about 4); headrace still pays one "
         "prefill per stream, while the raw limit decodes every slot for all its steps. "
         "The raw limit: prefill B slots, then decode steps for all B at once, in-process; "
         "tokens/s = B x steps / time inside `decode` (sampling and prefill excluded). headrace: "
