@@ -56,5 +56,5 @@ serve: demo-models ## build the demo models if missing, then serve them on $(POR
 bench: demo-models ## load benchmark vs the raw limit and the peers; report in bench/results/
 	$(PY) -m bench.run --models $(MODELS) --out bench/results
 
-clean: ## remove caches (keeps the virtualenv and models)
-	rm -rf .cache .pytest_cache .mypy_cache .ruff_cache
+clean: ## remove caches (keeps the virtualenv, the models and the bench peers' virtualenv)
+	rm -rf .cache/typecheck .cache/setuptools-build .cache/setuptools-bdist .pytest_cache .mypy_cache .ruff_cache
