@@ -39,15 +39,12 @@ _OPT_LEVELS = {
 
 
 def default_threads() -> int:
-    """CPUs this process may run on less one, for the event loop that serves the
-    requests, capped at MAX_DEFAULT_THREADS. On 2 cores a second ONNX Runtime thread
-    did not speed the int8 student up (0.61 vs 0.65 ms at batch 1) but competed with
-    gRPC for the other core."""
+    """CPUs this process may run on, capped at MAX_DEFAULT_THREADS."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(cpus - 1, MAX_DEFAULT_THREADS))
+    return max(1, min(cpus, MAX_DEFAULT_THREADS))
 
 
 def session_options(options: dict[str, Any]) -> Any:
