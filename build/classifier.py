@@ -224,7 +224,7 @@ def _manifest(
         labels=labels,
         artifacts=tuple(artifacts),
         limits=Limits(max_input_tokens=cfg.max_input_tokens, max_texts=64),
-        batching=Batching(max_batch=32, max_delay_ms=2.0, max_queue=1024),
+        batching=Batching(max_batch=32, max_queue=1024),
         provenance=prov,
     )
 

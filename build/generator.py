@@ -245,7 +245,7 @@ def _stage(
             default_new_tokens=32,
             max_texts=1,
         ),
-        batching=Batching(max_batch=16, max_delay_ms=2.0, max_queue=256),
+        batching=Batching(max_batch=16, max_queue=256),
         generation=Generation(eos_token_id=eos, bos_token_id=eos, max_context=cfg.block_size),
         provenance=prov,
     ).write(dest)
