@@ -30,7 +30,9 @@ def generate(dest: Path) -> list[Path]:
     )
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
-            sys.executable, "-m", "grpc_tools.protoc",
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
             f"-I{PROTOS}",
             f"--python_out={tmp}",
             f"--plugin=protoc-gen-mypy={plugin.replace('_grpc', '')}",
@@ -66,8 +68,11 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         fresh = generate(Path(tmp))
-        stale = [p.name for p in fresh if not (OUT / p.name).exists()
-                 or (OUT / p.name).read_text() != p.read_text()]
+        stale = [
+            p.name
+            for p in fresh
+            if not (OUT / p.name).exists() or (OUT / p.name).read_text() != p.read_text()
+        ]
     if stale:
         print(f"stale generated code: {', '.join(stale)}; run `make protos`", file=sys.stderr)
         return 1
