@@ -222,4 +222,4 @@ def run(config: ServerConfig) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(serve(config))
-    return uvloop.run(serve(config))
+    return int(uvloop.run(serve(config)))

@@ -44,7 +44,7 @@ def _json_renderer() -> Any:
         return structlog.processors.JSONRenderer(serializer=json.dumps, default=str)
 
     def dumps(obj: Any, default: Any = None) -> str:
-        return orjson.dumps(obj, default=default).decode()
+        return str(orjson.dumps(obj, default=default).decode())
 
     return structlog.processors.JSONRenderer(serializer=dumps, default=str)
 
