@@ -396,8 +396,8 @@ def test_slow_reader_gets_pending_tokens_coalesced(tokenizer: Tokenizer) -> None
         return [first, *rest]
 
     events = run(main())
-    assert len(events) == 2
-    assert len(events[1].token_ids) == events[1].completion_tokens - 1
+    assert len(events) == 2  # every token after the first read came in one event
+    assert len(events[0].token_ids) + len(events[1].token_ids) == events[1].completion_tokens > 2
     assert "".join(e.text for e in events).startswith("the quick brown fox")
 
 
