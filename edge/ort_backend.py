@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from headrace.server.backends.registry import BackendSpec
+from headrace.server.engine.sampling import sample_numpy
 from headrace.server.types import SamplingParams
 
 NAME = "onnxruntime"
@@ -247,8 +248,6 @@ class OrtDecoder:
         generators: Sequence[np.random.Generator | None],
         histories: Sequence[Sequence[int]],
     ) -> list[int]:
-        from headrace.server.engine.sampling import sample_numpy
-
         tokens: list[int] = sample_numpy(np.asarray(logits), params, generators, histories)
         return tokens
 

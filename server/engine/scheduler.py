@@ -10,6 +10,8 @@ One loop per model, three verbs per step:
   `backend.decode` for every running sequence and one `backend.sample` with
   per-sequence parameters, RNGs and histories; detokenize incrementally,
   match stop strings, decide who finished and release their slots at once;
+  while nobody waits to join and nobody left, it runs further decode steps
+  itself (up to MAX_INNER_STEPS), handing each step's tokens to the loop;
 - update (event-loop thread): hand each sequence's new text to its consumer,
   free the slots, record metrics.
 
