@@ -5,20 +5,23 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODELS ?= models
 PORT ?= 50051
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+LOCK := requirements/dev.lock
+# the CPU build of torch lies here on our machines; the lock pins it by hash
+TORCH_FIND_LINKS ?= /opt/wheels
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: help venv test lint typecheck pytest protos protos-check serve demo-models bench clean
+.PHONY: help venv lock lock-check test lint typecheck pytest protos protos-check serve demo-models bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: it is a CPU build on local disk; a bare torch pulls a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# exactly the locked set, every file checked against its hash (torch: the CPU build)
+	$(PY) -m pip install -q --require-hashes --no-deps \
+		$(if $(wildcard $(TORCH_FIND_LINKS)),--find-links $(TORCH_FIND_LINKS)) -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*; touch $@
 
 venv: $(STAMP) ## create the virtualenv and install headrace[dev] (editable)
@@ -36,6 +39,14 @@ typecheck: $(STAMP) .cache/typecheck/headrace ## mypy (strict on the client)
 	cd .cache/typecheck && ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml \
 		-p headrace.client -p headrace.server -p headrace.edge -p headrace.build
 
+lock: ## re-resolve requirements/*.lock from pyproject.toml (uv, needs the index)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(PY) -m pip install -q "uv>=0.9,<1"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) scripts/lock.py
+
+lock-check: $(STAMP)
+	$(PY) scripts/lock.py --check
+
 protos: $(STAMP) ## regenerate client/v1 from protos/
 	$(PY) scripts/gen_protos.py
 
@@ -45,7 +56,7 @@ protos-check: $(STAMP)
 pytest: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-test: $(STAMP) protos-check lint typecheck pytest ## install from nothing, then ruff, mypy, pytest
+test: $(STAMP) lock-check protos-check lint typecheck pytest ## install from nothing, then ruff, mypy, pytest
 
 demo-models: $(STAMP) ## build the demo models into $(MODELS)/ (cached: a second run returns at once)
 	$(VENV)/bin/headrace build demo --out $(MODELS)

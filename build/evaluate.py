@@ -151,7 +151,9 @@ def lm_perplexity(model: Any, blocks: np.ndarray, *, batch_size: int = 16) -> fl
 def torch_greedy(model: Any, prompt: Sequence[int], n: int) -> list[int]:
     """Greedy tokens from torch with its own KV cache; EOS is a token like any other."""
     import torch
+    from headrace.server.backends.torch_cache import cache_keyword, output_cache
 
+    keyword = cache_keyword(model)
     out: list[int] = []
     with torch.inference_mode():
         result = model(input_ids=torch.tensor([list(prompt)]), use_cache=True)
@@ -159,9 +161,7 @@ def torch_greedy(model: Any, prompt: Sequence[int], n: int) -> list[int]:
             token = int(result.logits[0, -1].argmax())
             out.append(token)
             result = model(
-                input_ids=torch.tensor([[token]]),
-                past_key_values=result.past_key_values,
-                use_cache=True,
+                input_ids=torch.tensor([[token]]), use_cache=True, **{keyword: output_cache(result)}
             )
     return out
 

@@ -229,7 +229,10 @@ def present_names(num_layers: int) -> list[str]:
 def _decoder_wrapper(model: Any, num_layers: int) -> Any:
     """Flat past tensors in, flat presents out; transformers 5.x wants a Cache object."""
     import torch
+    from headrace.server.backends.torch_cache import cache_keyword, output_cache
     from transformers import DynamicCache
+
+    keyword = cache_keyword(model)
 
     class _Wrapper(torch.nn.Module):
         def __init__(self) -> None:
@@ -250,13 +253,13 @@ def _decoder_wrapper(model: Any, num_layers: int) -> Any:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=cache,
                 use_cache=True,
                 logits_to_keep=1,
+                **{keyword: cache},
             )
             presents: list[torch.Tensor] = []
             for i in range(num_layers):
-                layer = out.past_key_values.layers[i]
+                layer = output_cache(out).layers[i]
                 presents += [layer.keys, layer.values]
             return (out.logits[:, -1, :], *presents)  # logits: [B, V]
 

@@ -95,8 +95,10 @@ class BackendCase:
 CASES = [
     BackendCase("torch-cpu", "torch", "fp32", "cpu", 1e-4, 1.0, 1.0),
     BackendCase("onnxruntime-fp32", "onnxruntime", "fp32", "cpu", 1e-4, 1.0, 1.0, _no_onnxruntime),
+    # int8 on a random 32-wide model: the worst logit of a prompt is off by 10-19 % of the
+    # logit range (seeds 0-4, onnxruntime 1.32); a wrong scale or zero point is off by ~100 %
     BackendCase(
-        "onnxruntime-int8", "onnxruntime", "int8", "cpu", 0.1, 0.9, 0.9, _no_onnxruntime, True
+        "onnxruntime-int8", "onnxruntime", "int8", "cpu", 0.25, 0.9, 0.9, _no_onnxruntime, True
     ),
     BackendCase("torch-cuda", "torch", "fp32", "cuda", 1e-3, 1.0, 1.0, _no_cuda),
     # fp16 cases: bounds as a share of the logit range; not run on the CPU machines here

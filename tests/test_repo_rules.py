@@ -81,3 +81,44 @@ def test_server_and_edge_import_without_ml_runtimes() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _lock_module():  # scripts/ is no package: load lock.py by path
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("headrace_lock", ROOT / "scripts" / "lock.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while decorating
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_locks_match_pyproject() -> None:
+    lock = _lock_module()
+    assert [p for entry in lock.LOCKS for p in lock.problems(entry)] == []
+    dev = (ROOT / "requirements" / "dev.lock").read_text()
+    assert "torch==2.13.0+cpu" in dev, "the dev lock must pin the CPU build of torch"
+    assert "nvidia-" not in dev, "a CUDA build of torch crept into the dev lock"
+    edge = lock.pinned((ROOT / "requirements" / "edge.lock").read_text())
+    assert not set(edge) & {"torch", "transformers", "tensorrt"}, "the edge lock pulls torch"
+
+
+def test_lock_check_fails_when_pyproject_moves(tmp_path: Path) -> None:
+    """A dependency added (or a range moved) without `make lock` is caught."""
+    import shutil
+
+    lock = _lock_module()
+    shutil.copytree(ROOT / "requirements", tmp_path / "requirements")
+    text = (ROOT / "pyproject.toml").read_text()
+    added = text.replace('server = [\n', 'server = [\n    "left-pad>=1.0",\n', 1)
+    assert added != text
+    (tmp_path / "pyproject.toml").write_text(added)
+    found = [p for entry in lock.LOCKS for p in lock.problems(entry, tmp_path)]
+    assert any("does not pin left-pad" in p for p in found), found
+    assert any("other dependency tables" in p for p in found), found
+    moved = text.replace('"numpy>=1.26,<3"', '"numpy>=1.26,<2"', 1)
+    assert moved != text
+    (tmp_path / "pyproject.toml").write_text(moved)
+    found = [p for entry in lock.LOCKS for p in lock.problems(entry, tmp_path)]
+    assert any("pins numpy==" in p and "outside" in p for p in found), found

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from headrace.server.backends.registry import BackendSpec, BackendUnavailable
-from headrace.server.backends.torch_cache import Plan, SlotCache
+from headrace.server.backends.torch_cache import Plan, SlotCache, cache_keyword
 from headrace.server.engine.sampling import sample_numpy
 from headrace.server.types import SamplingParams
 
@@ -165,6 +165,7 @@ class TorchDecoder:
             dtype=self.dtype,
             device=self.device_t,
         )
+        self._cache_kw = cache_keyword(self.model)
         self.lengths = [0] * self.max_slots  # tokens held in each slot's cache
         self._neg = torch.finfo(self.dtype).min
         self.graphs: Any = None
@@ -195,9 +196,9 @@ class TorchDecoder:
                     attention_mask=mask[:, None],  # [N, 1, S, L], additive
                     # padding rows of a graph write at the scratch column: clamp their position
                     position_ids=plan.write_pos.clamp(max=self.max_context - 1),
-                    past_key_values=self.cache,
                     use_cache=True,
                     logits_to_keep=logits_to_keep,
+                    **{self._cache_kw: self.cache},
                 )
         finally:
             self.cache.plan = None

@@ -9,14 +9,34 @@ through an explicit 4D additive mask (transformers returns a 4D mask as-is).
 transformers' attention modules call `cache.update(key, value, layer_idx, ...)` and use
 the keys/values it returns; that is the whole seam. Positions and the mask are computed
 here, before the forward, and read by `update` through `plan`.
+
+Checked against transformers 5.0 and 5.24 (the locked version): 5.x GPT-2 attention calls
+`update(key, value, layer_idx, kwargs=...)`; the forward takes the cache as `cache=`
+(5.24; `past_key_values=` is deprecated there and removed in 5.40) or `past_key_values=`
+(5.0). A 4D float mask is returned by `create_causal_mask` as-is, before it asks the
+cache anything, so `update`, `get_seq_length` and `__len__` are all a forward reads.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward's keyword for a Cache object: "cache" (transformers >= 5.24) or
+    "past_key_values" (earlier)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The Cache a forward returned, under its 5.24 name or the older one."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @dataclass
@@ -58,9 +78,12 @@ class SlotCache:
         key_states: torch.Tensor,
         value_states: torch.Tensor,
         layer_idx: int,
-        cache_kwargs: dict[str, Any] | None = None,
+        *args: Any,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # key_states, value_states: [N, kv_heads, S, head_dim]
+        # key_states, value_states: [N, kv_heads, S, head_dim]. The rest (4.x's cache_kwargs,
+        # 5.x's kwargs=) carries rotary and sliding-window facts a static slot cache ignores:
+        # positions come from `plan`.
         plan = self.plan
         assert plan is not None, "SlotCache.update outside a planned forward"
         if layer_idx >= len(self.keys):

@@ -1,0 +1,198 @@
+"""The locked installs in requirements/: made by uv from pyproject.toml, checked against it.
+
+    python scripts/lock.py            # re-resolve every lock (`make lock`; needs uv and the index)
+    python scripts/lock.py --check    # exit 1 when a lock no longer matches pyproject.toml
+
+Each lock starts with a line `# inputs-sha256: ...`, a digest of what it was
+resolved from (the dependency tables of pyproject.toml and the lock's own
+arguments). `--check` needs no network: it recomputes the digest, and checks
+that every requirement of the locked extras is pinned in the lock at a
+version its range admits.
+
+torch: the dev lock pins the CPU build (`torch==2.13.0+cpu`) that lies on
+local disk (TORCH_FIND_LINKS, default /opt/wheels); a plain torch from the
+index is a multi-GB CUDA build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGEST_PREFIX = "# inputs-sha256: "
+
+
+@dataclass(frozen=True)
+class Lock:
+    path: str  # relative to the checkout
+    extras: tuple[str, ...]  # extras of headrace it covers
+    args: tuple[str, ...]  # uv pip compile arguments beside the extras
+    what: str  # one line for the lock's header
+
+
+LOCKS = (
+    Lock(
+        "requirements/dev.lock",
+        ("dev",),
+        ("--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"),
+        "make test / make serve: headrace[dev] on Linux x86-64, CPU torch from local disk",
+    ),
+    Lock(
+        "requirements/edge.lock",
+        ("edge",),
+        ("--python-version", "3.11", "--universal"),
+        "the edge profile: headrace[edge], no torch, any platform",
+    ),
+)
+
+
+def _dependency_tables(root: Path = ROOT) -> dict[str, object]:
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return {
+        "requires-python": project.get("requires-python"),
+        "dependencies": project.get("dependencies", []),
+        "optional-dependencies": project.get("optional-dependencies", {}),
+    }
+
+
+def digest(lock: Lock, root: Path = ROOT) -> str:
+    blob = json.dumps(
+        {"tables": _dependency_tables(root), "extras": lock.extras, "args": lock.args},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# -- checking (no network) ----------------------------------------------------------------
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned(lock_text: str) -> dict[str, str]:
+    """name -> version of every `name==version` line of a lock."""
+    found = {}
+    for line in lock_text.splitlines():
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==([^\s;\\]+)", line)
+        if m:
+            found[_canonical(m.group(1))] = m.group(3)
+    return found
+
+
+def requirements_of(extras: tuple[str, ...], root: Path = ROOT) -> list[str]:
+    """Every requirement string of headrace with `extras`, headrace[...] self-references expanded."""
+    tables = _dependency_tables(root)
+    optional: dict[str, list[str]] = tables["optional-dependencies"]  # type: ignore[assignment]
+    out: list[str] = list(tables["dependencies"])  # type: ignore[call-overload]
+    seen: set[str] = set()
+    todo = list(extras)
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for req in optional.get(extra, ()):
+            m = re.match(r"^headrace\[([^\]]+)\]", req)
+            if m:
+                todo.extend(e.strip() for e in m.group(1).split(","))
+            else:
+                out.append(req)
+    return out
+
+
+def problems(lock: Lock, root: Path = ROOT) -> list[str]:
+    """What is wrong with one lock, in words; [] when it matches pyproject.toml."""
+    from packaging.requirements import Requirement
+
+    path = root / lock.path
+    if not path.is_file():
+        return [f"{lock.path} is missing: run `make lock`"]
+    text = path.read_text()
+    out = []
+    first = text.splitlines()[0] if text else ""
+    if first != DIGEST_PREFIX + digest(lock, root):
+        out.append(
+            f"{lock.path} was resolved from other dependency tables than pyproject.toml's now"
+        )
+    versions = pinned(text)
+    for raw in requirements_of(lock.extras, root):
+        req = Requirement(raw)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        have = versions.get(_canonical(req.name))
+        if have is None:
+            out.append(f"{lock.path} does not pin {req.name} ({raw})")
+        elif not req.specifier.contains(have, prereleases=True):
+            out.append(f"{lock.path} pins {req.name}=={have}, outside {raw}")
+    return out
+
+
+# -- resolving (uv, the index) ------------------------------------------------------------
+
+
+def _uv() -> str:
+    found = shutil.which(
+        "uv", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    if found is None:
+        sys.exit("uv not found: it is in the dev extra (`make venv`), or `pip install uv`")
+    return found
+
+
+def resolve(lock: Lock) -> None:
+    out = ROOT / lock.path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [_uv(), "pip", "compile", "pyproject.toml", "--generate-hashes", "--quiet",
+           "--no-header", *lock.args]  # fmt: skip
+    for extra in lock.extras:
+        cmd += ["--extra", extra]
+    if lock.path.endswith("dev.lock"):
+        wheels = os.environ.get("TORCH_FIND_LINKS", "/opt/wheels")
+        if not any(Path(wheels).glob("torch-*+cpu-*.whl")):
+            sys.exit(f"no CPU torch wheel in {wheels}: set TORCH_FIND_LINKS to its folder")
+        cmd += ["--find-links", wheels]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(done.stderr)
+    if lock.path.endswith("dev.lock") and not re.search(r"^torch==[^\s]+\+cpu", done.stdout, re.M):
+        sys.exit("the dev lock did not pick the CPU build of torch; refusing to write it")
+    header = [
+        DIGEST_PREFIX + digest(lock),
+        f"# {lock.what}",
+        "# Made by `make lock` (scripts/lock.py, uv pip compile); do not edit by hand.",
+        f"#   uv pip compile pyproject.toml {' '.join('--extra ' + e for e in lock.extras)} "
+        f"{' '.join(lock.args)} --generate-hashes",
+    ]
+    out.write_text("\n".join(header) + "\n" + done.stdout)
+    print(f"wrote {lock.path}: {len(pinned(done.stdout))} packages")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="check the locks, resolve nothing")
+    args = parser.parse_args()
+    if args.check:
+        bad = [p for lock in LOCKS for p in problems(lock)]
+        for line in bad:
+            print(line, file=sys.stderr)
+        if bad:
+            print("run `make lock` to re-resolve, then commit requirements/", file=sys.stderr)
+        return 1 if bad else 0
+    for lock in LOCKS:
+        resolve(lock)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
