@@ -53,6 +53,7 @@ class Server:
             config.models,
             profile=config.profile,
             device=config.device,
+            backend=config.backend,
             poll_interval_s=config.poll_interval_s,
             backend_options=config.backend_options(),
             defaults=config.defaults(),

@@ -18,7 +18,7 @@ from typing import Any
 
 # flag dest -> ServerConfig field (the dest is the field name unless listed)
 SERVE_FIELDS = (
-    "models", "host", "port", "profile", "device", "metrics_port", "grace_period_s",
+    "models", "host", "port", "profile", "device", "backend", "metrics_port", "grace_period_s",
     "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
 )  # fmt: skip
@@ -44,6 +44,12 @@ def _add_serve(subparsers: Any) -> None:
         help="which artifacts to serve (default auto: datacenter with CUDA, else cpu)",
     )
     p.add_argument("--device", help="backend device, e.g. cpu, cuda:1 (default: from profile)")
+    p.add_argument(
+        "--backend",
+        choices=("onnxruntime", "torch", "tensorrt"),
+        help="serve only this backend of the profile's (default: cpu prefers onnxruntime, "
+        "then torch; datacenter tensorrt, then torch)",
+    )
     p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0: off)")
     p.add_argument(
         "--grace-period", dest="grace_period_s", type=float, metavar="SECONDS",

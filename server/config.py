@@ -25,6 +25,7 @@ from typing import Any
 from headrace.server.types import Task
 
 PROFILES = ("auto", "edge", "datacenter", "cpu")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -41,6 +42,7 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port (see port_file and the "serving" log line)
     profile: str = "auto"  # auto | edge | datacenter | cpu
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None lets the profile decide
+    backend: str | None = None  # serve only this backend of the profile's; None: its order
     metrics_port: int = 0  # Prometheus /metrics on this port; 0 turns it off
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on shutdown
     poll_interval_s: float = 2.0  # model repository rescan period; 0 turns hot reload off
@@ -57,6 +59,8 @@ class ServerConfig:
     def validate(self) -> ServerConfig:
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
+        if self.backend is not None and self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:

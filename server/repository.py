@@ -9,6 +9,8 @@ For each version the server's profile picks one artifact of the manifest:
     cpu         onnxruntime when present, else torch on CPU
     auto        datacenter when torch sees CUDA, else cpu
 
+`backend` (`--backend`) narrows that order to one backend the profile allows.
+
 A background task rescans every `poll_interval_s`: a new version is loaded
 and started before it becomes the newest served; a removed version leaves the
 served set at once and is stopped once its in-flight calls are done. A
@@ -123,35 +125,47 @@ def resolve_profile(profile: str) -> str:
     return profile
 
 
-def choose_artifact(manifest: Manifest, profile: str, device: str | None) -> Choice:
-    """Pick the artifact `profile` serves (profile already resolved, never "auto")."""
-    if profile == "edge":
-        art = manifest.artifact("onnxruntime")
-        if art is None:
-            raise NoArtifact("the edge profile serves onnxruntime artifacts and there is none")
-        return Choice("onnxruntime", art, device or "cpu")
-    if profile == "datacenter":
-        dev = device or "cuda:0"
-        trt = manifest.artifact("tensorrt")
-        if trt is not None and tensorrt_available():
-            built_for = trt.extra.get("gpu")
-            if built_for is None or built_for == gpu_name(dev):
-                return Choice("tensorrt", trt, dev)
-        art = manifest.artifact("torch")
-        if art is None:
-            raise NoArtifact("no tensorrt engine for this GPU and no torch artifact")
-        return Choice("torch", art, dev)
-    if profile == "cpu":
-        art = manifest.artifact("onnxruntime")
-        if art is not None:
-            return Choice("onnxruntime", art, device or "cpu")
-        art = manifest.artifact("torch")
-        if art is None:
-            raise NoArtifact(
-                "the cpu profile serves onnxruntime or torch artifacts and there is none"
+# the backends each profile may serve, in the order it prefers them
+PROFILE_BACKENDS = {
+    "edge": ("onnxruntime",),
+    "datacenter": ("tensorrt", "torch"),
+    "cpu": ("onnxruntime", "torch"),
+}
+
+
+def choose_artifact(
+    manifest: Manifest, profile: str, device: str | None, backend: str | None = None
+) -> Choice:
+    """Pick the artifact `profile` serves (profile already resolved, never "auto").
+
+    `backend` narrows the profile's order to that one backend (`--backend torch` serves
+    the torch reference on a cpu box whose manifests also list ONNX files)."""
+    try:
+        order = PROFILE_BACKENDS[profile]
+    except KeyError:
+        raise ProfileError(f"unknown profile {profile!r}") from None
+    if backend is not None:
+        if backend not in order:
+            raise ProfileError(
+                f"profile {profile!r} serves {' or '.join(order)}, not backend {backend!r}"
             )
-        return Choice("torch", art, device or "cpu")
-    raise ProfileError(f"unknown profile {profile!r}")
+        order = (backend,)
+    dev = device or ("cuda:0" if profile == "datacenter" else "cpu")
+    for name in order:
+        art = manifest.artifact(name)
+        if art is None:
+            continue
+        if name == "tensorrt":
+            if not tensorrt_available():
+                continue
+            built_for = art.extra.get("gpu")
+            if built_for is not None and built_for != gpu_name(dev):
+                continue  # an engine runs only on the GPU model it was built for
+        return Choice(name, art, dev)
+    raise NoArtifact(
+        f"the {profile} profile serves {' or '.join(order)} artifacts and this version has "
+        "none it can use here"
+    )
 
 
 def scan(root: Path) -> dict[tuple[str, str], Path]:
@@ -183,6 +197,7 @@ class ModelRepository:
         *,
         profile: str = "auto",
         device: str | None = None,
+        backend: str | None = None,
         poll_interval_s: float = 2.0,
         backend_options: dict[str, Any] | None = None,
         defaults: dict[Task, str] | None = None,
@@ -191,6 +206,7 @@ class ModelRepository:
         self.requested_profile = profile
         self.profile = profile  # resolved in start()
         self.device = device
+        self.backend = backend  # None: the profile's order (PROFILE_BACKENDS)
         self.poll_interval_s = poll_interval_s
         self.backend_options = dict(backend_options or {})
         self.defaults = dict(defaults or {})
@@ -281,7 +297,7 @@ class ModelRepository:
     async def _load(self, name: str, version: str, path: Path) -> LoadedVersion | None:
         try:
             manifest = await asyncio.to_thread(read_manifest, path)
-            choice = choose_artifact(manifest, self.profile, self.device)
+            choice = choose_artifact(manifest, self.profile, self.device, self.backend)
             model = await asyncio.to_thread(
                 self._build_model, name, version, path, manifest, choice
             )

@@ -43,6 +43,16 @@ def test_choice_per_profile() -> None:
     assert choose_artifact(both, "edge", "cpu").device == "cpu"
 
 
+def test_backend_narrows_the_profile() -> None:
+    both = manifest(TORCH, ORT)
+    assert choose_artifact(both, "cpu", None, "torch").artifact == TORCH
+    assert choose_artifact(both, "cpu", None, "onnxruntime").artifact == ORT
+    with pytest.raises(NoArtifact, match="torch"):
+        choose_artifact(manifest(ORT), "cpu", None, "torch")
+    with pytest.raises(ProfileError, match="not backend 'torch'"):
+        choose_artifact(both, "edge", None, "torch")
+
+
 @pytest.mark.skipif(cuda_available(), reason="checks the refusal on a machine without CUDA")
 def test_datacenter_refused_without_cuda() -> None:
     with pytest.raises(ProfileError, match="CUDA"):
