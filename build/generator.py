@@ -246,7 +246,9 @@ def _stage(
             max_texts=1,
         ),
         batching=Batching(max_batch=16, max_queue=256),
-        generation=Generation(eos_token_id=eos, bos_token_id=eos, max_context=cfg.block_size),
+        generation=Generation(
+            eos_token_id=eos, bos_token_id=eos, max_context=cfg.block_size, chat_template="plain"
+        ),
         provenance=prov,
     ).write(dest)
     return dest

@@ -9,9 +9,13 @@ Health names: "" (the whole server), "headrace.v1.Inference", and one per
 model name. Each is SERVING while it can answer, NOT_SERVING while the server
 drains (or after a model's last version was removed).
 
+With `http_port`, the HTTP front (server/http_api) serves the same models on
+the same event loop; it binds before the models load, so `/health/live`
+answers during a slow start and `/health/ready` turns 200 once they are in.
+
 Shutdown (SIGTERM / SIGINT, or `stop()`): health goes NOT_SERVING, new calls
-get UNAVAILABLE, in-flight calls (streams too) get `grace_period_s` to
-finish, then the models stop and the process exits 0.
+get UNAVAILABLE (HTTP: 503), in-flight calls (streams too) get `grace_period_s`
+to finish, then the models stop and the process exits 0.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -33,6 +38,9 @@ from headrace.server.config import ServerConfig
 from headrace.server.logs import get_logger
 from headrace.server.repository import ModelRepository
 from headrace.server.service import InferenceService
+
+if TYPE_CHECKING:
+    from headrace.server.http_api import HttpFront
 
 log = get_logger("headrace.server")
 
@@ -59,6 +67,11 @@ class Server:
             defaults=config.defaults(),
         )
         self.service = InferenceService(self.repository)
+        self.http: HttpFront | None = None
+        if config.http_port:
+            from headrace.server.http_api import HttpFront
+
+            self.http = HttpFront(self.repository, config)
         self.health = HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._model_names: set[str] = set()
@@ -73,6 +86,29 @@ class Server:
 
     async def start(self) -> None:
         """Load the models, bind the port and start answering."""
+        if self.http is not None:
+            await self.http.start()
+        try:
+            await self._start_grpc()
+        except BaseException:
+            if self.http is not None:
+                await self.http.stop()
+            raise
+        if self.http is not None:
+            self.http.loading = False
+        if self.config.port_file is not None:
+            _write_atomic(self.config.port_file, f"{self.port}\n")
+        log.info(
+            "serving",
+            host=self.config.host,
+            port=self.port,
+            http_port=self.http.port if self.http is not None else None,
+            profile=self.repository.profile,
+            models=self.repository.names(),
+            pid=os.getpid(),
+        )
+
+    async def _start_grpc(self) -> None:
         await self.repository.start()
         mb = self.config.max_message_mb * 1024 * 1024
         server = grpc.aio.server(
@@ -102,16 +138,6 @@ class Server:
         await self._sync_health()
         if not self.repository.names():
             log.warning("no_models", models=str(self.config.models))
-        if self.config.port_file is not None:
-            _write_atomic(self.config.port_file, f"{self.port}\n")
-        log.info(
-            "serving",
-            host=host,
-            port=self.port,
-            profile=self.repository.profile,
-            models=self.repository.names(),
-            pid=os.getpid(),
-        )
 
     async def _sync_health(self) -> None:
         names = set(self.repository.names())
@@ -131,8 +157,14 @@ class Server:
         """End a drain now: calls still running are cancelled (a second Ctrl-C)."""
         self._hurry.set()
 
+    async def _idle(self, grace: float) -> bool:
+        fronts = [self.service.wait_idle(grace)]
+        if self.http is not None:
+            fronts.append(self.http.wait_idle(grace))
+        return all(await asyncio.gather(*fronts))
+
     async def _drained(self, grace: float) -> bool:
-        idle = asyncio.create_task(self.service.wait_idle(grace))
+        idle = asyncio.create_task(self._idle(grace))
         hurry = asyncio.create_task(self._hurry.wait())
         await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
         hurry.cancel()
@@ -145,12 +177,17 @@ class Server:
         # New Inference calls get UNAVAILABLE from here on, while health checks still
         # answer NOT_SERVING so load balancers see the drain.
         self.service.draining = True
+        if self.http is not None:
+            self.http.draining = True
         await self.health.enter_graceful_shutdown()
         if not await self._drained(grace):
-            log.warning("grace_period_over", cancelled_calls=self.service.inflight)
+            inflight = self.service.inflight + (self.http.inflight if self.http else 0)
+            log.warning("grace_period_over", cancelled_calls=inflight)
         if self._grpc is not None:
             # Cancels what is still running (health watches, calls past the grace period).
             await self._grpc.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         await self.repository.stop(drain=False)
         log.info("stopped")
         self._stopped.set()
@@ -206,6 +243,8 @@ async def serve(config: ServerConfig) -> int:
         except asyncio.CancelledError:
             if server._grpc is not None:
                 await server._grpc.stop(0)
+            if server.http is not None:
+                await server.http.stop()
             await server.repository.stop(drain=False)
             log.info("stopped", during="startup")
             return 0

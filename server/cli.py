@@ -18,7 +18,8 @@ from typing import Any
 
 # flag dest -> ServerConfig field (the dest is the field name unless listed)
 SERVE_FIELDS = (
-    "models", "host", "port", "profile", "device", "backend", "metrics_port", "grace_period_s",
+    "models", "host", "port", "profile", "device", "backend", "metrics_port", "http_port",
+    "grace_period_s",
     "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
 )  # fmt: skip
@@ -30,7 +31,8 @@ def _add_serve(subparsers: Any) -> None:
         help="serve a model repository over gRPC",
         description=(
             "Serve every model of a repository (NAME/VERSION/headrace.json) over gRPC: the "
-            "headrace.v1.Inference service, grpc.health.v1 and server reflection. Values come "
+            "headrace.v1.Inference service, grpc.health.v1 and server reflection; with "
+            "--http-port also the OpenAI-compatible HTTP API and a chat page. Values come "
             "from the defaults, then --config FILE, then these flags."
         ),
     )
@@ -50,7 +52,14 @@ def _add_serve(subparsers: Any) -> None:
         help="serve only this backend of the profile's (default: cpu prefers onnxruntime, "
         "then torch; datacenter tensorrt, then torch)",
     )
-    p.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 0: off)")
+    p.add_argument(
+        "--metrics-port", type=int,
+        help="Prometheus /metrics port (default 0: off, or /metrics on --http-port)",
+    )  # fmt: skip
+    p.add_argument(
+        "--http-port", type=int,
+        help="OpenAI-compatible HTTP API, health and chat page on this port (default 0: off)",
+    )  # fmt: skip
     p.add_argument(
         "--grace-period", dest="grace_period_s", type=float, metavar="SECONDS",
         help="time in-flight calls get to finish on SIGTERM/SIGINT (default 10)",

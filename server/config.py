@@ -6,6 +6,7 @@
     port = 50051
     profile = "edge"
     metrics_port = 9464
+    http_port = 8000
     grace_period_s = 15
     intra_op_threads = 2
     default_classify_model = "sentiment"
@@ -43,7 +44,8 @@ class ServerConfig:
     profile: str = "auto"  # auto | edge | datacenter | cpu
     device: str | None = None  # "cpu", "cuda", "cuda:1"; None lets the profile decide
     backend: str | None = None  # serve only this backend of the profile's; None: its order
-    metrics_port: int = 0  # Prometheus /metrics on this port; 0 turns it off
+    metrics_port: int = 0  # Prometheus /metrics on this port; 0: off (or on http_port)
+    http_port: int = 0  # the OpenAI-compatible HTTP API, health and chat page; 0 turns it off
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on shutdown
     poll_interval_s: float = 2.0  # model repository rescan period; 0 turns hot reload off
     intra_op_threads: int | None = None  # threads inside one backend op (ORT / torch)
@@ -69,6 +71,10 @@ class ServerConfig:
             raise ConfigError(f"port must be in [0, 65535], not {self.port}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port must be in [0, 65535], not {self.metrics_port}")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port must be in [0, 65535], not {self.http_port}")
+        if self.http_port and self.http_port in (self.port, self.metrics_port):
+            raise ConfigError(f"http_port {self.http_port} is already the gRPC or metrics port")
         if self.grace_period_s < 0:
             raise ConfigError("grace_period_s must be >= 0")
         if self.poll_interval_s < 0:
@@ -101,7 +107,7 @@ class ServerConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 _PATHS = {"models", "port_file"}
-_INTS = {"port", "metrics_port", "intra_op_threads", "inter_op_threads", "max_message_mb"}
+_INTS = {"port", "metrics_port", "http_port", "intra_op_threads", "inter_op_threads", "max_message_mb"}
 _FLOATS = {"grace_period_s", "poll_interval_s"}
 
 

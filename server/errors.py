@@ -1,4 +1,4 @@
-"""Service-level errors and their gRPC status codes, in one place.
+"""Service-level errors and their status codes (gRPC, and HTTP for the HTTP front), in one place.
 
 Engine errors (server/types.py) and the service's own errors below are
 mapped to a status by `status_for`; `rich_status` turns one into the
@@ -10,6 +10,9 @@ with a `google.rpc.BadRequest` naming the field for INVALID_ARGUMENT.
     QueueFull                        RESOURCE_EXHAUSTED
     ShuttingDown / ServerDraining    UNAVAILABLE
     BackendFailure / anything else   INTERNAL (generic message)
+
+`HTTP_STATUS` gives the HTTP status of each code (Google's published mapping of
+google.rpc.Code to HTTP), so every front answers the same error alike.
 """
 
 from __future__ import annotations
@@ -45,12 +48,25 @@ class ServerDraining(ServiceError):
     """The server is shutting down and takes no new calls: UNAVAILABLE."""
 
 
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.INTERNAL: 500,
+}
+
+
 @dataclass(frozen=True)
 class MappedError:
     code: grpc.StatusCode
     message: str
     field: str | None = None  # set for INVALID_ARGUMENT
     internal: bool = False  # True when the cause must be logged, not shown
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
 
 
 def status_for(exc: BaseException) -> MappedError:

@@ -18,12 +18,13 @@ Example:
       ],
       "limits": {"max_input_tokens": 128, "max_texts": 64},
       "batching": {"max_batch": 32, "max_delay_ms": 0.0, "max_queue": 1024},
-      "generation": {"eos_token_id": 0, "max_context": 256},
+      "generation": {"eos_token_id": 0, "max_context": 256, "chat_template": "plain"},
       "provenance": {"base": "...", "built_at": "...", "command": "..."},
       "card": {"accuracy": 0.78, ...}
     }
 
-Imports nothing from headrace but `types`, so build/ may write manifests too.
+Imports nothing from headrace but `types` and `chat_template`, so build/ may write
+manifests too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from headrace.server.chat_template import ChatTemplateError, chat_template
 from headrace.server.types import Task
 
 MANIFEST_NAME = "headrace.json"
@@ -83,6 +85,9 @@ class Generation:
     eos_token_id: int | None = None
     bos_token_id: int | None = None
     max_context: int = 1024  # prompt + output tokens one KV slot holds
+    # how chat messages become a prompt (server/chat_template.py): a built-in's name or a
+    # table; None (manifests written before chat existed) means "plain"
+    chat_template: str | dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,11 @@ def parse_manifest(data: Any) -> Manifest:
     tokenizer = data.get("tokenizer")
     if not isinstance(tokenizer, str) or not tokenizer:
         raise ManifestError("tokenizer must name the tokenizer.json file")
+    generation = _sub(Generation, data.get("generation"), "generation")
+    try:
+        chat_template(generation.chat_template)
+    except ChatTemplateError as exc:
+        raise ManifestError(f"generation: {exc}") from None
     return Manifest(
         task=task,
         tokenizer=tokenizer,
@@ -149,7 +159,7 @@ def parse_manifest(data: Any) -> Manifest:
         labels=labels,
         limits=_sub(Limits, data.get("limits"), "limits"),
         batching=_sub(Batching, data.get("batching"), "batching"),
-        generation=_sub(Generation, data.get("generation"), "generation"),
+        generation=generation,
         provenance=dict(data.get("provenance") or {}),
         card=dict(data.get("card") or {}),
     )

@@ -1,6 +1,7 @@
 """Prometheus metrics, named in the style of Triton's and vLLM's.
 
-Served on their own HTTP port (`headrace serve --metrics-port`). Every metric
+Served on their own HTTP port (`headrace serve --metrics-port`), or at `/metrics` of the
+HTTP front's port when no metrics port is set apart. Every metric
 lives in one registry (`REGISTRY`) so tests and embedders can read it without
 the process-wide default registry.
 """
@@ -26,6 +27,19 @@ REQUEST_DURATION = Histogram(
     "headrace_request_duration_seconds",
     "Wall time of an RPC from arrival to its last message.",
     ["rpc", "model"],
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+HTTP_REQUESTS = Counter(
+    "headrace_http_requests",
+    "Finished HTTP requests by route, model and HTTP status (499: the client left first).",
+    ["route", "model", "status"],
+    registry=REGISTRY,
+)
+HTTP_REQUEST_DURATION = Histogram(
+    "headrace_http_request_duration_seconds",
+    "Wall time of an HTTP request from arrival to its last byte (streams: the whole stream).",
+    ["route", "model"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import socket
 import threading
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ class RunningServer:
         self.server: Server = self.call(self._start)
         self.port = self.server.port
         self.address = f"127.0.0.1:{self.port}"
+        http = self.server.http
+        self.http_url = f"http://127.0.0.1:{http.port}" if http is not None else ""
 
     async def _start(self) -> Server:
         server = Server(self.config)
@@ -71,6 +75,25 @@ class RunningServer:
             self.loop.close()
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def scrape(url: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample of the Prometheus text at `url` (None when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return float(sample.value)
+    return None
+
+
 def make_config(models: Path, **overrides: Any) -> ServerConfig:
     settings: dict[str, Any] = {"models": models, "port": 0, "poll_interval_s": 0.0}
     settings["log_level"] = "warning"  # rpc lines are checked in test_cli.py
@@ -82,6 +105,14 @@ def make_config(models: Path, **overrides: Any) -> ServerConfig:
 def server(tiny_models: Path) -> Iterator[RunningServer]:
     """An in-process server over `tiny_models` (read-only), shared by a module's tests."""
     running = RunningServer(make_config(tiny_models))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def http_server(long_models: Path) -> Iterator[RunningServer]:
+    """An in-process server with the HTTP front over `long_models`, shared by a module."""
+    running = RunningServer(make_config(long_models, http_port=free_port()))
     yield running
     running.stop()
 

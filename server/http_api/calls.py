@@ -1,0 +1,314 @@
+"""One HTTP request from arrival to its log line: what every route shares.
+
+`Endpoint` is a route as a bare ASGI app. It assigns the request id (the
+caller's `x-request-id` or a new one), refuses work while the server loads or
+drains (503), reads the body under the size limit and parses it as a JSON
+object, runs the handler while watching for the client to leave, and turns
+every error into OpenAI's error shape with its HTTP status (server/errors.py).
+A handler returns a JSON-able dict, a ready Response, or an async iterator of
+SSE events (bytes). A stream's first event is awaited before the 200 goes out,
+so a full queue is still a 429 and an unknown model a 404; an error after that
+is sent as a last `data: {"error": ...}` event. One log line per request
+(`event="http"`), and the HTTP request metrics.
+
+A client that goes away cancels its handler (`watch_disconnect`): uvicorn
+drops what is sent to a closed connection without an error, so without the
+watch a generation would run to its end for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from headrace.server.errors import ServerDraining, status_for
+from headrace.server.http_api import openai_wire as wire
+from headrace.server.logs import get_logger
+from headrace.server.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+from starlette.requests import Request
+from starlette.responses import Response
+
+if TYPE_CHECKING:
+    from headrace.server.http_api.front import HttpFront
+
+log = get_logger("headrace.http")
+
+REQUEST_ID = "x-request-id"
+STATUS_CLIENT_GONE = 499  # logged only: the client closed the connection first
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class HttpError(Exception):
+    """An error of the HTTP layer itself (body too large, not JSON, unknown path)."""
+
+    def __init__(
+        self, status: int, message: str, *, code: str | None = None, param: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+
+class ClientGone(Exception):
+    """The client closed the connection while its request was running."""
+
+
+@dataclass
+class HttpCall:
+    """What the log line of one request says; handlers fill in the model and token counts."""
+
+    route: str
+    request_id: str
+    peer: str
+    start: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    model_version: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    status: int = 200
+    stream: bool = False
+    body: wire.GenerationBody | None = None  # names error fields as OpenAI does
+    path_params: dict[str, Any] = field(default_factory=dict)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+@contextlib.asynccontextmanager
+async def watch_disconnect(receive: Receive) -> AsyncIterator[None]:
+    """Cancel the block when the client disconnects; it then raises ClientGone."""
+    task = asyncio.current_task()
+    assert task is not None
+    gone = False
+    active = True  # the watcher runs only while the task is suspended: inside the block iff active
+
+    async def watch() -> None:
+        nonlocal gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if active:
+            gone = True
+            task.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if gone and task.uncancel() == 0:
+            raise ClientGone from None
+        raise
+    finally:
+        active = False
+        watcher.cancel()
+
+
+async def read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, at most `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise HttpError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > limit:
+            raise HttpError(413, f"the request body exceeds {limit} bytes", code="body_too_large")
+        parts.append(part)
+    try:
+        data = orjson.loads(b"".join(parts))
+    except orjson.JSONDecodeError as exc:
+        raise HttpError(400, f"the request body is not valid JSON: {exc}", code="invalid_json")
+    if not isinstance(data, dict):
+        raise HttpError(400, "the request body must be a JSON object", code="invalid_json")
+    return data
+
+
+Handler = Callable[["HttpFront", HttpCall, Any], Awaitable[Any]]
+
+
+class Endpoint:
+    """One route: `handler(front, call, body)` behind the shared request handling."""
+
+    def __init__(
+        self,
+        front: HttpFront,
+        route: str,
+        handler: Handler,
+        *,
+        method: str = "POST",
+        inference: bool = True,
+    ) -> None:
+        self.front, self.route, self.handler = front, route, handler
+        self.method, self.inference = method, inference
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        client = scope.get("client")
+        call = HttpCall(
+            route=self.route,
+            request_id=(request.headers.get(REQUEST_ID) or "")[:128] or uuid.uuid4().hex,
+            peer=f"{client[0]}:{client[1]}" if client else "",
+        )
+        task = asyncio.current_task()
+        assert task is not None
+        self.front.begin(task)
+        try:
+            await self._run(request, call, send)
+        finally:
+            self.front.finish(task)
+            self._record(call)
+
+    async def _run(self, request: Request, call: HttpCall, send: Send) -> None:
+        front = self.front
+        headers = {REQUEST_ID: call.request_id}
+        try:
+            if request.method != self.method:
+                raise HttpError(405, f"{self.route} takes {self.method} requests")
+            if self.inference and not front.accepting():
+                raise ServerDraining(front.refusal())
+            body = await read_json(request, front.body_limit) if self.method == "POST" else None
+            call.path_params = request.path_params
+            async with watch_disconnect(request.receive):
+                result = await self.handler(front, call, body)
+                if isinstance(result, AsyncIterator):
+                    await self._stream(call, result, headers, send)
+                    return
+            if not isinstance(result, Response):
+                result = JSONResponse(result, headers=headers)
+            else:
+                result.headers.update(headers)
+            call.status = result.status_code
+            await result(request.scope, request.receive, send)
+        except ClientGone:
+            call.status = STATUS_CLIENT_GONE
+        except asyncio.CancelledError:
+            if not self._stopped():
+                raise
+            response = self._error(call, ServerDraining("the server is shutting down"))
+            response.headers.update(headers)
+            await response(request.scope, request.receive, send)
+        except Exception as exc:
+            response = self._error(call, exc)
+            response.headers.update(headers)
+            await response(request.scope, request.receive, send)
+
+    async def _stream(
+        self, call: HttpCall, events: AsyncIterator[bytes], headers: dict[str, str], send: Send
+    ) -> None:
+        """Send SSE events; the first is awaited before the status line goes out."""
+        call.stream = True
+        try:
+            first = await anext(events, None)
+            head = [(k.encode(), v.encode()) for k, v in headers.items()]
+            await send({
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),  # nginx: do not buffer the stream
+                    *head,
+                ],
+            })  # fmt: skip
+            if first is not None:
+                await send({"type": "http.response.body", "body": first, "more_body": True})
+                try:
+                    async for data in events:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                except asyncio.CancelledError:
+                    if not self._stopped():
+                        raise  # the client left (or the task is cancelled for another reason)
+                    error = self._mapped(call, ServerDraining("the server is shutting down"))
+                    await send({
+                        "type": "http.response.body", "body": wire.sse(error), "more_body": True
+                    })  # fmt: skip
+                except Exception as exc:
+                    error = self._mapped(call, exc)
+                    await send({
+                        "type": "http.response.body", "body": wire.sse(error), "more_body": True
+                    })  # fmt: skip
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if hasattr(events, "aclose"):
+                await events.aclose()
+
+    def _stopped(self) -> bool:
+        """True when the front cancelled this request because the server stops (past the grace
+        period): the cancellation is taken back so the caller gets a 503 instead of a cut."""
+        task = asyncio.current_task()
+        if not self.front.stopping or task is None:
+            return False
+        task.uncancel()
+        return True
+
+    def _mapped(self, call: HttpCall, exc: Exception) -> dict[str, Any]:
+        """Log what must be logged; -> OpenAI's error body. Sets call.status."""
+        if isinstance(exc, HttpError):
+            call.status = exc.status
+            return wire.error_body(exc.status, exc.message, exc.param, exc.code)
+        mapped = status_for(exc)
+        call.status = mapped.http_status
+        if mapped.internal:
+            log.error(
+                "http_failed",
+                route=call.route,
+                request_id=call.request_id,
+                model=call.model,
+                model_version=call.model_version,
+                exc_info=exc,
+            )
+        code = {404: "model_not_found", 429: "queue_full", 503: "unavailable", 500: "internal"}
+        param = wire.param_name(mapped.field, call.body)
+        message = mapped.message
+        if mapped.field and param and param != mapped.field:
+            # "max_new_tokens must be at most 64" -> "max_tokens must be at most 64"
+            message = message.replace(mapped.field.removeprefix("sampling."), param)
+            message = message.replace(mapped.field, param)
+        return wire.error_body(call.status, message, param, code.get(call.status))
+
+    def _error(self, call: HttpCall, exc: Exception) -> Response:
+        body = self._mapped(call, exc)
+        headers = {}
+        if call.status in (429, 503):
+            headers["retry-after"] = "1"
+        if call.status == 413 or (call.status == 503 and self.front.draining):
+            headers["connection"] = "close"
+        if call.status == 405:
+            headers["allow"] = self.method
+        return JSONResponse(body, status_code=call.status, headers=headers)
+
+    def _record(self, call: HttpCall) -> None:
+        seconds = time.perf_counter() - call.start
+        status = str(call.status)
+        HTTP_REQUESTS.labels(self.route, call.model, status).inc()
+        HTTP_REQUEST_DURATION.labels(self.route, call.model).observe(seconds)
+        (log.info if self.inference else log.debug)(
+            "http",
+            route=self.route,
+            request_id=call.request_id,
+            model=call.model,
+            model_version=call.model_version,
+            status=call.status,
+            stream=call.stream,
+            latency_ms=round(seconds * 1000, 3),
+            prompt_tokens=call.prompt_tokens,
+            completion_tokens=call.completion_tokens,
+            peer=call.peer,
+        )
+
+
+async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    """Unknown paths: a 404 in OpenAI's shape."""
+    path = scope.get("path", "")
+    body = wire.error_body(404, f"no route {path!r}", code="unknown_route")
+    await JSONResponse(body, status_code=404)(scope, receive, send)

@@ -1,0 +1,172 @@
+"""The HTTP front on uvicorn, on the event loop of the gRPC server (no thread, no process).
+
+    front = HttpFront(repository, config)      # config.http_port, host, max_message_mb
+    await front.start()                        # binds; /health/live answers from here
+    front.loading = False                      # models loaded: inference routes open
+    front.draining = True                      # new inference requests get 503
+    await front.wait_idle(grace)
+    await front.stop()                         # what still runs is cancelled (a 503 to its caller)
+
+uvicorn is driven through its lower-level pieces (startup / main_loop / shutdown)
+on a socket bound here, never `uvicorn.run`: its signal handlers would replace
+headrace's drain, and its logging config would replace structlog's. The app is
+a bare Starlette Router of `Endpoint`s; Starlette was chosen over FastAPI on
+measured per-request cost (docs/serving.md, bench/http_frameworks.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from importlib import resources
+
+import uvicorn
+from headrace.server.config import ServerConfig
+from headrace.server.http_api import handlers
+from headrace.server.http_api.calls import Endpoint, Handler, not_found
+from headrace.server.logs import get_logger
+from headrace.server.repository import ModelRepository
+from starlette.routing import Route, Router
+
+log = get_logger("headrace.http")
+
+SHUTDOWN_WAIT_S = 2.0  # cancelled requests get this long to send their last bytes
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror}") from exc
+    return sock
+
+
+class HttpFront:
+    """The OpenAI-compatible HTTP API, health, metrics and the chat page on one port."""
+
+    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+        self.repository = repository
+        self.host = config.host
+        self.requested_port = config.http_port
+        self.body_limit = config.max_message_mb * 1024 * 1024
+        self.loading = True  # until the server's models are loaded
+        self.draining = False
+        self.stopping = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.page = resources.files(__package__).joinpath("static/index.html").read_bytes()
+        self.app = self._router(serve_metrics=config.metrics_port == 0)
+        self._sock: socket.socket | None = None
+        self._uvicorn: uvicorn.Server | None = None
+        self._main: asyncio.Task[None] | None = None
+        self.port = 0
+
+    def _router(self, *, serve_metrics: bool) -> Router:
+        h = handlers
+
+        def get(route: str, fn: Handler, inference: bool = True) -> Route:
+            return Route(route, Endpoint(self, route, fn, method="GET", inference=inference))
+
+        def post(route: str, fn: Handler) -> Route:
+            return Route(route, Endpoint(self, route, fn, method="POST"))
+
+        routes = [
+            get("/", h.page, inference=False),
+            get("/health/live", h.live, inference=False),
+            get("/health/ready", h.ready, inference=False),
+            get("/v1/models", h.list_models),
+            get("/v1/models/{model:path}", h.get_model),
+            post("/v1/completions", h.completions),
+            post("/v1/chat/completions", h.chat_completions),
+            post("/v1/classify", h.classify),
+        ]
+        if serve_metrics:
+            routes.append(get("/metrics", h.metrics, inference=False))
+        return Router(routes, default=not_found)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def accepting(self) -> bool:
+        return not (self.loading or self.draining)
+
+    def refusal(self) -> str:
+        if self.draining:
+            return "the server is shutting down; retry elsewhere"
+        return "the server is still loading its models; retry shortly"
+
+    def begin(self, task: asyncio.Task[None]) -> None:
+        self.inflight += 1
+        self._idle.clear()
+        self._tasks.add(task)
+
+    def finish(self, task: asyncio.Task[None]) -> None:
+        self.inflight -= 1
+        self._tasks.discard(task)
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self, within_s: float) -> bool:
+        """Wait until no request runs (True) or `within_s` passed (False)."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._sock = _bind(self.host, self.requested_port)
+        self.port = int(self._sock.getsockname()[1])
+        config = uvicorn.Config(
+            self.app,
+            lifespan="off",
+            log_config=None,  # structlog's configuration stays in charge
+            access_log=False,  # one `event="http"` line per request instead
+            http="httptools",
+            ws="none",
+            proxy_headers=False,  # X-Forwarded-* are not trusted unless a proxy is configured
+            server_header=False,
+            timeout_graceful_shutdown=SHUTDOWN_WAIT_S,
+        )
+        config.load()
+        for name in ("uvicorn", "uvicorn.error"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[self._sock])
+        self._uvicorn = server
+        self._main = asyncio.create_task(server.main_loop(), name="http-front")
+        log.info("http_serving", host=self.host, port=self.port)
+
+    async def stop(self) -> None:
+        """Cancel what still runs (its caller gets a 503), then close every connection."""
+        self.stopping = True
+        self.draining = True
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=SHUTDOWN_WAIT_S)
+        server = self._uvicorn
+        if server is None:
+            if self._sock is not None:
+                self._sock.close()
+            return
+        server.should_exit = True
+        if self._main is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        await server.shutdown(sockets=[self._sock] if self._sock else None)
+        self._uvicorn = None
+
