@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Any
 
 BODY = json.dumps({"model": "m", "texts": ["the service answered quickly"], "top_k": 2}).encode()
 REQUEST = (
@@ -35,13 +36,13 @@ REQUEST = (
 )
 
 
-def app_for(kind: str):  # noqa: ANN201 (each framework's own app type)
+def app_for(kind: str) -> Any:
     import orjson
 
     answer = {"object": "classification", "results": [{"labels": [{"name": "x", "score": 1.0}]}]}
     if kind == "raw-asgi":
 
-        async def raw(scope, receive, send):  # noqa: ANN001, ANN202
+        async def raw(scope, receive, send):
             body = b""
             while True:
                 msg = await receive()
@@ -50,7 +51,10 @@ def app_for(kind: str):  # noqa: ANN201 (each framework's own app type)
                     break
             orjson.loads(body)
             out = orjson.dumps(answer)
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(out)).encode()),
+            ]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": out})
 
@@ -137,7 +141,9 @@ def free_port() -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--callers", type=int, default=8)
     p.add_argument("--kinds", default="raw-asgi,starlette,fastapi-request,fastapi-pydantic")

@@ -33,6 +33,7 @@ from headrace.server.logs import get_logger
 from headrace.server.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 if TYPE_CHECKING:
     from headrace.server.http_api.front import HttpFront
@@ -41,9 +42,6 @@ log = get_logger("headrace.http")
 
 REQUEST_ID = "x-request-id"
 STATUS_CLIENT_GONE = 499  # logged only: the client closed the connection first
-Scope = dict[str, Any]
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class HttpError(Exception):
@@ -127,7 +125,9 @@ async def read_json(request: Request, limit: int) -> dict[str, Any]:
     try:
         data = orjson.loads(b"".join(parts))
     except orjson.JSONDecodeError as exc:
-        raise HttpError(400, f"the request body is not valid JSON: {exc}", code="invalid_json")
+        raise HttpError(
+            400, f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise HttpError(400, "the request body must be a JSON object", code="invalid_json")
     return data
@@ -281,7 +281,9 @@ class Endpoint:
         headers = {}
         if call.status in (429, 503):
             headers["retry-after"] = "1"
-        if call.status == 413 or (call.status == 503 and self.front.draining):
+        # A 413 keeps the connection: uvicorn reads and drops the rest of the body after the
+        # response, where closing at once would reset the socket under the caller's upload.
+        if call.status == 503 and self.front.draining:
             headers["connection"] = "close"
         if call.status == 405:
             headers["allow"] = self.method

@@ -32,7 +32,7 @@ from starlette.routing import Route, Router
 
 log = get_logger("headrace.http")
 
-SHUTDOWN_WAIT_S = 2.0  # cancelled requests get this long to send their last bytes
+SHUTDOWN_WAIT_S = 2  # cancelled requests get this long to send their last bytes
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -169,4 +169,3 @@ class HttpFront:
                 await self._main
         await server.shutdown(sockets=[self._sock] if self._sock else None)
         self._uvicorn = None
-

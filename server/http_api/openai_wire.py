@@ -227,9 +227,7 @@ def read_chat(body: Mapping[str, Any]) -> GenerationBody:
             raise InvalidField(where, "each message must be an object")
         role = message.get("role")
         if role not in _ROLES:
-            raise InvalidField(
-                f"{where}.role", "role must be system, developer, user or assistant"
-            )
+            raise InvalidField(f"{where}.role", "role must be system, developer, user or assistant")
         turns.append((_ROLES[role], _content(message, where)))
     return replace(parsed, messages=tuple(turns))
 
@@ -409,14 +407,13 @@ def models_list(models: Sequence[tuple[ModelEntry, int]]) -> dict[str, Any]:
     return {"object": "list", "data": [model_object(e, created) for e, created in models]}
 
 
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 413: "invalid_request_error"}
-
-
 def error_body(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     """OpenAI's error object: {"error": {"message", "type", "param", "code"}}."""
-    kind = _TYPES.get(status) or (
-        "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
-    )
+    kind = "invalid_request_error"
+    if status == 429:
+        kind = "rate_limit_error"
+    elif status >= 500:
+        kind = "server_error"
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}

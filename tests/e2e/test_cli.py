@@ -33,7 +33,7 @@ def test_help_lists_commands_and_every_serve_flag() -> None:
     serve = headrace("serve", "--help")
     assert serve.returncode == 0
     for flag in ("--config", "--models", "--host", "--port", "--profile", "--device",
-                 "--metrics-port", "--grace-period", "--poll-interval", "--intra-op-threads",
+                 "--metrics-port", "--http-port", "--grace-period", "--poll-interval", "--intra-op-threads",
                  "--inter-op-threads", "--default-classify-model", "--default-generate-model",
                  "--log-format", "--log-level", "--port-file", "--max-message-mb"):  # fmt: skip
         assert flag in serve.stdout, flag
@@ -170,3 +170,40 @@ def test_serve_health_metrics_and_sigint(tiny_models: Path, tmp_path: Path) -> N
             proc.kill()
             proc.wait()
     assert "serving" in proc.stderr.read()
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_drains_an_sse_stream(long_models: Path, tmp_path: Path) -> None:
+    """uvicorn runs inside headrace's loop: SIGTERM is headrace's drain, not uvicorn's exit."""
+    port_file, http_port = tmp_path / "port", _free_port()
+    proc = subprocess.Popen(
+        [*HEADRACE, "serve", "--models", str(long_models), "--port", "0", "--port-file",
+         str(port_file), "--http-port", str(http_port), "--poll-interval", "0",
+         "--grace-period", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_port(port_file, proc)
+        base = f"http://127.0.0.1:{http_port}"
+        with urllib.request.urlopen(f"{base}/health/ready", timeout=10) as response:
+            assert json.loads(response.read())["status"] == "ready"
+        body = {"model": "long-generator", "prompt": "the", "max_tokens": 300, "stream": True,
+                "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+        req = urllib.request.Request(f"{base}/v1/completions", data=json.dumps(body).encode())
+        with urllib.request.urlopen(req, timeout=60) as stream:
+            first = stream.readline()
+            assert first.startswith(b"data: ")
+            os.kill(proc.pid, signal.SIGTERM)
+            rest = stream.read().decode()  # the stream in flight runs to its end
+        assert rest.rstrip().endswith("data: [DONE]") and '"completion_tokens":300' in rest
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert names.index("http_serving") < names.index("serving") < names.index("draining")
+    assert names.index("draining") < names.index("stopped")
+    http = next(e for e in events if e["event"] == "http" and e["route"] == "/v1/completions")
+    assert (http["status"], http["stream"], http["completion_tokens"]) == (200, True, 300)

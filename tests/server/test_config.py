@@ -46,6 +46,8 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("intra_op_threads = 0", "intra_op_threads"),
         ('log_level = "loud"', "log_level"),
         ("port = [", "TOML"),
+        ("http_port = 70000", "http_port"),
+        ("port = 8000\nhttp_port = 8000", "http_port"),
     ],
 )
 def test_bad_file_names_the_key(tmp_path: Path, text: str, needle: str) -> None:
