@@ -158,6 +158,79 @@ def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
     ]
 
 
+class StreamStats:
+    """The figures of one generate point, shared by the gRPC and the SSE load generators:
+    tokens received inside the window, TTFT, ITL (per token, between token-bearing
+    chunks) and TPOT (per stream)."""
+
+    def __init__(self, window: Window) -> None:
+        self.window = window
+        self.tokens_in_window = 0
+        self.ttft: list[float] = []
+        self.gaps: list[float] = []
+        self.completions: list[int] = []
+        self.tpot: list[float] = []
+        self.errors: Counter[str] = Counter()
+
+    def stream(self, t0: float) -> Stream:
+        return Stream(self, t0)
+
+    def point(self, concurrency: int) -> dict[str, Any]:
+        ttft_s = latency_summary(self.ttft)
+        gaps, tpot, completions = self.gaps, self.tpot, self.completions
+        return {
+            "concurrency": concurrency,
+            "tokens_per_s": self.tokens_in_window / self.window.duration,
+            "ttft_p50_ms": ttft_s["p50_ms"],
+            "ttft_p99_ms": ttft_s["p99_ms"],
+            "itl_p50_ms": None if not gaps else round(1e3 * (pct(gaps, 50) or 0.0), 3),
+            "itl_p99_ms": None if not gaps else round(1e3 * (pct(gaps, 99) or 0.0), 3),
+            "tpot_p50_ms": None if not tpot else round(1e3 * (pct(tpot, 50) or 0.0), 3),
+            "tpot_p99_ms": None if not tpot else round(1e3 * (pct(tpot, 99) or 0.0), 3),
+            "streams_completed": len(completions),
+            "mean_tokens_per_stream": (sum(completions) / len(completions))
+            if completions
+            else None,
+            "errors": dict(self.errors),
+            **self.window.cpu,
+        }
+
+
+class Stream:
+    """One stream's timing: `chunk()` per token-bearing chunk, `done()` at its end."""
+
+    __slots__ = ("first", "n", "n_first", "prev", "stats", "t0")
+
+    def __init__(self, stats: StreamStats, t0: float) -> None:
+        self.stats, self.t0 = stats, t0
+        self.prev: float | None = None
+        self.first: float | None = None
+        self.n = self.n_first = 0
+
+    def chunk(self, t: float, got: int) -> bool:
+        """Record `got` tokens received at `t`; True when the window is over (stop the stream)."""
+        stats = self.stats
+        if self.first is None:
+            self.first, self.n_first = t, got
+        self.n += got
+        if stats.window.inside(t):
+            stats.tokens_in_window += got
+            if self.prev is None:
+                stats.ttft.append(t - self.t0)
+            else:
+                stats.gaps.extend([(t - self.prev) / got] * got)
+        self.prev = t
+        return t > stats.window.end
+
+    def done(self) -> None:
+        stats, first, prev = self.stats, self.first, self.prev
+        if first is not None and prev is not None and self.n > self.n_first:
+            if stats.window.inside(first):
+                stats.tpot.append((prev - first) / (self.n - self.n_first))
+        if stats.window.inside(time.perf_counter()):
+            stats.completions.append(self.n)
+
+
 async def generate_point(
     channel: grpc.aio.Channel,
     payloads: list[bytes],
@@ -173,70 +246,31 @@ async def generate_point(
         GENERATE_STREAM, response_deserializer=pb.GenerateChunk.FromString
     )
     window = Window(warmup, duration, server_pid)
-    tokens_in_window = 0
-    ttft: list[float] = []
-    gaps: list[float] = []  # seconds per token between consecutive token-bearing chunks
-    completions: list[int] = []
-    tpot: list[float] = []  # per stream: (last token - first token) / (tokens after the first)
-    errors: Counter[str] = Counter()
+    stats = StreamStats(window)
 
     async def caller(k: int) -> None:
-        nonlocal tokens_in_window
         i = k
         while time.perf_counter() < window.end:
             payload = payloads[i % len(payloads)]
             i += concurrency
-            t0 = time.perf_counter()
+            track = stats.stream(time.perf_counter())
             call = stream(payload, timeout=call_timeout)
-            prev: float | None = None
-            first: float | None = None
-            n = n_first = 0
             try:
                 async for chunk in call:
-                    t = time.perf_counter()
                     got = len(chunk.token_ids)
-                    if not got:
-                        continue
-                    if first is None:
-                        first, n_first = t, got
-                    n += got
-                    if window.inside(t):
-                        tokens_in_window += got
-                        if prev is None:
-                            ttft.append(t - t0)
-                        else:
-                            gaps.extend([(t - prev) / got] * got)
-                    prev = t
-                    if t > window.end:
+                    if got and track.chunk(time.perf_counter(), got):
                         call.cancel()  # the window is over: stop this stream
                         break
             except grpc.aio.AioRpcError as exc:
                 if exc.code() != grpc.StatusCode.CANCELLED:
-                    errors[exc.code().name] += 1
+                    stats.errors[exc.code().name] += 1
                 continue
-            if first is not None and prev is not None and n > n_first and window.inside(first):
-                tpot.append((prev - first) / (n - n_first))
-            if window.inside(time.perf_counter()):
-                completions.append(n)
+            track.done()
 
     watcher = asyncio.create_task(window.watch())
     await asyncio.gather(*(caller(k) for k in range(concurrency)))
     await watcher
-    ttft_s = latency_summary(ttft)
-    return {
-        "concurrency": concurrency,
-        "tokens_per_s": tokens_in_window / duration,
-        "ttft_p50_ms": ttft_s["p50_ms"],
-        "ttft_p99_ms": ttft_s["p99_ms"],
-        "itl_p50_ms": None if not gaps else round(1e3 * (pct(gaps, 50) or 0.0), 3),
-        "itl_p99_ms": None if not gaps else round(1e3 * (pct(gaps, 99) or 0.0), 3),
-        "tpot_p50_ms": None if not tpot else round(1e3 * (pct(tpot, 50) or 0.0), 3),
-        "tpot_p99_ms": None if not tpot else round(1e3 * (pct(tpot, 99) or 0.0), 3),
-        "streams_completed": len(completions),
-        "mean_tokens_per_stream": (sum(completions) / len(completions)) if completions else None,
-        "errors": dict(errors),
-        **window.cpu,
-    }
+    return stats.point(concurrency)
 
 
 async def cancel_run(

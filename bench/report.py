@@ -122,7 +122,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 growth < noise,
             )
         )
-    return rows
+    from bench.report_http import http_targets
+
+    return rows + http_targets(r)
 
 
 def headline_table(r: dict[str, Any]) -> str:
@@ -477,6 +479,9 @@ def render(r: dict[str, Any], images: list[str]) -> str:
             f"Took {_f(cancel.get('seconds'))} s; outcomes {cancel.get('outcome')}.",
             "",
         ]
+    from bench.report_http import http_section
+
+    md += http_section(r)
     md += [
         "## How to read this",
         "",

@@ -34,6 +34,7 @@ from bench.servers import (
     free_port,
     headrace_cmd,
     headrace_labels,
+    http_ok,
     kserve_labels,
     model_info,
     models_ready,
@@ -109,12 +110,14 @@ class Bench:
         out = self.work / f"loadgen-{mode}-{model}-{time.monotonic_ns()}.json"
         return self.child(args, out, timeout=1800)
 
-    def headrace(self, names: list[str], tag: str) -> tuple[ServerProcess, str, int]:
+    def headrace(
+        self, names: list[str], tag: str, extra: tuple[str, ...] = ()
+    ) -> tuple[ServerProcess, str, int]:
         repo = single_model_repo(self.models, names, self.work / f"repo-{tag}")
         port, metrics_port = free_port(), free_port()
         server = ServerProcess(
             f"headrace ({tag})",
-            [*headrace_cmd(repo, port, metrics_port, self.a.profile), *self.a.server_arg],
+            [*headrace_cmd(repo, port, metrics_port, self.a.profile), *extra, *self.a.server_arg],
             self.work / f"headrace-{tag}.log",
         )
         target = f"127.0.0.1:{port}"
@@ -308,6 +311,36 @@ class Bench:
             )
         return {"server": "headrace", "model": model, "info": info, **run, "cancel": cancel}
 
+    def http_generate(self, model: str) -> dict[str, Any]:
+        """SSE (the HTTP front) vs gRPC on one server, same model, points interleaved."""
+        http_port = free_port()
+        server, target, _ = self.headrace(
+            [model], f"http-{model}", ("--http-port", str(http_port))
+        )
+        grpc_points, sse_points = [], []
+        with server:
+            server.wait_ready(lambda: http_ok(f"http://127.0.0.1:{http_port}/health/ready"), 60)
+            info = model_info(target, model)
+            for c in (1, 16):
+                kw = {"concurrency": c, "new_tokens": self.a.new_tokens}
+                grpc_points += self.loadgen("generate", target, model, server.pid, **kw)["points"]
+                out = self.work / f"sse-{model}-{c}-{time.monotonic_ns()}.json"
+                sse = self.child(
+                    ["-m", "bench.sse_loadgen", "--target", f"127.0.0.1:{http_port}",
+                     "--model", model, "--server-pid", str(server.pid), "--warmup",
+                     str(self.a.warmup), "--duration", str(self.a.duration),
+                     "--concurrency", str(c), "--new-tokens", str(self.a.new_tokens)],
+                    out, timeout=1800,
+                )  # fmt: skip
+                sse_points += sse["points"]
+        return {
+            "server": "headrace",
+            "model": model,
+            "info": info,
+            "grpc": {"points": grpc_points},
+            "sse": {"points": sse_points},
+        }
+
     def naive_generate(self, model: str) -> dict[str, Any]:
         hf = find_hf_dir(self.models / model)
         if hf is None:
@@ -365,6 +398,8 @@ class Bench:
             self.phase("generate_limit", lambda: self.generate_limit(a.generate_model))
             self.phase("generate_headrace", lambda: self.headrace_generate(a.generate_model))
             self.phase("generate_naive", lambda: self.naive_generate(a.generate_model))
+        if "http" in a.only:
+            self.phase("http_generate", lambda: self.http_generate(a.generate_model))
         write_json(self.raw_path, self.results)
         from bench.report import write_report
 
@@ -382,7 +417,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classify-model", default="sentiment")
     p.add_argument("--teacher-model", default="sentiment-teacher")
     p.add_argument("--generate-model", default="tweetgpt")
-    p.add_argument("--only", default="classify,peers,generate", type=lambda s: s.split(","))
+    p.add_argument(
+        "--only", default="classify,peers,generate,http", type=lambda s: s.split(",")
+    )
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before each measured window")
     p.add_argument("--duration", type=float, default=12.0, help="measured seconds per point")
     p.add_argument(

@@ -78,12 +78,31 @@ def test_metric_value_reads_prometheus_text() -> None:
     assert metric_value(text, "headrace_queue_depth") is None
 
 
+def test_http_targets() -> None:
+    def point(c: int, tps: float, ttft: float) -> dict:
+        return {"concurrency": c, "tokens_per_s": tps, "ttft_p50_ms": ttft}
+
+    r = {
+        "http_generate": {
+            "grpc": {"points": [point(1, 100.0, 3.0), point(16, 1000.0, 30.0)]},
+            "sse": {"points": [point(1, 100.0, 3.5), point(16, 950.0, 31.0)]},
+        }
+    }
+    verdicts = [ok for _, _, _, ok in targets(r)]
+    assert verdicts == [True, True]
+    r["http_generate"]["sse"]["points"] = [point(1, 100.0, 4.5), point(16, 850.0, 31.0)]
+    assert [ok for _, _, _, ok in targets(r)] == [False, False]
+    assert "SSE" in render(r, [])
+
+
 @pytest.fixture(scope="module")
 def server(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    port, metrics_port = free_port(), free_port()
+    port, metrics_port, http_port = free_port(), free_port(), free_port()
     log = tmp_path_factory.mktemp("bench") / "server.log"
-    proc = ServerProcess("headrace", headrace_cmd(tiny_models, port, metrics_port, "cpu"), log)
+    cmd = [*headrace_cmd(tiny_models, port, metrics_port, "cpu"), "--http-port", str(http_port)]
+    proc = ServerProcess("headrace", cmd, log)
     target = f"127.0.0.1:{port}"
+    proc.http_target = f"127.0.0.1:{http_port}"  # type: ignore[attr-defined]
     try:
         proc.wait_ready(lambda: models_ready(target, ["tiny-classifier", "tiny-generator"]), 120)
         yield proc, target, metrics_port
@@ -134,6 +153,21 @@ def test_loadgen_classify_and_generate_against_a_real_server(server, tmp_path: P
     )
     point = run["points"][0]
     assert point["errors"] == {} and point["tokens_per_s"] > 0
+    assert point["ttft_p50_ms"] is not None and point["itl_p50_ms"] is not None
+
+
+def test_sse_loadgen_against_a_real_server(server, tmp_path: Path) -> None:
+    proc, _, _ = server
+    out = tmp_path / "sse.json"
+    subprocess.run(
+        [sys.executable, "-m", "bench.sse_loadgen", "--target", proc.http_target,
+         "--model", "tiny-generator", "--concurrency", "2", "--new-tokens", "8",
+         "--warmup", "0.3", "--duration", "1", "--server-pid", str(proc.pid), "--out", str(out)],
+        check=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    point = read_json(out)["points"][0]
+    assert point["errors"] == {} and point["tokens_per_s"] > 0
+    assert point["mean_tokens_per_stream"] == 8.0
     assert point["ttft_p50_ms"] is not None and point["itl_p50_ms"] is not None
 
 
