@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 
 import grpc
+from headrace.v1 import inference_pb2_grpc
 
 from . import _convert, _health
 from ._channel import Metadata, PemSource, RetryPolicy, Settings, settings
@@ -23,7 +24,6 @@ from ._types import (
     ModelInfo,
     Task,
 )
-from .v1 import inference_pb2_grpc
 
 __all__ = ["AsyncClient"]
 

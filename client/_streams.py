@@ -13,11 +13,11 @@ from types import TracebackType
 from typing import Any, Generic, Self, TypeAlias, TypeVar
 
 import grpc
+from headrace.v1 import inference_pb2 as pb
 
 from . import _convert
 from ._errors import error_from_aio_rpc_error, error_from_rpc_error
 from ._types import ClassifyInput
-from .v1 import inference_pb2 as pb
 
 __all__ = ["AsyncResponseStream", "RequestFeeder", "ResponseStream"]
 
