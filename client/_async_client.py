@@ -13,8 +13,8 @@ from . import _calls
 from ._base import ClientBase
 from ._calls import Streaming, Unary
 from ._channel import Settings
-from ._errors import Unavailable, error_from_aio_rpc_error
-from ._streams import AsyncResponseStream, RequestFeeder
+from ._errors import TypedErrors, Unavailable
+from ._streams import AsyncResponseStream
 
 __all__ = ["AsyncClient"]
 
@@ -26,7 +26,11 @@ def _unary(
     spec: Callable[P, Unary[T]],
 ) -> Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]]:
     async def send(self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return await self._send(spec(*args, **kwargs))
+        call = spec(*args, **kwargs)
+        rpc: Any = self._rpcs[call.method]
+        with TypedErrors(call.request_id):
+            response = await rpc(call.request, **self._call_options(call))
+        return call.convert(response)
 
     return _calls.as_method(spec, send, "AsyncClient")
 
@@ -37,7 +41,9 @@ def _streaming(
     def open_stream(
         self: AsyncClient, /, *args: P.args, **kwargs: P.kwargs
     ) -> AsyncResponseStream[T]:
-        return self._open(spec(*args, **kwargs))
+        call = spec(*args, **kwargs)
+        grpc_call, request_error = self._start_stream(call, aio=True)
+        return AsyncResponseStream(grpc_call, call.convert, call.request_id, request_error)
 
     return _calls.as_method(spec, open_stream, "AsyncClient")
 
@@ -80,24 +86,7 @@ class AsyncClient(ClientBase[grpc.aio.Channel]):
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # -- how a call is sent ----------------------------------------------------------
-
     def _connect(self, s: Settings) -> grpc.aio.Channel:
         if s.credentials is None:
             return grpc.aio.insecure_channel(s.target, s.options, s.compression)
         return grpc.aio.secure_channel(s.target, s.credentials, s.options, s.compression)
-
-    async def _send(self, call: Unary[T]) -> T:
-        rpc: Any = self._rpcs[call.method]
-        try:
-            response = await rpc(call.request, **self._call_options(call))
-        except grpc.aio.AioRpcError as err:
-            raise error_from_aio_rpc_error(err, call.request_id) from err
-        return call.convert(response)
-
-    def _open(self, call: Streaming[T]) -> AsyncResponseStream[T]:
-        feeder = call.request if isinstance(call.request, RequestFeeder) else None
-        requests = call.request if feeder is None else feeder.__aiter__()
-        grpc_call = self._rpcs[call.method](requests, **self._call_options(call))
-        error = None if feeder is None else feeder.error
-        return AsyncResponseStream(grpc_call, call.convert, call.request_id, error)

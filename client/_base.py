@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, Literal, TypeVar
 
 import grpc
 from headrace.v1 import inference_pb2_grpc
 
 from . import _health
-from ._calls import Call, Method
+from ._calls import Call, Method, Streaming
 from ._channel import Metadata, PemSource, RetryPolicy, Settings, settings
+from ._streams import RequestFeeder
 
 __all__ = ["DEFAULT_TARGET", "ClientBase"]
 
@@ -116,6 +117,21 @@ class ClientBase(Generic[ChannelT]):
             "metadata": s.call_metadata(call.metadata),
             "wait_for_ready": s.wait_for_ready,
         }
+
+    def _start_stream(
+        self, call: Streaming[Any], aio: bool
+    ) -> tuple[Any, Callable[[], BaseException | None] | None]:
+        """Start a streaming call: the gRPC call, and where the requests' own error is kept.
+
+        A ClassifyStream's requests are read from its RequestFeeder: as an iterator by
+        the sync channel's thread, as an async iterator on grpc.aio's loop.
+        """
+        request: Any = call.request
+        request_error = None
+        if isinstance(request, RequestFeeder):
+            request_error = request.error
+            request = request.__aiter__() if aio else iter(request)
+        return self._rpcs[call.method](request, **self._call_options(call)), request_error
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r})"

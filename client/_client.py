@@ -11,8 +11,8 @@ from . import _calls
 from ._base import DEFAULT_TARGET, ClientBase
 from ._calls import Streaming, Unary
 from ._channel import Settings
-from ._errors import Unavailable, error_from_rpc_error
-from ._streams import RequestFeeder, ResponseStream
+from ._errors import TypedErrors, Unavailable
+from ._streams import ResponseStream
 
 __all__ = ["DEFAULT_TARGET", "Client"]
 
@@ -22,7 +22,11 @@ T = TypeVar("T")
 
 def _unary(spec: Callable[P, Unary[T]]) -> Callable[Concatenate[Client, P], T]:
     def send(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
-        return self._send(spec(*args, **kwargs))
+        call = spec(*args, **kwargs)
+        rpc: Any = self._rpcs[call.method]
+        with TypedErrors(call.request_id):
+            response = rpc(call.request, **self._call_options(call))
+        return call.convert(response)
 
     return _calls.as_method(spec, send, "Client")
 
@@ -31,7 +35,9 @@ def _streaming(
     spec: Callable[P, Streaming[T]],
 ) -> Callable[Concatenate[Client, P], ResponseStream[T]]:
     def open_stream(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> ResponseStream[T]:
-        return self._open(spec(*args, **kwargs))
+        call = spec(*args, **kwargs)
+        grpc_call, request_error = self._start_stream(call, aio=False)
+        return ResponseStream(grpc_call, call.convert, call.request_id, request_error)
 
     return _calls.as_method(spec, open_stream, "Client")
 
@@ -70,24 +76,7 @@ class Client(ClientBase[grpc.Channel]):
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- how a call is sent ----------------------------------------------------------
-
     def _connect(self, s: Settings) -> grpc.Channel:
         if s.credentials is None:
             return grpc.insecure_channel(s.target, s.options, s.compression)
         return grpc.secure_channel(s.target, s.credentials, s.options, s.compression)
-
-    def _send(self, call: Unary[T]) -> T:
-        rpc: Any = self._rpcs[call.method]
-        try:
-            response = rpc(call.request, **self._call_options(call))
-        except grpc.RpcError as err:
-            raise error_from_rpc_error(err, call.request_id) from err
-        return call.convert(response)
-
-    def _open(self, call: Streaming[T]) -> ResponseStream[T]:
-        feeder = call.request if isinstance(call.request, RequestFeeder) else None
-        requests = call.request if feeder is None else iter(feeder)
-        grpc_call = self._rpcs[call.method](requests, **self._call_options(call))
-        error = None if feeder is None else feeder.error
-        return ResponseStream(grpc_call, call.convert, call.request_id, error)
