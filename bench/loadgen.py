@@ -89,7 +89,7 @@ class Window:
 def classify_payloads(protocol: str, model: str, n: int) -> list[bytes]:
     texts = tweets(n, seed=2)
     if protocol == "headrace":
-        from headrace.client.v1 import inference_pb2 as pb
+        from headrace.v1 import inference_pb2 as pb
 
         return [pb.ClassifyRequest(model=model, texts=[t]).SerializeToString() for t in texts]
     from bench.kserve import infer_request_bytes
@@ -145,7 +145,7 @@ async def classify_point(
 
 
 def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
-    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2 as pb
 
     return [
         pb.GenerateRequest(
@@ -240,7 +240,7 @@ async def generate_point(
     server_pid: int | None,
     call_timeout: float,
 ) -> dict[str, Any]:
-    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2 as pb
 
     stream = channel.unary_stream(
         GENERATE_STREAM, response_deserializer=pb.GenerateChunk.FromString
@@ -282,7 +282,7 @@ async def cancel_run(
     call_timeout: float,
 ) -> dict[str, Any]:
     """`streams` GenerateStreams, each cancelled after 1-6 tokens (some before their first)."""
-    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2 as pb
 
     stream = channel.unary_stream(
         GENERATE_STREAM, response_deserializer=pb.GenerateChunk.FromString

@@ -101,8 +101,8 @@ class ServerProcess:
 def models_ready(target: str, names: Sequence[str]) -> bool:
     """headrace's ListModels lists every one of `names`."""
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pbg
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pbg
 
     with grpc.insecure_channel(target) as channel:
         resp = pbg.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=2)
@@ -112,8 +112,8 @@ def models_ready(target: str, names: Sequence[str]) -> bool:
 
 def model_info(target: str, name: str) -> dict[str, str]:
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pbg
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pbg
 
     with grpc.insecure_channel(target) as channel:
         resp = pbg.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
@@ -133,8 +133,8 @@ def model_info(target: str, name: str) -> dict[str, str]:
 def headrace_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
     """The top label headrace gives each text (one request per text)."""
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pbg
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pbg
 
     with grpc.insecure_channel(target) as channel:
         stub = pbg.InferenceStub(channel)

@@ -32,12 +32,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
 from headrace.server.config import ServerConfig
 from headrace.server.logs import get_logger
 from headrace.server.repository import ModelRepository
 from headrace.server.service import InferenceService
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from headrace.server.http_api import HttpFront

@@ -22,14 +22,14 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_status import rpc_status
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
 from headrace.server import convert
 from headrace.server.errors import ServerDraining, rich_status, status_for
 from headrace.server.logs import get_logger
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
 from headrace.server.repository import ModelRepository
 from headrace.server.types import Task
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
 log = get_logger("headrace.service")
 
