@@ -312,8 +312,9 @@ def model_config(newest: LoadedVersion, backend: str) -> pb.ModelConfig:
         platform=backend,
         backend="headrace",
         max_batch_size=0,  # the batch is the text dimension of `text` itself
-        model_transaction_policy=pb.ModelTransactionPolicy(decoupled=generate),
     )
+    if generate:  # several responses per request, on ModelStreamInfer
+        config.model_transaction_policy.decoupled = True
     inputs = GENERATE_INPUTS if generate else CLASSIFY_INPUTS
     for name, (datatype, shape, optional) in inputs.items():
         config.input.append(
