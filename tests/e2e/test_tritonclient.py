@@ -128,3 +128,48 @@ def test_example_script_classifies_and_streams(server: RunningServer) -> None:
     assert len(out["classify"]) == 3 and all(r["label"] for r in out["classify"])
     assert out["stream"]["chunks"] >= 1 and out["stream"]["text"]
     json.dumps(out)
+
+
+# The two metadata maps are MLServer's extension; Triton's proto has no field there.
+EXTENSIONS = {
+    ("inference.ModelMetadataResponse", "parameters"),
+    ("inference.ModelMetadataResponse.TensorMetadata", "parameters"),
+}
+
+
+def test_our_proto_has_the_numbers_of_tritonclients() -> None:
+    """Every field, enum value and method we declare is Triton's, with its number and type."""
+    from headrace.server.kserve.pb import grpc_service_pb2 as ours
+
+    theirs = run_json(HERE / "triton_descriptors.py")
+    mine: dict[str, Any] = {}
+
+    def walk(desc: Any) -> None:
+        mine[desc.full_name] = {
+            f.name: [
+                f.number,
+                f.type,
+                f.is_repeated,
+                (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else "",
+            ]
+            for f in desc.fields
+        }
+        for nested in desc.nested_types:
+            walk(nested)
+
+    for desc in ours.DESCRIPTOR.message_types_by_name.values():
+        walk(desc)
+    for enum in ours.DESCRIPTOR.enum_types_by_name.values():
+        mine[enum.full_name] = {v.name: [v.number] for v in enum.values}
+    checked = 0
+    for message, fields in mine.items():
+        for name, spec in fields.items():
+            if (message, name) in EXTENSIONS or message.endswith("Entry"):
+                continue
+            assert theirs["messages"].get(message, {}).get(name) == spec, (message, name)
+            checked += 1
+    assert checked > 100
+    service = ours.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    for m in service.methods:
+        spec = [m.input_type.full_name, m.output_type.full_name]
+        assert theirs["methods"][m.name] == [*spec, m.client_streaming, m.server_streaming]
