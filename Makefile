@@ -47,7 +47,7 @@ lock: ## re-resolve requirements/*.lock from pyproject.toml (uv, needs the index
 lock-check: $(STAMP)
 	$(PY) scripts/lock.py --check
 
-protos: $(STAMP) ## regenerate client/v1 from protos/
+protos: $(STAMP) ## regenerate client/v1 and server/kserve/pb from protos/
 	$(PY) scripts/gen_protos.py
 
 protos-check: $(STAMP)

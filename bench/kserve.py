@@ -22,7 +22,9 @@ MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 def headrace_request(model: str, texts: list[str]) -> pb.ModelInferRequest:
     """`text` BYTES [N], raw: 4-byte little-endian length + UTF-8, per text."""
     raw = b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
-    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[len(texts)])
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[len(texts)]
+    )
     return pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[raw])
 
 

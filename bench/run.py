@@ -418,9 +418,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classify-model", default="sentiment")
     p.add_argument("--teacher-model", default="sentiment-teacher")
     p.add_argument("--generate-model", default="tweetgpt")
-    p.add_argument(
-        "--only", default="classify,kserve,peers,generate", type=lambda s: s.split(",")
-    )
+    p.add_argument("--only", default="classify,kserve,peers,generate", type=lambda s: s.split(","))
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before each measured window")
     p.add_argument("--duration", type=float, default=12.0, help="measured seconds per point")
     p.add_argument(

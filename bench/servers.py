@@ -156,7 +156,9 @@ def kserve_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         infer = channel.unary_unary(MODEL_INFER)
         return [
-            headrace_top_labels(infer(headrace_request(model, [t]).SerializeToString(), timeout=30))[0]
+            headrace_top_labels(
+                infer(headrace_request(model, [t]).SerializeToString(), timeout=30)
+            )[0]
             for t in texts
         ]
 
@@ -173,7 +175,9 @@ def mlserver_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
         infer = channel.unary_unary(MODEL_INFER)
         out = []
         for t in texts:
-            raw = mlserver_top_label(infer(mlserver_request(model, t).SerializeToString(), timeout=60))
+            raw = mlserver_top_label(
+                infer(mlserver_request(model, t).SerializeToString(), timeout=60)
+            )
             pred = json.loads(raw)
             out.append(str((pred[0] if isinstance(pred, list) else pred)["label"]))
         return out

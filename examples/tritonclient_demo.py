@@ -45,7 +45,11 @@ rows = [
 flag = grpcclient.InferInput("stream", [1], "BOOL")
 flag.set_data_from_numpy(np.array([True]))
 sampling = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 32, "seed": 1}
-inputs = [strings("text_input", [a.prompt]), flag, strings("sampling_parameters", [json.dumps(sampling)])]
+inputs = [
+    strings("text_input", [a.prompt]),
+    flag,
+    strings("sampling_parameters", [json.dumps(sampling)]),
+]
 events = queue.Queue()
 client.start_stream(callback=lambda result, error: events.put((result, error)))
 client.async_stream_infer(a.generator, inputs, enable_empty_final_response=True)
@@ -64,7 +68,9 @@ client.stop_stream()
 client.close()
 
 if a.json:
-    print(json.dumps({"classify": rows, "stream": {"chunks": len(chunks), "text": "".join(chunks)}}))
+    print(
+        json.dumps({"classify": rows, "stream": {"chunks": len(chunks), "text": "".join(chunks)}})
+    )
 else:
     print(f"\n-- streamed {len(chunks)} chunks from {a.generator!r}, prompt {a.prompt!r}")
     for r in rows:

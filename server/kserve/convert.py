@@ -180,7 +180,9 @@ def _number(key: str, value: Any, *, integer: bool = False) -> float:
     return value  # type: ignore[no-any-return]
 
 
-def _sampling(raw: bytes | None, vocab_size: int | None) -> tuple[SamplingParams, int, tuple[str, ...]]:
+def _sampling(
+    raw: bytes | None, vocab_size: int | None
+) -> tuple[SamplingParams, int, tuple[str, ...]]:
     """sampling_parameters JSON -> (SamplingParams, max_new_tokens (0: default), stop)."""
     if raw is None:
         return SamplingParams(), 0, ()
@@ -328,5 +330,7 @@ def model_config(newest: LoadedVersion, backend: str) -> pb.ModelConfig:
         else [(LABEL, "BYTES", [-1]), (PROBABILITIES, "FP32", [-1, len(manifest.labels)])]
     )
     for name, datatype, shape in outputs:
-        config.output.append(pb.ModelOutput(name=name, data_type=_CONFIG_TYPES[datatype], dims=shape))
+        config.output.append(
+            pb.ModelOutput(name=name, data_type=_CONFIG_TYPES[datatype], dims=shape)
+        )
     return config

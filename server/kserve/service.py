@@ -52,7 +52,8 @@ def kserve_status(info: RpcInfo, exc: Exception) -> MappedError:
     mapped = mapped_error(info, exc)
     if isinstance(exc, InvalidInput):
         tensor = convert.tensor_of(exc.field)
-        return replace(mapped, field=tensor, message=f"input tensor '{tensor}': {exc.message}")
+        message = exc.message.replace("max_new_tokens", "max_tokens")  # the JSON key's name
+        return replace(mapped, field=tensor, message=f"input tensor '{tensor}': {message}")
     return mapped
 
 
@@ -67,8 +68,7 @@ def unary(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 self.gate.refuse_if_draining()
                 return await fn(self, request, context, info)
             except BaseException as exc:
-                mapped = kserve_status(info, exc) if _mappable(exc) else None
-                await abort_for(info, context, exc, mapped)
+                await abort_for(info, context, exc, _status_of(info, exc))
             finally:
                 self.gate.finish(info)
 
@@ -77,8 +77,11 @@ def unary(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     return decorate
 
 
-def _mappable(exc: BaseException) -> bool:
-    return isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError)
+def _status_of(info: RpcInfo, exc: BaseException) -> MappedError | None:
+    """kserve_status for an error to map; None for cancellation and aborts (abort_for's own)."""
+    if isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
+        return kserve_status(info, exc)
+    return None
 
 
 class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
@@ -185,12 +188,9 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context, info: RpcInfo
     ) -> pb.ModelInferResponse:
-        response: pb.ModelInferResponse | None = None
         async with contextlib.aclosing(self._answers(request, info, streaming=False)) as answers:
-            async for response in answers:
-                pass
-        assert response is not None
-        return response
+            responses = [response async for response in answers]
+        return responses[-1]  # unary: the one response (the whole text for a generation)
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -202,7 +202,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 async for response in responses:
                     yield response
         except BaseException as exc:
-            await abort_for(info, context, exc, kserve_status(info, exc) if _mappable(exc) else None)
+            await abort_for(info, context, exc, _status_of(info, exc))
         finally:
             self.gate.finish(info)
 
@@ -275,7 +275,9 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 items = await loaded.model.classify(texts)
                 info.prompt_tokens += sum(item.input_tokens for item in items)
                 out = response()
-                write_outputs(out, convert.classify_outputs(items, loaded.manifest.labels, wanted), raw=raw)
+                write_outputs(
+                    out, convert.classify_outputs(items, loaded.manifest.labels, wanted), raw=raw
+                )
                 yield out
                 return
             convert.requested_outputs(request, [convert.TEXT_OUTPUT])

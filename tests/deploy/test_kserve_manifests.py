@@ -87,7 +87,14 @@ RUNTIME_SPEC = {
     },
     "additionalProperties": False,
 }
-POD_FIELDS = ("containers", "volumes", "nodeSelector", "affinity", "tolerations", "imagePullSecrets")
+POD_FIELDS = (
+    "containers",
+    "volumes",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "imagePullSecrets",
+)
 # InferenceService predictor: ComponentExtensionSpec + PodSpec fields + `model` (ModelSpec:
 # modelFormat, runtime, storageUri, protocolVersion, and inlined core v1 Container fields)
 MODEL_SPEC_OWN = ("modelFormat", "runtime", "storageUri", "protocolVersion")
@@ -183,7 +190,9 @@ def runtime(docs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def test_kustomization_lists_every_file(docs: list[dict[str, Any]]) -> None:
     (kust,) = [d for d in docs if d["kind"] == "Kustomization"]
-    assert set(kust["resources"]) == {p.name for p in KSERVE.glob("*.yaml")} - {"kustomization.yaml"}
+    assert set(kust["resources"]) == {p.name for p in KSERVE.glob("*.yaml")} - {
+        "kustomization.yaml"
+    }
 
 
 def test_kserve_fields_match_the_documented_schema(docs: list[dict[str, Any]]) -> None:

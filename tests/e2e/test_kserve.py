@@ -41,14 +41,23 @@ def classify(model: str, texts: list[str], *, raw: bool = True) -> pb.ModelInfer
     data = [t.encode() for t in texts]
     if raw:
         tensor = Input(name="text", datatype="BYTES", shape=[len(texts)])
-        return pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[raw_strings(data)])
-    tensor = Input(name="text", datatype="BYTES", shape=[len(texts)], contents=pb.InferTensorContents(bytes_contents=data))
+        return pb.ModelInferRequest(
+            model_name=model, inputs=[tensor], raw_input_contents=[raw_strings(data)]
+        )
+    tensor = Input(
+        name="text",
+        datatype="BYTES",
+        shape=[len(texts)],
+        contents=pb.InferTensorContents(bytes_contents=data),
+    )
     return pb.ModelInferRequest(model_name=model, inputs=[tensor])
 
 
 def generate(model: str, prompt: str, *, stream: bool, **sampling: object) -> pb.ModelInferRequest:
     def one(name: str, datatype: str, **contents: object) -> Input:
-        return Input(name=name, datatype=datatype, shape=[1], contents=pb.InferTensorContents(**contents))
+        return Input(
+            name=name, datatype=datatype, shape=[1], contents=pb.InferTensorContents(**contents)
+        )
 
     return pb.ModelInferRequest(
         model_name=model,
@@ -120,7 +129,9 @@ def test_a_kserve_and_a_native_call_share_one_batch(start_server, model_repo: Pa
     from headrace.server.metrics import REGISTRY
 
     # A batch of 2 leaves only when full (or after 20 s): both calls coming back means one batch.
-    add_variant(model_repo, "tiny-classifier", "pair", batching={"max_batch": 2, "max_delay_ms": 20000})
+    add_variant(
+        model_repo, "tiny-classifier", "pair", batching={"max_batch": 2, "max_delay_ms": 20000}
+    )
     running = start_server(model_repo)
 
     def batches() -> tuple[float, float]:
@@ -130,8 +141,12 @@ def test_a_kserve_and_a_native_call_share_one_batch(start_server, model_repo: Pa
 
     before = batches()
     with grpc.insecure_channel(running.address) as channel:
-        kserve = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(classify("pair", ["one"]), timeout=10)
-        native = npb_grpc.InferenceStub(channel).Classify.future(npb.ClassifyRequest(model="pair", texts=["two"]), timeout=10)
+        kserve = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(
+            classify("pair", ["one"]), timeout=10
+        )
+        native = npb_grpc.InferenceStub(channel).Classify.future(
+            npb.ClassifyRequest(model="pair", texts=["two"]), timeout=10
+        )
         assert kserve.result().outputs[0].name == "label"
         assert len(native.result().results) == 1
     count, total = batches()

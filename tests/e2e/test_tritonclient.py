@@ -150,7 +150,9 @@ def test_our_proto_has_the_numbers_of_tritonclients() -> None:
                 f.number,
                 f.type,
                 f.is_repeated,
-                (f.message_type or f.enum_type).full_name if (f.message_type or f.enum_type) else "",
+                (f.message_type or f.enum_type).full_name
+                if (f.message_type or f.enum_type)
+                else "",
             ]
             for f in desc.fields
         }

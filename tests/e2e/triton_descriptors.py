@@ -1,7 +1,7 @@
 """Runs in the tritonclient virtualenv: tritonclient's compiled protos as JSON.
 
-    {"messages": {"inference.ModelInferRequest": {"id": [3, TYPE, LABEL, TYPE_NAME]}, ...},
-     "methods": {"ModelInfer": ["inference.ModelInferRequest", "...Response", false, false]}}
+{"messages": {"inference.ModelInferRequest": {"id": [3, TYPE, LABEL, TYPE_NAME]}, ...},
+ "methods": {"ModelInfer": ["inference.ModelInferRequest", "...Response", false, false]}}
 """
 
 import json

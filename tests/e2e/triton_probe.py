@@ -49,7 +49,10 @@ texts = ["what a lovely day", "this is awful", "meh"]
 result = client.infer(
     classifier,
     [text_input("text", [t.encode() for t in texts])],
-    outputs=[grpcclient.InferRequestedOutput("label"), grpcclient.InferRequestedOutput("probabilities")],
+    outputs=[
+        grpcclient.InferRequestedOutput("label"),
+        grpcclient.InferRequestedOutput("probabilities"),
+    ],
     request_id="probe-1",
 )
 response = result.get_response(as_json=True)
@@ -68,9 +71,7 @@ only = client.infer(
 out["only_probabilities"] = [o["name"] for o in only.get_response(as_json=True)["outputs"]]
 
 out["errors"] = {
-    "wrong_datatype": error(
-        lambda: client.infer(classifier, [text_input("text", [1.0], "FP32")])
-    ),
+    "wrong_datatype": error(lambda: client.infer(classifier, [text_input("text", [1.0], "FP32")])),
     "missing_input": error(lambda: client.infer(classifier, [text_input("texts", [b"x"])])),
     "unknown_model": error(lambda: client.infer("no-such-model", [text_input("text", [b"x"])])),
     "empty_text": error(lambda: client.infer(classifier, [text_input("text", [b"ok", b""])])),
@@ -140,7 +141,10 @@ out["stream"] = {
 }
 unary = client.infer(
     generator,
-    [text_input("text_input", [prompt.encode()]), text_input("sampling_parameters", [sampling.encode()])],
+    [
+        text_input("text_input", [prompt.encode()]),
+        text_input("sampling_parameters", [sampling.encode()]),
+    ],
 )
 out["unary_generate"] = b"".join(unary.as_numpy("text_output")).decode()
 client.close()
