@@ -188,9 +188,12 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context, info: RpcInfo
     ) -> pb.ModelInferResponse:
-        async with contextlib.aclosing(self._answers(request, info, streaming=False)) as answers:
+        loaded = self._versions(request.model_name, request.model_version)[0]
+        if loaded.manifest.task is Task.CLASSIFY:
+            return await self._classify(request, loaded, info)
+        async with contextlib.aclosing(self._generate(request, loaded, info, False)) as answers:
             responses = [response async for response in answers]
-        return responses[-1]  # unary: the one response (the whole text for a generation)
+        return responses[-1]  # unary: the one response, with the whole text
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: Context
@@ -258,10 +261,40 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         """The responses to one request: one, or one per text chunk for a streamed generation."""
         loaded = self._versions(request.model_name, request.model_version)[0]
+        if loaded.manifest.task is Task.CLASSIFY:
+            yield await self._classify(request, loaded, info)
+            return
+        async with contextlib.aclosing(self._generate(request, loaded, info, streaming)) as answers:
+            async for answer in answers:
+                yield answer
+
+    async def _classify(
+        self, request: pb.ModelInferRequest, loaded: LoadedVersion, info: RpcInfo
+    ) -> pb.ModelInferResponse:
+        tensors = read_inputs(request)
+        wanted = convert.requested_outputs(request, [convert.LABEL, convert.PROBABILITIES])
+        async with self.repository.lease(loaded.name, loaded.version, Task.CLASSIFY) as loaded:
+            info.model, info.model_version = loaded.name, loaded.version
+            texts = convert.classify_texts(tensors, loaded.manifest.limits)
+            items = await loaded.model.classify(texts)
+        info.prompt_tokens += sum(item.input_tokens for item in items)
+        out = pb.ModelInferResponse(
+            model_name=loaded.name, model_version=loaded.version, id=request.id
+        )
+        outputs = convert.classify_outputs(items, loaded.manifest.labels, wanted)
+        write_outputs(out, outputs, raw=wants_raw(request))
+        return out
+
+    async def _generate(
+        self,
+        request: pb.ModelInferRequest,
+        loaded: LoadedVersion,
+        info: RpcInfo,
+        streaming: bool,
+    ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         tensors = read_inputs(request)
         raw = wants_raw(request)
-        task = loaded.manifest.task
-        async with self.repository.lease(loaded.name, loaded.version, task) as loaded:
+        async with self.repository.lease(loaded.name, loaded.version, Task.GENERATE) as loaded:
             info.model, info.model_version = loaded.name, loaded.version
 
             def response() -> pb.ModelInferResponse:
@@ -269,17 +302,6 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                     model_name=loaded.name, model_version=loaded.version, id=request.id
                 )
 
-            if task is Task.CLASSIFY:
-                wanted = convert.requested_outputs(request, [convert.LABEL, convert.PROBABILITIES])
-                texts = convert.classify_texts(tensors, loaded.manifest.limits)
-                items = await loaded.model.classify(texts)
-                info.prompt_tokens += sum(item.input_tokens for item in items)
-                out = response()
-                write_outputs(
-                    out, convert.classify_outputs(items, loaded.manifest.labels, wanted), raw=raw
-                )
-                yield out
-                return
             convert.requested_outputs(request, [convert.TEXT_OUTPUT])
             vocab = getattr(loaded.model.backend, "vocab_size", None)
             call = convert.generate_call(tensors, vocab)
