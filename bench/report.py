@@ -452,8 +452,8 @@ def render(r: dict[str, Any], images: list[str]) -> str:
             "## Classify: the KServe v2 front vs the native API",
             "",
             f"One headrace server with `{ks['model']}` (served by {_served_by(ks)}), "
-            f"{ks['concurrency']} callers, one text per call, runs in the order native, KServe, "
-            "KServe, native. Native: `headrace.v1.Inference/Classify`. KServe: "
+            f"{ks['concurrency']} callers, one text per call; after one unrecorded warm-up round, "
+            "runs in the order native, KServe, KServe, native. Native: `headrace.v1.Inference/Classify`. KServe: "
             "`inference.GRPCInferenceService/ModelInfer` with `text` as raw BYTES, answered "
             "with `label` and raw FP32 `probabilities`, as tritonclient sends and reads them. "
             "Both enter the same batcher.",
