@@ -42,7 +42,7 @@ lock: ## re-resolve requirements/*.lock from pyproject.toml (uv, needs the index
 lock-check: $(STAMP)
 	$(PY) scripts/lock.py --check
 
-protos: $(STAMP) ## regenerate the generated code beside each .proto (protos/headrace/v1)
+protos: $(STAMP) ## regenerate the generated code (protos/headrace/v1, server/kserve/pb)
 	$(PY) scripts/gen_protos.py
 
 protos-check: $(STAMP)

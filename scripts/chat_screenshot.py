@@ -86,8 +86,9 @@ def main() -> None:
                 driver.find_element(By.ID, "prompt").send_keys(turn)
                 driver.find_element(By.ID, "send").click()
                 wait.until(
-                    lambda d, n=n: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats"))
-                    == n
+                    lambda d, n=n: (
+                        len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant .stats")) == n
+                    )
                 )
             driver.find_element(By.ID, "classify-text").send_keys(a.classify)
             driver.find_element(By.ID, "classify-go").click()

@@ -19,13 +19,13 @@ _TOKEN_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
 
 REQUESTS = Counter(
     "headrace_requests",
-    "Finished RPCs by method, model and gRPC status code.",
+    "Finished calls of every front by method (HTTP: the route), model and gRPC status code.",
     ["rpc", "model", "code"],
     registry=REGISTRY,
 )
 REQUEST_DURATION = Histogram(
     "headrace_request_duration_seconds",
-    "Wall time of an RPC from arrival to its last message.",
+    "Wall time of a call from arrival to its last message (HTTP: its last byte).",
     ["rpc", "model"],
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
@@ -34,13 +34,6 @@ HTTP_REQUESTS = Counter(
     "headrace_http_requests",
     "Finished HTTP requests by route, model and HTTP status (499: the client left first).",
     ["route", "model", "status"],
-    registry=REGISTRY,
-)
-HTTP_REQUEST_DURATION = Histogram(
-    "headrace_http_request_duration_seconds",
-    "Wall time of an HTTP request from arrival to its last byte (streams: the whole stream).",
-    ["route", "model"],
-    buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
 QUEUE_DEPTH = Gauge(

@@ -8,8 +8,13 @@ every error into OpenAI's error shape with its HTTP status (server/errors.py).
 A handler returns a JSON-able dict, a ready Response, or an async iterator of
 SSE events (bytes). A stream's first event is awaited before the 200 goes out,
 so a full queue is still a 429 and an unknown model a 404; an error after that
-is sent as a last `data: {"error": ...}` event. One log line per request
-(`event="http"`), and the HTTP request metrics.
+is sent as a last `data: {"error": ...}` event.
+
+An inference route's request is a call of the server's Gate (server/rpc.py),
+as a gRPC call is: it counts toward the drain, its errors are classified by
+the same table (`mapped_error`), and it writes the one `rpc` log line with
+`front="http"`, the route as `rpc`, and `http_status` / `stream` beside the
+gRPC-shaped `code`. Health, metrics and the page are outside the Gate.
 
 A client that goes away cancels its handler (`watch_disconnect`): uvicorn
 drops what is sent to a closed connection without an error, so without the
@@ -20,17 +25,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
 import orjson
-from headrace.server.errors import ServerDraining, status_for
+from headrace.server.errors import ServerDraining
 from headrace.server.http_api import openai_wire as wire
-from headrace.server.logs import get_logger
-from headrace.server.metrics import HTTP_REQUEST_DURATION, HTTP_REQUESTS
+from headrace.server.metrics import HTTP_REQUESTS
+from headrace.server.rpc import RpcInfo, mapped_error
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -38,10 +43,16 @@ from starlette.types import Receive, Scope, Send
 if TYPE_CHECKING:
     from headrace.server.http_api.front import HttpFront
 
-log = get_logger("headrace.http")
-
 REQUEST_ID = "x-request-id"
 STATUS_CLIENT_GONE = 499  # logged only: the client closed the connection first
+# The gRPC-shaped code of the HTTP layer's own errors, for the shared log line and metrics.
+HTTP_CODE = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+}
+ERROR_CODE = {404: "model_not_found", 429: "queue_full", 503: "unavailable", 500: "internal"}
 
 
 class HttpError(Exception):
@@ -59,17 +70,10 @@ class ClientGone(Exception):
 
 
 @dataclass
-class HttpCall:
-    """What the log line of one request says; handlers fill in the model and token counts."""
+class HttpCall(RpcInfo):
+    """One request: the shared RpcInfo (`rpc` is the route) and what only HTTP has."""
 
-    route: str
-    request_id: str
-    peer: str
-    start: float = field(default_factory=time.perf_counter)
-    model: str = ""
-    model_version: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    front: str = "http"
     status: int = 200
     stream: bool = False
     body: wire.GenerationBody | None = None  # names error fields as OpenAI does
@@ -155,17 +159,22 @@ class Endpoint:
         request = Request(scope, receive)
         client = scope.get("client")
         call = HttpCall(
-            route=self.route,
+            rpc=self.route,
             request_id=(request.headers.get(REQUEST_ID) or "")[:128] or uuid.uuid4().hex,
             peer=f"{client[0]}:{client[1]}" if client else "",
         )
+        if not self.inference:
+            await self._run(request, call, send)
+            HTTP_REQUESTS.labels(self.route, "", str(call.status)).inc()
+            return
         task = asyncio.current_task()
         assert task is not None
-        self.front.begin(task)
+        self.front.gate.enter(call)
+        self.front.track(task)
         try:
             await self._run(request, call, send)
         finally:
-            self.front.finish(task)
+            self.front.untrack(task)
             self._record(call)
 
     async def _run(self, request: Request, call: HttpCall, send: Send) -> None:
@@ -174,8 +183,8 @@ class Endpoint:
         try:
             if request.method != self.method:
                 raise HttpError(405, f"{self.route} takes {self.method} requests")
-            if self.inference and not front.accepting():
-                raise ServerDraining(front.refusal())
+            if self.inference:
+                front.refuse_if_closed()
             body = await read_json(request, front.body_limit) if self.method == "POST" else None
             call.path_params = request.path_params
             async with watch_disconnect(request.receive):
@@ -190,9 +199,10 @@ class Endpoint:
             call.status = result.status_code
             await result(request.scope, request.receive, send)
         except ClientGone:
-            call.status = STATUS_CLIENT_GONE
+            call.status, call.code = STATUS_CLIENT_GONE, grpc.StatusCode.CANCELLED
         except asyncio.CancelledError:
             if not self._stopped():
+                call.status, call.code = STATUS_CLIENT_GONE, grpc.StatusCode.CANCELLED
                 raise
             response = self._error(call, ServerDraining("the server is shutting down"))
             response.headers.update(headers)
@@ -252,29 +262,20 @@ class Endpoint:
         return True
 
     def _mapped(self, call: HttpCall, exc: Exception) -> dict[str, Any]:
-        """Log what must be logged; -> OpenAI's error body. Sets call.status."""
+        """-> OpenAI's error body; sets call.status and call.code (an internal cause is logged)."""
         if isinstance(exc, HttpError):
             call.status = exc.status
+            call.code = HTTP_CODE.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
             return wire.error_body(exc.status, exc.message, exc.param, exc.code)
-        mapped = status_for(exc)
-        call.status = mapped.http_status
-        if mapped.internal:
-            log.error(
-                "http_failed",
-                route=call.route,
-                request_id=call.request_id,
-                model=call.model,
-                model_version=call.model_version,
-                exc_info=exc,
-            )
-        code = {404: "model_not_found", 429: "queue_full", 503: "unavailable", 500: "internal"}
+        mapped = mapped_error(call, exc)
+        call.status, call.code = mapped.http_status, mapped.code
         param = wire.param_name(mapped.field, call.body)
         message = mapped.message
         if mapped.field and param and param != mapped.field:
             # "max_new_tokens must be at most 64" -> "max_tokens must be at most 64"
             message = message.replace(mapped.field.removeprefix("sampling."), param)
             message = message.replace(mapped.field, param)
-        return wire.error_body(call.status, message, param, code.get(call.status))
+        return wire.error_body(call.status, message, param, ERROR_CODE.get(call.status))
 
     def _error(self, call: HttpCall, exc: Exception) -> Response:
         body = self._mapped(call, exc)
@@ -290,23 +291,10 @@ class Endpoint:
         return JSONResponse(body, status_code=call.status, headers=headers)
 
     def _record(self, call: HttpCall) -> None:
-        seconds = time.perf_counter() - call.start
-        status = str(call.status)
-        HTTP_REQUESTS.labels(self.route, call.model, status).inc()
-        HTTP_REQUEST_DURATION.labels(self.route, call.model).observe(seconds)
-        (log.info if self.inference else log.debug)(
-            "http",
-            route=self.route,
-            request_id=call.request_id,
-            model=call.model,
-            model_version=call.model_version,
-            status=call.status,
-            stream=call.stream,
-            latency_ms=round(seconds * 1000, 3),
-            prompt_tokens=call.prompt_tokens,
-            completion_tokens=call.completion_tokens,
-            peer=call.peer,
-        )
+        """The shared log line and request metrics (gate.finish), and the count by HTTP status."""
+        HTTP_REQUESTS.labels(self.route, call.model, str(call.status)).inc()
+        call.extra = {"http_status": call.status, "stream": call.stream}
+        self.front.gate.finish(call)
 
 
 async def not_found(scope: Scope, receive: Receive, send: Send) -> None:

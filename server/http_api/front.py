@@ -1,11 +1,14 @@
 """The HTTP front on uvicorn, on the event loop of the gRPC server (no thread, no process).
 
-    front = HttpFront(repository, config)      # config.http_port, host, max_message_mb
-    await front.start()                        # binds; /health/live answers from here
-    front.loading = False                      # models loaded: inference routes open
-    front.draining = True                      # new inference requests get 503
-    await front.wait_idle(grace)
-    await front.stop()                         # what still runs is cancelled (a 503 to its caller)
+    front = HttpFront(repository, config, gate)  # config.http_port, host, max_message_mb
+    await front.start()                          # binds; /health/live answers from here
+    front.loading = False                        # models loaded: inference routes open
+    gate.draining = True                         # the server drains: new inference calls get 503
+    await gate.wait_idle(grace)                  # every front's calls, this one's included
+    await front.stop()                           # what still runs is cancelled (a 503 to its caller)
+
+The drain flag, the count of running calls, the log line and the error
+classification are the server's, shared with the gRPC fronts (server/rpc.py).
 
 uvicorn is driven through its lower-level pieces (startup / main_loop / shutdown)
 on a socket bound here, never `uvicorn.run`: its signal handlers would replace
@@ -24,10 +27,12 @@ from importlib import resources
 
 import uvicorn
 from headrace.server.config import ServerConfig
+from headrace.server.errors import ServerDraining
 from headrace.server.http_api import handlers
 from headrace.server.http_api.calls import Endpoint, Handler, not_found
 from headrace.server.logs import get_logger
 from headrace.server.repository import ModelRepository
+from headrace.server.rpc import Gate
 from starlette.routing import Route, Router
 
 log = get_logger("headrace.http")
@@ -52,17 +57,14 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpFront:
     """The OpenAI-compatible HTTP API, health, metrics and the chat page on one port."""
 
-    def __init__(self, repository: ModelRepository, config: ServerConfig) -> None:
+    def __init__(self, repository: ModelRepository, config: ServerConfig, gate: Gate) -> None:
         self.repository = repository
+        self.gate = gate  # the server's: one drain and one count of running calls for every front
         self.host = config.host
         self.requested_port = config.http_port
         self.body_limit = config.max_message_mb * 1024 * 1024
         self.loading = True  # until the server's models are loaded
-        self.draining = False
         self.stopping = False
-        self.inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.page = resources.files(__package__).joinpath("static/index.html").read_bytes()
         self.app = self._router(serve_metrics=config.metrics_port == 0)
@@ -96,33 +98,25 @@ class HttpFront:
 
     # -- requests -------------------------------------------------------------------------------
 
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
+
     def accepting(self) -> bool:
-        return not (self.loading or self.draining)
+        return not (self.loading or self.gate.draining)
 
-    def refusal(self) -> str:
-        if self.draining:
-            return "the server is shutting down; retry elsewhere"
-        return "the server is still loading its models; retry shortly"
+    def refuse_if_closed(self) -> None:
+        """ServerDraining (503) while the models load or the server drains."""
+        self.gate.refuse_if_draining()
+        if self.loading:
+            raise ServerDraining("the server is still loading its models; retry shortly")
 
-    def begin(self, task: asyncio.Task[None]) -> None:
-        self.inflight += 1
-        self._idle.clear()
+    def track(self, task: asyncio.Task[None]) -> None:
+        """`task` serves a request: `stop` cancels it if it still runs then."""
         self._tasks.add(task)
 
-    def finish(self, task: asyncio.Task[None]) -> None:
-        self.inflight -= 1
+    def untrack(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        if self.inflight == 0:
-            self._idle.set()
-
-    async def wait_idle(self, within_s: float) -> bool:
-        """Wait until no request runs (True) or `within_s` passed (False)."""
-        try:
-            async with asyncio.timeout(within_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -153,7 +147,7 @@ class HttpFront:
     async def stop(self) -> None:
         """Cancel what still runs (its caller gets a 503), then close every connection."""
         self.stopping = True
-        self.draining = True
+        self.gate.draining = True
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

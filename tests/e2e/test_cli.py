@@ -205,5 +205,6 @@ def test_sigterm_drains_an_sse_stream(long_models: Path, tmp_path: Path) -> None
     names = [e["event"] for e in events]
     assert names.index("http_serving") < names.index("serving") < names.index("draining")
     assert names.index("draining") < names.index("stopped")
-    http = next(e for e in events if e["event"] == "http" and e["route"] == "/v1/completions")
-    assert (http["status"], http["stream"], http["completion_tokens"]) == (200, True, 300)
+    http = next(e for e in events if e["event"] == "rpc" and e["rpc"] == "/v1/completions")
+    assert (http["front"], http["code"], http["http_status"]) == ("http", "OK", 200)
+    assert (http["stream"], http["completion_tokens"]) == (True, 300)

@@ -287,7 +287,8 @@ def _health(address: str, service: str) -> int:
 
 def test_health_per_service(server: RunningServer) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", "headrace.v1.Inference", "tiny-classifier", "tiny-generator"):
+    names = ("", "headrace.v1.Inference", "inference.GRPCInferenceService")
+    for name in (*names, "tiny-classifier", "tiny-generator"):
         assert _health(server.address, name) == serving, name
     err = error_of(lambda: _health(server.address, "no-such-model"))
     assert err.code() == grpc.StatusCode.NOT_FOUND
@@ -301,6 +302,7 @@ def test_reflection_lists_services(server: RunningServer) -> None:
         names = {s.name for s in response.list_services_response.service}
         assert names == {
             "headrace.v1.Inference",
+            "inference.GRPCInferenceService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }
