@@ -25,6 +25,9 @@ SERVE_FIELDS = (
 
 
 def _add_serve(subparsers: Any) -> None:
+    from headrace.server.backends.registry import backend_names
+    from headrace.server.config import PROFILES
+
     p = subparsers.add_parser(
         "serve",
         help="serve a model repository over gRPC",
@@ -40,13 +43,13 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument(
         "--profile",
-        choices=("auto", "edge", "datacenter", "cpu"),
+        choices=PROFILES,
         help="which artifacts to serve (default auto: datacenter with CUDA, else cpu)",
     )
     p.add_argument("--device", help="backend device, e.g. cpu, cuda:1 (default: from profile)")
     p.add_argument(
         "--backend",
-        choices=("onnxruntime", "torch", "tensorrt"),
+        choices=backend_names(),
         help="serve only this backend of the profile's (default: cpu prefers onnxruntime, "
         "then torch; datacenter tensorrt, then torch)",
     )
@@ -102,7 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.log_format, config.log_level)
     from headrace.server.app import run
-    from headrace.server.repository import ProfileError
+    from headrace.server.profiles import ProfileError
 
     try:
         return run(config)

@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headrace.server import profiles
+from headrace.server.backends.registry import backend_names
 from headrace.server.types import Task
 
-PROFILES = ("auto", "edge", "datacenter", "cpu")
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+PROFILES = ("auto", *profiles.PROFILES)
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -59,8 +60,10 @@ class ServerConfig:
     def validate(self) -> ServerConfig:
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend is not None and self.backend not in backend_names():
+            raise ConfigError(
+                f"backend must be one of {', '.join(backend_names())}, not {self.backend!r}"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:

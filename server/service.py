@@ -1,4 +1,4 @@
-"""The `headrace.v1.Inference` servicer on grpc.aio: validate -> convert -> model -> convert.
+"""The `headrace.v1.Inference` servicer on grpc.aio: convert -> model (checks, runs) -> convert.
 
 One decorator, `rpc`, wraps every method, unary and streaming alike: it
 assigns the request id, refuses calls while the server drains, maps errors
@@ -28,8 +28,8 @@ from headrace.server import convert
 from headrace.server.errors import ServerDraining, rich_status, status_for
 from headrace.server.logs import get_logger
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
+from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import ModelRepository
-from headrace.server.types import Task
 
 log = get_logger("headrace.service")
 
@@ -182,16 +182,12 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _classify_one(
         self, request: pb.ClassifyRequest, request_id: str, info: RpcInfo
     ) -> pb.ClassifyResponse:
-        async with self.repository.lease(
-            request.model, request.model_version, Task.CLASSIFY
-        ) as loaded:
-            info.model, info.model_version = loaded.name, loaded.version
-            texts = convert.classify_texts(request, loaded.manifest.limits)
-            items = await loaded.model.classify(
-                texts, top_k=request.top_k, reject_overlong=request.reject_overlong
-            )
+        call = convert.classify_call(request, request_id)
+        async with self.repository.lease(call.model, call.version, ClassifierModel) as lease:
+            info.model, info.model_version = lease.name, lease.version
+            items = await lease.model.classify(call)
         response = convert.classify_response(
-            items, model=loaded.name, version=loaded.version, request_id=request_id
+            items, model=lease.name, version=lease.version, request_id=request_id
         )
         info.prompt_tokens += response.usage.prompt_tokens
         return response
@@ -275,14 +271,11 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _generate(
         self, request: pb.GenerateRequest, info: RpcInfo
     ) -> AsyncGenerator[pb.GenerateChunk, None]:
-        async with self.repository.lease(
-            request.model, request.model_version, Task.GENERATE
-        ) as loaded:
-            info.model, info.model_version = loaded.name, loaded.version
-            model = loaded.model
-            vocab = getattr(model.backend, "vocab_size", None)
-            args = convert.generate_args(request, loaded.manifest.limits, vocab)
-            params, truncated = model.prepare(**args)
+        call = convert.generate_call(request, info.request_id)
+        async with self.repository.lease(call.model, call.version, GeneratorModel) as lease:
+            info.model, info.model_version = lease.name, lease.version
+            model = lease.model
+            params, truncated = model.prepare(call)
             info.prompt_tokens = len(params.prompt_ids)
             events = model.generate(params)
             first = True
@@ -290,7 +283,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 async for event in events:
                     chunk = convert.generate_chunk(event, info.request_id)
                     if first:
-                        chunk.model, chunk.model_version = loaded.name, loaded.version
+                        chunk.model, chunk.model_version = lease.name, lease.version
                         chunk.prompt_truncated = truncated
                         first = False
                     if event.finish_reason is not None:
