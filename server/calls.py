@@ -11,18 +11,21 @@ Canonical names are the paths of headrace.v1's ClassifyRequest / GenerateRequest
 
     texts  texts[i]  prompt  max_new_tokens  stop  stop[i]
     sampling.temperature  sampling.top_p  sampling.top_k  sampling.repetition_penalty
+    sampling.seed
 
 The gRPC front (server/convert.py) reports them as they are. A front whose fields
-are named otherwise keeps one small table and reports `error.renamed(TABLE)`; an index
-is kept and the message's leading name follows, e.g. for an OpenAI-style HTTP front
+are named otherwise keeps one small table and reports `error.renamed(TABLE)`
+(server/types.py); an index is kept and the message's leading name follows. For an
+OpenAI-style HTTP front
 
     {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature",
      "sampling.top_p": "top_p", "prompt": "prompt", "stop": "stop"}
 
-turns `InvalidArgument("stop[1]", "stop[1] must not be empty")` into field "stop[1]"
-and `("max_new_tokens", "max_new_tokens must be ...")` into `("max_tokens",
-"max_tokens must be ...")`; a KServe front maps "texts" to "text_input" and
-"sampling.temperature" to "sampling_parameters.temperature".
+keeps `InvalidArgument("stop[1]", "stop[1] must not be empty")` as it is and turns
+`("max_new_tokens", "max_new_tokens must be ...")` into `("max_tokens", "max_tokens
+must be ...")`. The KServe front (server/kserve/convert.py) names the tensor that
+carries the value and says the value as that tensor holds it: ("texts[1]", ...)
+becomes ("text", "input tensor 'text': element 1 must not be empty").
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from headrace.server.types import ClassifyCall, GenerateCall, InvalidArgument, S
 MAX_TOP_K = 1_000_000  # bound for top_k when the model's vocabulary size is unknown
 MAX_TEMPERATURE = 100.0
 MAX_REPETITION_PENALTY = 10.0
+SEED_END = 2**64  # seeds are uint64 on the wire
 
 
 def check_classify(call: ClassifyCall, limits: Limits) -> None:
@@ -57,8 +61,7 @@ def check_generate(call: GenerateCall, limits: Limits, vocab_size: int | None) -
     if not 0 <= call.max_new_tokens <= limits.max_new_tokens:
         raise InvalidArgument(
             "max_new_tokens",
-            f"max_new_tokens must be in [0, {limits.max_new_tokens}] "
-            "(0 means the model's default)",
+            f"max_new_tokens must be in [0, {limits.max_new_tokens}] (0 means the model's default)",
         )
     check_sampling(call.sampling, vocab_size)
     if len(call.stop) > limits.max_stop_strings:
@@ -82,9 +85,7 @@ def check_sampling(p: SamplingParams, vocab_size: int | None) -> None:
             f"sampling.temperature must be in [0, {MAX_TEMPERATURE:g}] (0 is greedy)",
         )
     if not (math.isfinite(p.top_p) and 0.0 < p.top_p <= 1.0):
-        raise InvalidArgument(
-            "sampling.top_p", "sampling.top_p must be in (0, 1] (1 turns it off)"
-        )
+        raise InvalidArgument("sampling.top_p", "sampling.top_p must be in (0, 1] (1 turns it off)")
     k_max = vocab_size or MAX_TOP_K
     if not 0 <= p.top_k <= k_max:
         raise InvalidArgument(
@@ -97,10 +98,10 @@ def check_sampling(p: SamplingParams, vocab_size: int | None) -> None:
             f"sampling.repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}] "
             "(1 turns it off)",
         )
+    if p.seed is not None and not 0 <= p.seed < SEED_END:
+        raise InvalidArgument("sampling.seed", "sampling.seed must be in [0, 2**64)")
 
 
 def overlong(field: str, tokens: int, limit: int) -> InvalidArgument:
     """`field` ("texts[3]", "prompt") has more tokens than the model takes (reject_overlong)."""
-    return InvalidArgument(
-        field, f"{field} has {tokens} tokens; the model takes at most {limit}"
-    )
+    return InvalidArgument(field, f"{field} has {tokens} tokens; the model takes at most {limit}")

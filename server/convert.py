@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from headrace.client.v1 import inference_pb2 as pb
 from headrace.server.repository import ModelEntry
 from headrace.server.types import (
     ClassifyCall,
@@ -24,6 +23,7 @@ from headrace.server.types import (
     Task,
     TokenEvent,
 )
+from headrace.v1 import inference_pb2 as pb
 
 FINISH_TO_PB = {
     FinishReason.LENGTH: pb.LENGTH,

@@ -142,13 +142,20 @@ class InvalidArgument(EngineError):
         self.message = message
 
     def renamed(self, names: Mapping[str, str]) -> InvalidArgument:
-        """The same error in a front's own terms: `names` maps canonical field names to
-        the front's ("max_new_tokens" -> "max_tokens"); an index is kept ("stop[1]")."""
-        head, bracket, index = self.field.partition("[")
-        own = names.get(head)
-        if own is None:
+        """The same error in a front's own terms; the message's leading name follows.
+
+        `names` maps canonical names to the front's ("max_new_tokens" -> "max_tokens");
+        an index is kept ("stop[1]" -> "stop[1]"). A key "NAME[]" names an element of
+        NAME instead, "{}" taking the index ("texts[]" -> "element {}": "element 3").
+        """
+        head, bracket, rest = self.field.partition("[")
+        index = rest.removesuffix("]")
+        if bracket and f"{head}[]" in names:
+            field = names[f"{head}[]"].format(index)
+        elif head in names:
+            field = names[head] + (f"[{index}]" if bracket else "")
+        else:
             return self
-        field = own + bracket + index
         message = self.message
         if message.startswith(self.field):
             message = field + message[len(self.field) :]

@@ -227,7 +227,9 @@ class DecoderScheduler(Engine):
         """Queue a request; raises QueueFull (slots and queue full) or ShuttingDown at once."""
         self._check_open()
         if not 0 < len(params.prompt_ids) < self.max_context:  # GeneratorModel.prepare's job
-            raise ValueError(f"prompt of {len(params.prompt_ids)} tokens, context {self.max_context}")
+            raise ValueError(
+                f"prompt of {len(params.prompt_ids)} tokens, context {self.max_context}"
+            )
         if len(self._live) >= self.num_slots + self.max_queue:
             raise QueueFull(f"model {self.name!r}: every slot is busy and the queue is full")
         stream = Stream(seq_id=next(self._ids), params=params, arrival=time.perf_counter())

@@ -390,4 +390,3 @@ def test_an_inconsistent_backend_fails_running_work_and_the_engine_recovers(
     failed, after = run(main())
     assert all(isinstance(r, BackendFailure) for r in failed)
     assert after[-1].completion_tokens == 5
-
