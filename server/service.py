@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from headrace.server import convert
+from headrace.server import auth, convert
 from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import ModelRepository
 from headrace.server.rpc import (
@@ -29,6 +29,7 @@ from headrace.server.rpc import (
     abort_for,
     metadata_request_id,
 )
+from headrace.server.types import Task
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
@@ -99,6 +100,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.ClassifyRequest, request_id: str, info: RpcInfo
     ) -> pb.ClassifyResponse:
         call = convert.classify_call(request, request_id)
+        auth.authorize_model(call.model or self.repository.default_name(Task.CLASSIFY) or "")
         async with self.repository.lease(call.model, call.version, ClassifierModel) as lease:
             info.model, info.model_version = lease.name, lease.version
             items = await lease.model.classify(call)
@@ -188,6 +190,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self, request: pb.GenerateRequest, info: RpcInfo
     ) -> AsyncGenerator[pb.GenerateChunk, None]:
         call = convert.generate_call(request, info.request_id)
+        auth.authorize_model(call.model or self.repository.default_name(Task.GENERATE) or "")
         async with self.repository.lease(call.model, call.version, GeneratorModel) as lease:
             info.model, info.model_version = lease.name, lease.version
             model = lease.model
@@ -220,5 +223,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> pb.ListModelsResponse:
         task = convert.TASK_FROM_PB.get(request.task)
         entries = self.repository.list_models(task)
+        visible = set(auth.allowed_models(e.name for e in entries))  # a scoped key: its models
+        entries = [e for e in entries if e.name in visible]
         profile = self.repository.profile
         return pb.ListModelsResponse(models=[convert.model_info(e, profile) for e in entries])
