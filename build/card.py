@@ -107,7 +107,7 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Model card: {card.get('model', 'model')}", ""]
     if card.get("summary"):
         lines += [str(card["summary"]), ""]
-    if card.get("served"):
+    if isinstance(card.get("served"), dict):
         lines += [f"**Served: {card['served']['form']}.** {card['served'].get('rule', '')}", ""]
     if card.get("forms"):
         lines += ["## Measured forms: the trade-off", ""]

@@ -15,7 +15,6 @@ the repository only when complete, so a running server never sees half a version
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,8 +22,14 @@ from typing import Any
 
 import numpy as np
 from headrace.build.data import SPLIT_NAME, Split, load_split
-from headrace.build.steps import Plan, fingerprint, log
-from headrace.build.versions import is_published, jsonable, publish_with_card, stage
+from headrace.build.steps import Plan, fingerprint
+from headrace.build.versions import (
+    card_if_built,
+    is_published,
+    jsonable,
+    publish_with_card,
+    stage,
+)
 
 # Bumped when the way forms are measured or reported changes: written cards are remade.
 EVAL_METHOD = "latency: forms interleaved in blocks of 20 texts; accuracy in length-sorted batches"
@@ -215,18 +220,9 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     from headrace.build.classifier_eval import evaluate_candidates
     from headrace.build.classifier_prune import prune_student
 
-    out = Path(cfg.out)
-    if is_built(cfg) and not cfg.force:
-        log(f"{out / cfg.name / cfg.version}: up to date")
-        from headrace.server.manifest import read_manifest
-
-        return read_manifest(out / cfg.name / cfg.version).card
-    import torch
-
-    torch.set_num_threads(cfg.threads)
-    work = cfg.work_dir()
-    if cfg.force and work.exists():  # a true rebuild: no step is reused
-        shutil.rmtree(work)
+    if (built := card_if_built(cfg, is_built(cfg))) is not None:
+        return built
+    out, work = Path(cfg.out), cfg.work_dir()
     keys = cfg.candidates()
     names = [
         "data",

@@ -76,7 +76,7 @@ def search_keep(
             f"  prune: keep {share:.3f}: {m['megabytes']} MB, {m['ms']} ms "
             f"({m['speedup']}x), {'meets' if ok else 'misses'} {target}"
         )
-        return ok
+        return bool(ok)
 
     if trial(hi):
         return hi, trials

@@ -65,7 +65,7 @@ def baselines(split: Split, *, seed: int = 0, epochs: int = 60) -> dict[str, Any
         loss = torch.nn.functional.cross_entropy(torch.sparse.mm(x, weight) + bias, y)
         loss = loss + 1e-4 * weight.pow(2).sum()
         optim.zero_grad()
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optim.step()
     with torch.no_grad():
         pred = (torch.sparse.mm(features([e.text for e in split.test]), weight) + bias).argmax(-1)
@@ -157,7 +157,7 @@ def train_teacher(cfg: Any, base: Path, split: Split, out_hf: Path) -> dict[str,
             return False
         before = max(p["val_accuracy"] for p in curve[:-k])
         recent = max(p["val_accuracy"] for p in curve[-k:])
-        return recent < before + cfg.plateau_delta
+        return bool(recent < before + cfg.plateau_delta)
 
     result = train_loop(
         model,

@@ -32,6 +32,7 @@ def tradeoff_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     points = [f for f in forms if f.get(quality) is not None and f.get(latency)]
     panels = 3 if curve else 2
@@ -78,14 +79,14 @@ def tradeoff_plot(
         ax.set_ylabel(quality_label)
         ax.grid(True, which="both", alpha=0.3)
     handles = [
-        plt.Line2D([], [], color=colours[m], marker="o", linestyle="", label=m) for m in models
+        Line2D([], [], color=colours[m], marker="o", linestyle="", label=m) for m in models
     ]
     handles += [
-        plt.Line2D([], [], color="grey", marker=v, linestyle="", label=k) for k, v in marks.items()
+        Line2D([], [], color="grey", marker=v, linestyle="", label=k) for k, v in marks.items()
     ]
     if served:
         handles.append(
-            plt.Line2D(
+            Line2D(
                 [],
                 [],
                 color="red",

@@ -206,7 +206,7 @@ def load_classifier(hf_dir: Path, **kwargs: Any) -> Any:
         return AutoModelForSequenceClassification.from_pretrained(hf_dir, **kwargs)
     from safetensors.torch import load_file
 
-    model = AutoModelForSequenceClassification.from_config(config, **kwargs)
+    model = AutoModelForSequenceClassification.from_config(config, **kwargs)  # type: ignore[no-untyped-call]
     shapes = {
         "heads": [list(range(len(h))) for h in record["heads"]],
         "neurons": [list(range(n)) for n in record["intermediate"]],

@@ -11,6 +11,23 @@ from pathlib import Path
 from typing import Any
 
 
+def _carry_metadata(src: Path, dst: Path, how: str) -> Any:
+    """Copy `src`'s metadata_props (the edge backends read them) onto `dst`, plus the
+    precision and how it was quantised; returns the loaded `dst`."""
+    import onnx
+
+    source = onnx.load(str(src), load_external_data=False)
+    result = onnx.load(str(dst))
+    present = {p.key for p in result.metadata_props}
+    for prop in source.metadata_props:
+        if prop.key not in present:
+            result.metadata_props.add(key=prop.key, value=prop.value)
+    result.metadata_props.add(key="precision", value="int8")
+    result.metadata_props.add(key="quantization", value=how)
+    onnx.save(result, str(dst))
+    return result
+
+
 def quantize_int8(src: Path, dst: Path, *, per_channel: bool = True) -> dict[str, Any]:
     """Write an int8 copy of `src` to `dst`; returns sizes and the time it took.
 
@@ -31,15 +48,7 @@ def quantize_int8(src: Path, dst: Path, *, per_channel: bool = True) -> dict[str
         # type info for some weights; without this the quantizer fails on them.
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
-    source = onnx.load(str(src), load_external_data=False)
-    result = onnx.load(str(dst))
-    present = {p.key for p in result.metadata_props}
-    for prop in source.metadata_props:
-        if prop.key not in present:
-            result.metadata_props.add(key=prop.key, value=prop.value)
-    result.metadata_props.add(key="precision", value="int8")
-    result.metadata_props.add(key="quantization", value="dynamic")
-    onnx.save(result, str(dst))
+    _carry_metadata(src, dst, "dynamic")
     src_bytes, dst_bytes = src.stat().st_size, dst.stat().st_size
     return {
         "path": str(dst),
@@ -97,7 +106,6 @@ def quantize_static_qdq(
     ONNX Runtime (which fuses the pairs into integer kernels at load) and a strongly typed
     TensorRT int8 engine (which reads the scales from the pairs; symmetric, zero point 0,
     as TensorRT requires). `method`: "minmax" or "percentile" (99.999th, clips outliers)."""
-    import onnx
     from headrace.build.training import encode_texts, load_tokenizer
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -129,15 +137,7 @@ def quantize_static_qdq(
         },
     )
     prepared.unlink(missing_ok=True)
-    source = onnx.load(str(src), load_external_data=False)
-    result = onnx.load(str(dst))
-    present = {p.key for p in result.metadata_props}
-    for prop in source.metadata_props:
-        if prop.key not in present:
-            result.metadata_props.add(key=prop.key, value=prop.value)
-    result.metadata_props.add(key="precision", value="int8")
-    result.metadata_props.add(key="quantization", value="static-qdq")
-    onnx.save(result, str(dst))
+    result = _carry_metadata(src, dst, "static-qdq")
     qdq = sum(n.op_type == "QuantizeLinear" for n in result.graph.node)
     return {
         "path": str(dst),

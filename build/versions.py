@@ -75,3 +75,22 @@ def publish_with_card(
     write_card(staged, card)
     dataclasses.replace(read_manifest(staged), card=card).write(staged)
     publish(staged, dest)
+
+
+def card_if_built(cfg: Any, built: bool) -> dict[str, Any] | None:
+    """The published card of `cfg` (a classifier or generator config) when its build is up
+    to date and not forced; else None, after setting torch's threads and (forced) emptying
+    the work folder so no step is reused."""
+    from headrace.build.steps import log
+    from headrace.server.manifest import read_manifest
+
+    version_dir = Path(cfg.out) / cfg.name / cfg.version
+    if built and not cfg.force:
+        log(f"{version_dir}: up to date")
+        return dict(read_manifest(version_dir).card)
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    if cfg.force and cfg.work_dir().exists():  # a true rebuild: no step is reused
+        shutil.rmtree(cfg.work_dir())
+    return None
