@@ -150,10 +150,15 @@ def problems(lock: Lock | NoDepsLock, root: Path = ROOT) -> list[str]:
             f"{lock.path} was resolved from other dependency tables than pyproject.toml's now"
         )
     versions = pinned(text)
-    wanted = lock.requirements if isinstance(lock, NoDepsLock) else requirements_of(lock.extras, root)
+    wanted = (
+        lock.requirements if isinstance(lock, NoDepsLock) else requirements_of(lock.extras, root)
+    )
     if isinstance(lock, NoDepsLock):
         extra = set(versions) - {_canonical(Requirement(r).name) for r in wanted}
-        out += [f"{lock.path} pins {name}, which is not one of its requirements" for name in sorted(extra)]
+        out += [
+            f"{lock.path} pins {name}, which is not one of its requirements"
+            for name in sorted(extra)
+        ]
     for raw in wanted:
         req = Requirement(raw)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
