@@ -26,11 +26,6 @@ $(STAMP): pyproject.toml $(LOCK)
 
 venv: $(STAMP) ## create the virtualenv and install headrace[dev] (editable)
 
-# mypy sees the package-dir mapping through a tree of links (setuptools' editable finder is invisible to it)
-.cache/typecheck/headrace:
-	mkdir -p $@
-	for p in client server edge build; do ln -sfn ../../../$$p $@/$$p; done
-
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check client/*.py scripts
@@ -51,10 +46,11 @@ $(TYPESTUBS_STAMP): requirements/typing.lock | $(STAMP)
 
 typestubs: $(TYPESTUBS_STAMP)
 
-typecheck: $(STAMP) $(TYPESTUBS_STAMP) .cache/typecheck/headrace ## mypy (strict on the client; TensorRT code against its stubs)
-	cd .cache/typecheck && MYPYPATH=$(CURDIR)/$(TYPESTUBS) ../../$(VENV)/bin/mypy \
-		--config-file ../../pyproject.toml \
-		-p headrace.client -p headrace.server -p headrace.edge -p headrace.build
+# mypy finds headrace.* through src/headrace/ (pyproject [tool.mypy] mypy_path), as Python does;
+# MYPYPATH adds the TensorRT stubs before it
+typecheck: $(STAMP) $(TYPESTUBS_STAMP) ## mypy (strict on the client; TensorRT code against its stubs)
+	MYPYPATH=$(CURDIR)/$(TYPESTUBS) $(VENV)/bin/mypy \
+		-p headrace.v1 -p headrace.client -p headrace.server -p headrace.edge -p headrace.build
 
 lock: ## re-resolve requirements/*.lock from pyproject.toml (uv, needs the index)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -64,7 +60,7 @@ lock: ## re-resolve requirements/*.lock from pyproject.toml (uv, needs the index
 lock-check: $(STAMP)
 	$(PY) scripts/lock.py --check
 
-protos: $(STAMP) ## regenerate client/v1 from protos/
+protos: $(STAMP) ## regenerate the generated code (protos/headrace/v1, server/kserve/pb)
 	$(PY) scripts/gen_protos.py
 
 protos-check: $(STAMP)
@@ -85,4 +81,4 @@ bench: demo-models ## load benchmark vs the raw limit and the peers; report in b
 	$(PY) -m bench.run --models $(MODELS) --out bench/results
 
 clean: ## remove caches (keeps the virtualenv, the models and the bench peers' virtualenv)
-	rm -rf .cache/typecheck .cache/setuptools-build .cache/setuptools-bdist .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .cache/setuptools-build .cache/setuptools-bdist .pytest_cache .mypy_cache .ruff_cache

@@ -176,8 +176,8 @@ def bench_decode(prompt_len: int, max_context: int, steps: int) -> None:
 
 def bench_server(models: Path, model_name: str, port: int) -> None:
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pb_grpc
 
     texts = [f"the service answered request number {i} before its deadline, as usual" for i in
              range(256)]  # fmt: skip

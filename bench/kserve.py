@@ -1,58 +1,59 @@
-"""KServe v2 requests for Seldon MLServer, from bench/protos/kserve_v2.proto.
+"""Open Inference Protocol (KServe v2) requests, from the server's own compiled proto.
 
-The proto is compiled on first use into .cache/bench/kserve/ with grpcio-tools (no
-generated code is committed for a bench-only protocol).
+One copy of the protocol in the tree: protos/kserve/inference/grpc_service.proto,
+compiled into headrace.server.kserve.pb. Two tensor conventions are sent:
+
+- headrace's (`text` BYTES [-1] in raw_input_contents, as tritonclient sends it);
+- Seldon MLServer's Hugging Face runtime (`inputs` BYTES [1], typed contents,
+  content_type "str"), for the MLServer peer.
 """
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-from types import ModuleType
+import json
+import struct
 
-ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = Path(__file__).resolve().parent / "protos"
-OUT = ROOT / ".cache" / "bench" / "kserve"
+import numpy as np
+from headrace.server.kserve.pb import grpc_service_pb2 as pb
 
-
-def pb() -> ModuleType:
-    """The compiled kserve_v2_pb2 module."""
-    target = OUT / "kserve_v2_pb2.py"
-    src = PROTO_DIR / "kserve_v2.proto"
-    if not target.exists() or target.stat().st_mtime < src.stat().st_mtime:
-        from grpc_tools import protoc
-
-        OUT.mkdir(parents=True, exist_ok=True)
-        rc = protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={OUT}", str(src)])
-        if rc != 0:
-            raise RuntimeError(f"protoc failed on {src} ({rc})")
-    if str(OUT) not in sys.path:
-        sys.path.insert(0, str(OUT))
-    return importlib.import_module("kserve_v2_pb2")
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
-def infer_request(model: str, text: str) -> object:
+def headrace_request(model: str, texts: list[str]) -> pb.ModelInferRequest:
+    """`text` BYTES [N], raw: 4-byte little-endian length + UTF-8, per text."""
+    raw = b"".join(struct.pack("<I", len(b)) + b for b in (t.encode() for t in texts))
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[len(texts)]
+    )
+    return pb.ModelInferRequest(model_name=model, inputs=[tensor], raw_input_contents=[raw])
+
+
+def headrace_top_labels(response_bytes: bytes) -> list[str]:
+    """The best label of each text: the argmax column of `probabilities`, named by its `labels`."""
+    resp = pb.ModelInferResponse.FromString(response_bytes)
+    index = {o.name: i for i, o in enumerate(resp.outputs)}
+    out = resp.outputs[index["probabilities"]]
+    labels = json.loads(out.parameters["labels"].string_param)
+    probs = np.frombuffer(resp.raw_output_contents[index["probabilities"]], "<f4")
+    probs = probs.reshape(list(out.shape))
+    return [labels[j] for j in probs.argmax(axis=1)]
+
+
+def mlserver_request(model: str, text: str) -> pb.ModelInferRequest:
     """One text for MLServer's Hugging Face runtime: input `inputs`, BYTES, shape [1]."""
-    m = pb()
-    tensor = m.ModelInferRequest.InferInputTensor(
+    tensor = pb.ModelInferRequest.InferInputTensor(
         name="inputs",
         datatype="BYTES",
         shape=[1],
-        contents=m.InferTensorContents(bytes_contents=[text.encode()]),
+        contents=pb.InferTensorContents(bytes_contents=[text.encode()]),
     )
     tensor.parameters["content_type"].string_param = "str"
-    return m.ModelInferRequest(model_name=model, inputs=[tensor])
+    return pb.ModelInferRequest(model_name=model, inputs=[tensor])
 
 
-def infer_request_bytes(model: str, text: str) -> bytes:
-    return infer_request(model, text).SerializeToString()  # type: ignore[attr-defined]
-
-
-def top_label(response_bytes: bytes) -> str:
+def mlserver_top_label(response_bytes: bytes) -> str:
     """The first output's first BYTES element (the runtime's JSON-encoded prediction)."""
-    m = pb()
-    resp = m.ModelInferResponse.FromString(response_bytes)
+    resp = pb.ModelInferResponse.FromString(response_bytes)
     out = resp.outputs[0]
     if out.contents.bytes_contents:
         return out.contents.bytes_contents[0].decode()

@@ -2,7 +2,8 @@
 
     python -m bench.loadgen classify --target 127.0.0.1:50051 --model sentiment \
         --concurrency 1,4,16,64 --duration 10 --out points.json
-    python -m bench.loadgen classify --protocol kserve ...     # Seldon MLServer (KServe v2)
+    python -m bench.loadgen classify --protocol kserve ...     # headrace's KServe v2 front
+    python -m bench.loadgen classify --protocol mlserver ...   # Seldon MLServer (KServe v2)
     python -m bench.loadgen generate --target ... --concurrency 1,4,16 --new-tokens 64 ...
     python -m bench.loadgen cancel --target ... --streams 1000 --concurrency 64 ...
 
@@ -35,6 +36,7 @@ from bench.common import PROMPTS, latency_summary, pct, tweets, write_json
 CLASSIFY = "/headrace.v1.Inference/Classify"
 GENERATE_STREAM = "/headrace.v1.Inference/GenerateStream"
 KSERVE_INFER = "/inference.GRPCInferenceService/ModelInfer"
+METHODS = {"headrace": CLASSIFY, "kserve": KSERVE_INFER, "mlserver": KSERVE_INFER}
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     # One HTTP/2 connection carries every caller, as one client process would.
@@ -89,12 +91,14 @@ class Window:
 def classify_payloads(protocol: str, model: str, n: int) -> list[bytes]:
     texts = tweets(n, seed=2)
     if protocol == "headrace":
-        from headrace.client.v1 import inference_pb2 as pb
+        from headrace.v1 import inference_pb2 as pb
 
         return [pb.ClassifyRequest(model=model, texts=[t]).SerializeToString() for t in texts]
-    from bench.kserve import infer_request_bytes
+    from bench import kserve
 
-    return [infer_request_bytes(model, t) for t in texts]
+    if protocol == "kserve":
+        return [kserve.headrace_request(model, [t]).SerializeToString() for t in texts]
+    return [kserve.mlserver_request(model, t).SerializeToString() for t in texts]
 
 
 async def classify_point(
@@ -145,7 +149,7 @@ async def classify_point(
 
 
 def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
-    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2 as pb
 
     return [
         pb.GenerateRequest(
@@ -167,7 +171,7 @@ async def generate_point(
     server_pid: int | None,
     call_timeout: float,
 ) -> dict[str, Any]:
-    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2 as pb
 
     stream = channel.unary_stream(
         GENERATE_STREAM, response_deserializer=pb.GenerateChunk.FromString
@@ -248,7 +252,7 @@ async def cancel_run(
     call_timeout: float,
 ) -> dict[str, Any]:
     """`streams` GenerateStreams, each cancelled after 1-6 tokens (some before their first)."""
-    from headrace.client.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2 as pb
 
     stream = channel.unary_stream(
         GENERATE_STREAM, response_deserializer=pb.GenerateChunk.FromString
@@ -303,7 +307,7 @@ async def _main(a: argparse.Namespace) -> dict[str, Any]:
             )
         if a.mode == "classify":
             payloads = classify_payloads(a.protocol, a.model, 512)
-            method = CLASSIFY if a.protocol == "headrace" else KSERVE_INFER
+            method = METHODS[a.protocol]
             for c in a.concurrency:
                 point = await classify_point(
                     channel, method, payloads, c, a.warmup, a.duration, a.server_pid, a.timeout
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("mode", choices=["classify", "generate", "cancel"])
     p.add_argument("--target", required=True)
-    p.add_argument("--protocol", choices=["headrace", "kserve"], default="headrace")
+    p.add_argument("--protocol", choices=sorted(METHODS), default="headrace")
     p.add_argument("--model", default="")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1])
     p.add_argument("--duration", type=float, default=10.0)

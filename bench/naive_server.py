@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pbg
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pbg
 
 
 def load(hf_dir: Path) -> tuple[Any, Any]:

@@ -63,6 +63,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
                 tail <= 3.0,
             )
         )
+    ks = r.get("classify_kserve")
+    if ks and ks.get("ratio") is not None:
+        rows.append(
+            (
+                f"classify, {ks['concurrency']} callers: KServe v2 / native API",
+                ">= 90%, same labels",
+                f"{100 * ks['ratio']:.0f}% ({ks['kserve_throughput']:,.0f} vs "
+                f"{ks['native_throughput']:,.0f} req/s); labels "
+                + ("agree" if ks["labels_agree"] else "DIFFER"),
+                ks["ratio"] >= 0.9 and bool(ks["labels_agree"]),
+            )
+        )
     hr = _point(r.get("teacher_headrace"), 64)
     for tag in ("stock", "batched"):
         ml = _point(r.get(f"teacher_mlserver_{tag}"), 64)
@@ -434,6 +446,32 @@ def render(r: dict[str, Any], images: list[str]) -> str:
     ]
     if "peers.png" in images:
         md += ["![peers](peers.png)", ""]
+    ks = r.get("classify_kserve")
+    if ks:
+        md += [
+            "## Classify: the KServe v2 front vs the native API",
+            "",
+            f"One headrace server with `{ks['model']}` (served by {_served_by(ks)}), "
+            f"{ks['concurrency']} callers, one text per call; after one unrecorded warm-up round, "
+            "runs in the order native, KServe, KServe, native. Native: `headrace.v1.Inference/Classify`. KServe: "
+            "`inference.GRPCInferenceService/ModelInfer` with `text` as raw BYTES, answered "
+            "with `label` and raw FP32 `probabilities`, as tritonclient sends and reads them. "
+            "Both enter the same batcher.",
+            "",
+            "| run | API | req/s | p50 ms | p99 ms | server cores | client cores |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        order = [("headrace", 0), ("kserve", 0), ("kserve", 1), ("headrace", 1)]
+        for n, (api, i) in enumerate(order, 1):
+            pts = ks["points"].get(api, [])
+            if i < len(pts):
+                p = pts[i]
+                md.append(
+                    f"| {n} | {'native' if api == 'headrace' else 'KServe v2'} | "
+                    f"{p['throughput']:,.0f} | {_f(p['p50_ms'])} | {_f(p['p99_ms'])} | "
+                    f"{_f(p.get('server_cores'), 2)} | {_f(p.get('client_cores'), 2)} |"
+                )
+        md += [""]
     md += [
         "## Generate: headrace vs the raw decode limit and a naive server",
         "",

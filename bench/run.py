@@ -35,6 +35,7 @@ from bench.servers import (
     headrace_cmd,
     headrace_labels,
     kserve_labels,
+    mlserver_labels,
     model_info,
     models_ready,
     scrape_metric,
@@ -218,14 +219,14 @@ class Bench:
         )
         server = mlserver_peer.start(work, model, http_port, self.work / f"mlserver-{tag}.log")
         with server:
-            labels = kserve_labels(f"127.0.0.1:{grpc_port}", model, SAMPLE_TEXTS)
+            labels = mlserver_labels(f"127.0.0.1:{grpc_port}", model, SAMPLE_TEXTS)
             run = self.loadgen(
                 "classify",
                 f"127.0.0.1:{grpc_port}",
                 model,
                 server.pid,
                 concurrency=concurrency,
-                protocol="kserve",
+                protocol="mlserver",
             )
         return {
             "server": f"mlserver-{tag}",
@@ -235,6 +236,43 @@ class Bench:
             "max_batch_size": max_batch,
             "max_batch_time_s": self.a.mlserver_max_batch_time,
             **run,
+        }
+
+    def kserve_classify(self, model: str, concurrency: int) -> dict[str, Any]:
+        """The same server, the same texts, one text per call: headrace.v1 Classify vs KServe
+        ModelInfer (raw BYTES in, label and raw FP32 probabilities out, as tritonclient
+        sends and reads them), after one unrecorded round, in the order native, KServe, KServe,
+        native so drift cancels."""
+        server, target, _ = self.headrace([model], f"kserve-{model}")
+        points: dict[str, list[dict[str, Any]]] = {"headrace": [], "kserve": []}
+        with server:
+            info = model_info(target, model)
+            native_labels = headrace_labels(target, model, SAMPLE_TEXTS)
+            kserve = kserve_labels(target, model, SAMPLE_TEXTS)
+            # One unrecorded round first: the first load on a fresh server runs slower
+            # (allocator, backend warm-up), which would count against whichever API runs first.
+            self.loadgen("classify", target, model, server.pid, concurrency=concurrency)
+            for protocol in ("headrace", "kserve", "kserve", "headrace"):
+                run = self.loadgen(
+                    "classify", target, model, server.pid,
+                    concurrency=concurrency, protocol=protocol,
+                )  # fmt: skip
+                points[protocol] += run["points"]
+
+        def mean(protocol: str) -> float:
+            return sum(p["throughput"] for p in points[protocol]) / len(points[protocol])
+
+        native, ks = mean("headrace"), mean("kserve")
+        return {
+            "server": "headrace",
+            "model": model,
+            "info": info,
+            "concurrency": concurrency,
+            "labels_agree": native_labels == kserve,
+            "native_throughput": native,
+            "kserve_throughput": ks,
+            "ratio": ks / native if native else None,
+            "points": points,
         }
 
     def manifest_max_batch(self, model: str) -> int:
@@ -349,6 +387,8 @@ class Bench:
         if "classify" in a.only:
             self.phase("classify_limit", lambda: self.classify_limit(a.classify_model))
             self.phase("classify_headrace", lambda: self.headrace_classify(a.classify_model, conc))
+        if "kserve" in a.only:
+            self.phase("classify_kserve", lambda: self.kserve_classify(a.classify_model, 64))
         if "peers" in a.only:
             self.phase("teacher_limit", lambda: self.classify_limit(a.teacher_model))
             self.phase("teacher_headrace", lambda: self.headrace_classify(a.teacher_model, conc))
@@ -382,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classify-model", default="sentiment")
     p.add_argument("--teacher-model", default="sentiment-teacher")
     p.add_argument("--generate-model", default="tweetgpt")
-    p.add_argument("--only", default="classify,peers,generate", type=lambda s: s.split(","))
+    p.add_argument("--only", default="classify,kserve,peers,generate", type=lambda s: s.split(","))
     p.add_argument("--warmup", type=float, default=3.0, help="seconds before each measured window")
     p.add_argument("--duration", type=float, default=12.0, help="measured seconds per point")
     p.add_argument(

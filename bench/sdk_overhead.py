@@ -37,8 +37,8 @@ from typing import Any
 import grpc
 import numpy as np
 from headrace.client import AsyncClient, Client
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
 
 def percentiles(lat_s: list[float]) -> dict[str, float]:

@@ -101,8 +101,8 @@ class ServerProcess:
 def models_ready(target: str, names: Sequence[str]) -> bool:
     """headrace's ListModels lists every one of `names`."""
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pbg
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pbg
 
     with grpc.insecure_channel(target) as channel:
         resp = pbg.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=2)
@@ -112,8 +112,8 @@ def models_ready(target: str, names: Sequence[str]) -> bool:
 
 def model_info(target: str, name: str) -> dict[str, str]:
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pbg
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pbg
 
     with grpc.insecure_channel(target) as channel:
         resp = pbg.InferenceStub(channel).ListModels(pb.ListModelsRequest(), timeout=5)
@@ -133,8 +133,8 @@ def model_info(target: str, name: str) -> dict[str, str]:
 def headrace_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
     """The top label headrace gives each text (one request per text)."""
     import grpc
-    from headrace.client.v1 import inference_pb2 as pb
-    from headrace.client.v1 import inference_pb2_grpc as pbg
+    from headrace.v1 import inference_pb2 as pb
+    from headrace.v1 import inference_pb2_grpc as pbg
 
     with grpc.insecure_channel(target) as channel:
         stub = pbg.InferenceStub(channel)
@@ -148,18 +148,36 @@ def headrace_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
 
 
 def kserve_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
+    """The top label headrace's KServe v2 front gives each text (one request per text)."""
+    import grpc
+
+    from bench.kserve import MODEL_INFER, headrace_request, headrace_top_labels
+
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(MODEL_INFER)
+        return [
+            headrace_top_labels(
+                infer(headrace_request(model, [t]).SerializeToString(), timeout=30)
+            )[0]
+            for t in texts
+        ]
+
+
+def mlserver_labels(target: str, model: str, texts: Sequence[str]) -> list[str]:
     """The top label MLServer's Hugging Face runtime gives each text (one request per text)."""
     import json
 
     import grpc
 
-    from bench.kserve import infer_request_bytes, top_label
+    from bench.kserve import MODEL_INFER, mlserver_request, mlserver_top_label
 
     with grpc.insecure_channel(target) as channel:
-        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        infer = channel.unary_unary(MODEL_INFER)
         out = []
         for t in texts:
-            raw = top_label(infer(infer_request_bytes(model, t), timeout=60))
+            raw = mlserver_top_label(
+                infer(mlserver_request(model, t).SerializeToString(), timeout=60)
+            )
             pred = json.loads(raw)
             out.append(str((pred[0] if isinstance(pred, list) else pred)["label"]))
         return out

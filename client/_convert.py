@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from headrace.v1 import inference_pb2 as pb
+
 from ._types import (
     Classification,
     ClassifyInput,
@@ -17,7 +19,6 @@ from ._types import (
     Task,
     Usage,
 )
-from .v1 import inference_pb2 as pb
 
 _FINISH_FROM_PB: dict[int, FinishReason | None] = {
     pb.FINISH_REASON_UNSPECIFIED: None,

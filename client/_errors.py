@@ -224,3 +224,22 @@ def _pairs(metadata: Any) -> list[tuple[str, str | bytes]]:
     if metadata is None:
         return []
     return [(str(key), value) for key, value in metadata]
+
+
+class TypedErrors:
+    """`with TypedErrors(request_id):` raises a failed call's gRPC error as its typed
+    `HeadraceError` (the gRPC error as `__cause__`), for sync and grpc.aio calls alike."""
+
+    __slots__ = ("request_id",)
+
+    def __init__(self, request_id: str | None) -> None:
+        self.request_id = request_id  # the id the caller sent, used when the server names none
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise error_from_aio_rpc_error(exc, self.request_id) from exc
+        if isinstance(exc, grpc.RpcError):
+            raise error_from_rpc_error(exc, self.request_id) from exc

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
-from types import TracebackType
 from typing import Any, Generic, Self, TypeAlias, TypeVar
 
 import grpc
+from headrace.v1 import inference_pb2 as pb
 
 from . import _convert
-from ._errors import error_from_aio_rpc_error, error_from_rpc_error
+from ._errors import HeadraceError, error_from_aio_rpc_error, error_from_rpc_error
 from ._types import ClassifyInput
-from .v1 import inference_pb2 as pb
 
 __all__ = ["AsyncResponseStream", "RequestFeeder", "ResponseStream"]
 
@@ -26,13 +25,11 @@ T = TypeVar("T")
 _EOF: object = getattr(grpc.aio, "EOF")  # noqa: B009
 
 
-class ResponseStream(Generic[T]):
-    """The responses of a streaming call, converted, in order (sync).
+E = TypeVar("E", bound=BaseException)
 
-    Iterate it; errors surface as `HeadraceError` while iterating. Stopping early
-    (`break`) and dropping it, `close()`, or leaving `with` cancels the call. After
-    `close()` iteration ends quietly. `close()` may be called from another thread.
-    """
+
+class _Stream(Generic[T]):
+    """What both wrappers share: the call, the conversion, ending and cancelling."""
 
     def __init__(
         self,
@@ -41,7 +38,9 @@ class ResponseStream(Generic[T]):
         request_id: str | None = None,
         request_error: Callable[[], BaseException | None] | None = None,
     ) -> None:
-        self._call = call  # a grpc.Call that is also an iterator of responses
+        # a grpc.Call that is also an iterator of responses, or a grpc.aio
+        # UnaryStreamCall / StreamStreamCall
+        self._call = call
         self._convert = convert
         self._request_id = request_id
         # An exception raised while producing requests (bidi), to report instead of
@@ -50,6 +49,49 @@ class ResponseStream(Generic[T]):
         self._done = False
         self._closed = False
         self._cancelled = False
+
+    def cancel(self) -> None:
+        """Cancel the call; iteration then ends without an error."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._done:
+            self._cancelled = True
+            self._call.cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        """True when this stream cancelled its call before it ended."""
+        return self._cancelled
+
+    def _own_error(self) -> BaseException | None:
+        return self._request_error() if self._request_error else None
+
+    def _failure(
+        self, err: E, translate: Callable[[E, str | None], HeadraceError]
+    ) -> BaseException | None:
+        """What to raise now that the call failed with `err`: None (end quietly) once
+        closed, else the requests' own error, else the typed error of the status."""
+        self._done = True
+        if self._closed:
+            return None
+        own = self._own_error()
+        return own if own is not None else translate(err, self._request_id)
+
+    def __del__(self) -> None:
+        try:
+            self.cancel()
+        except Exception:
+            pass
+
+
+class ResponseStream(_Stream[T]):
+    """The responses of a streaming call, converted, in order (sync).
+
+    Iterate it; errors surface as `HeadraceError` while iterating. Stopping early
+    (`break`) and dropping it, `close()`, or leaving `with` cancels the call. After
+    `close()` iteration ends quietly. `close()` may be called from another thread.
+    """
 
     def __iter__(self) -> Self:
         return self
@@ -63,31 +105,15 @@ class ResponseStream(Generic[T]):
             self._done = True
             raise
         except grpc.RpcError as err:
-            self._done = True
-            if self._closed:
+            failure = self._failure(err, error_from_rpc_error)
+            if failure is None:
                 raise StopIteration from None
-            own = self._request_error() if self._request_error else None
-            if own is not None:
-                raise own from err
-            raise error_from_rpc_error(err, self._request_id) from err
+            raise failure from err
         return self._convert(msg)
 
-    def cancel(self) -> None:
-        """Cancel the call; iteration then ends without an error."""
-        self.close()
-
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if not self._done:
-            self._cancelled = True
-            self._call.cancel()
-
-    @property
-    def cancelled(self) -> bool:
-        """True when this stream cancelled its call before it ended."""
-        return self._cancelled
+        """Cancel the call unless it has ended (the same as `cancel()`)."""
+        self.cancel()
 
     def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return tuple(self._call.initial_metadata() or ())
@@ -99,42 +125,16 @@ class ResponseStream(Generic[T]):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
 
-
-class AsyncResponseStream(Generic[T]):
+class AsyncResponseStream(_Stream[T]):
     """The responses of a streaming call, converted, in order (asyncio).
 
     `async for` over it; errors surface as `HeadraceError` while iterating.
     `aclose()`, leaving `async with`, or dropping it before the end cancels the call.
     """
-
-    def __init__(
-        self,
-        call: Any,
-        convert: Callable[[Any], T],
-        request_id: str | None = None,
-        request_error: Callable[[], BaseException | None] | None = None,
-    ) -> None:
-        self._call = call  # a grpc.aio.UnaryStreamCall or StreamStreamCall
-        self._convert = convert
-        self._request_id = request_id
-        self._request_error = request_error
-        self._done = False
-        self._closed = False
-        self._cancelled = False
 
     def __aiter__(self) -> Self:
         return self
@@ -145,20 +145,17 @@ class AsyncResponseStream(Generic[T]):
         try:
             msg = await self._call.read()
         except grpc.aio.AioRpcError as err:
-            self._done = True
-            if self._closed:
+            failure = self._failure(err, error_from_aio_rpc_error)
+            if failure is None:
                 raise StopAsyncIteration from None
-            own = self._request_error() if self._request_error else None
-            if own is not None:
-                raise own from err
-            raise error_from_aio_rpc_error(err, self._request_id) from err
+            raise failure from err
         except asyncio.CancelledError:
             # Our own task is being cancelled (stop the call and propagate), or the call
             # was cancelled by aclose() from another task (end quietly), or grpc.aio
             # cancelled it because reading the requests raised (report that error).
             task = asyncio.current_task()
             if not (task is not None and task.cancelling()):
-                own = self._request_error() if self._request_error else None
+                own = self._own_error()
                 if own is not None:
                     self._done = True
                     raise own from None
@@ -171,22 +168,9 @@ class AsyncResponseStream(Generic[T]):
             raise StopAsyncIteration
         return self._convert(msg)
 
-    def cancel(self) -> None:
-        """Cancel the call; iteration then ends without an error."""
-        if self._closed:
-            return
-        self._closed = True
-        if not self._done:
-            self._cancelled = True
-            self._call.cancel()
-
     async def aclose(self) -> None:
+        """Cancel the call unless it has ended (the same as `cancel()`)."""
         self.cancel()
-
-    @property
-    def cancelled(self) -> bool:
-        """True when this stream cancelled its call before it ended."""
-        return self._cancelled
 
     async def initial_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
         return tuple(await self._call.initial_metadata() or ())
@@ -198,19 +182,8 @@ class AsyncResponseStream(Generic[T]):
     async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         self.cancel()
-
-    def __del__(self) -> None:
-        try:
-            self.cancel()
-        except Exception:
-            pass
 
 
 ClassifyItem: TypeAlias = ClassifyInput | str | Sequence[str]

@@ -38,6 +38,8 @@ class Lock:
     extras: tuple[str, ...]  # extras of headrace it covers
     args: tuple[str, ...]  # uv pip compile arguments beside the extras
     what: str  # one line for the lock's header
+    # A lock of its own (not headrace's): these requirements instead of headrace's extras.
+    requirements: tuple[str, ...] = ()
 
 
 LOCKS = (
@@ -52,6 +54,15 @@ LOCKS = (
         ("edge",),
         ("--python-version", "3.11", "--universal"),
         "the edge profile: headrace[edge], no torch, any platform",
+    ),
+    # tritonclient pins protobuf<7 (we need 7.x): the Open Inference Protocol tests run it
+    # from a virtualenv of its own (tests/kserve/triton_venv.py), a user's client as it is.
+    Lock(
+        "requirements/tritonclient.lock",
+        (),
+        ("--python-version", "3.11", "--python-platform", "x86_64-manylinux_2_28"),
+        "the tests' tritonclient virtualenv: tritonclient[grpc] and numpy, nothing of headrace",
+        requirements=("tritonclient[grpc]>=2.50,<3", "numpy>=1.26,<3"),
     ),
 )
 
@@ -89,10 +100,10 @@ def digest(lock: Lock | NoDepsLock, root: Path = ROOT) -> str:
     if isinstance(lock, NoDepsLock):
         blob = json.dumps({"no-deps": lock.requirements}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
-    blob = json.dumps(
-        {"tables": _dependency_tables(root), "extras": lock.extras, "args": lock.args},
-        sort_keys=True,
-    )
+    inputs: dict[str, object] = {"requirements": lock.requirements, "args": lock.args}
+    if not lock.requirements:
+        inputs = {"tables": _dependency_tables(root), "extras": lock.extras, "args": lock.args}
+    blob = json.dumps(inputs, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -150,15 +161,15 @@ def problems(lock: Lock | NoDepsLock, root: Path = ROOT) -> list[str]:
             f"{lock.path} was resolved from other dependency tables than pyproject.toml's now"
         )
     versions = pinned(text)
-    wanted = (
-        lock.requirements if isinstance(lock, NoDepsLock) else requirements_of(lock.extras, root)
-    )
     if isinstance(lock, NoDepsLock):
+        wanted = lock.requirements
         extra = set(versions) - {_canonical(Requirement(r).name) for r in wanted}
         out += [
             f"{lock.path} pins {name}, which is not one of its requirements"
             for name in sorted(extra)
         ]
+    else:
+        wanted = lock.requirements or requirements_of(lock.extras, root)
     for raw in wanted:
         req = Requirement(raw)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
@@ -186,7 +197,10 @@ def _uv() -> str:
 def resolve(lock: Lock) -> None:
     out = ROOT / lock.path
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [_uv(), "pip", "compile", "pyproject.toml", "--generate-hashes", "--quiet",
+    source = "pyproject.toml"
+    if lock.requirements:  # uv reads them from stdin
+        source = "-"
+    cmd = [_uv(), "pip", "compile", source, "--generate-hashes", "--quiet",
            "--no-header", *lock.args]  # fmt: skip
     for extra in lock.extras:
         cmd += ["--extra", extra]
@@ -195,17 +209,20 @@ def resolve(lock: Lock) -> None:
         if not any(Path(wheels).glob("torch-*+cpu-*.whl")):
             sys.exit(f"no CPU torch wheel in {wheels}: set TORCH_FIND_LINKS to its folder")
         cmd += ["--find-links", wheels]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    stdin = "".join(f"{r}\n" for r in lock.requirements) or None
+    done = subprocess.run(cmd, cwd=ROOT, input=stdin, capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(done.stderr)
     if lock.path.endswith("dev.lock") and not re.search(r"^torch==[^\s]+\+cpu", done.stdout, re.M):
         sys.exit("the dev lock did not pick the CPU build of torch; refusing to write it")
+    inputs = " ".join(f"'{r}'" for r in lock.requirements) or " ".join(
+        ["pyproject.toml", *(f"--extra {e}" for e in lock.extras)]
+    )
     header = [
         DIGEST_PREFIX + digest(lock),
         f"# {lock.what}",
         "# Made by `make lock` (scripts/lock.py, uv pip compile); do not edit by hand.",
-        f"#   uv pip compile pyproject.toml {' '.join('--extra ' + e for e in lock.extras)} "
-        f"{' '.join(lock.args)} --generate-hashes",
+        f"#   uv pip compile {inputs} {' '.join(lock.args)} --generate-hashes",
     ]
     out.write_text("\n".join(header) + "\n" + done.stdout)
     print(f"wrote {lock.path}: {len(pinned(done.stdout))} packages")

@@ -1,12 +1,13 @@
-"""The grpc.aio server: Inference, grpc.health.v1 and server reflection on one port.
+"""The grpc.aio server: Inference, the Open Inference Protocol, grpc.health.v1 and
+server reflection on one port.
 
     async with serve_in_process(config) as server:   # tests and embedders
         channel = grpc.insecure_channel(server.address)
 
     headrace serve --models ./models                 # the CLI: run(config)
 
-Health names: "" (the whole server), "headrace.v1.Inference", and one per
-model name. Each is SERVING while it can answer, NOT_SERVING while the server
+Health names: "" (the whole server), "headrace.v1.Inference",
+"inference.GRPCInferenceService", and one per model name. Each is SERVING while it can answer, NOT_SERVING while the server
 drains (or after a model's last version was removed).
 
 Shutdown (SIGTERM / SIGINT, or `stop()`): health goes NOT_SERVING, new calls
@@ -27,16 +28,21 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
 from headrace.server.config import ServerConfig
+from headrace.server.kserve.pb import grpc_service_pb2 as kserve_pb
+from headrace.server.kserve.pb import grpc_service_pb2_grpc as kserve_grpc
+from headrace.server.kserve.service import OpenInferenceService
 from headrace.server.logs import get_logger
 from headrace.server.repository import ModelRepository
+from headrace.server.rpc import Gate
 from headrace.server.service import InferenceService
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
 log = get_logger("headrace.server")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,7 +64,9 @@ class Server:
             backend_options=config.backend_options(),
             defaults=config.defaults(),
         )
-        self.service = InferenceService(self.repository)
+        self.gate = Gate()  # drain flag and running calls of every front
+        self.service = InferenceService(self.repository, self.gate)
+        self.kserve = OpenInferenceService(self.repository, self.gate)
         self.health = HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._model_names: set[str] = set()
@@ -83,9 +91,10 @@ class Server:
             ]
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
+            (INFERENCE_SERVICE, KSERVE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )
         host = self.config.host
         target = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
@@ -98,6 +107,7 @@ class Server:
         await server.start()
         await self.health.set("", SERVING)
         await self.health.set(INFERENCE_SERVICE, SERVING)
+        await self.health.set(KSERVE_SERVICE, SERVING)
         self.repository.add_listener(self._sync_health)
         await self._sync_health()
         if not self.repository.names():
@@ -132,7 +142,7 @@ class Server:
         self._hurry.set()
 
     async def _drained(self, grace: float) -> bool:
-        idle = asyncio.create_task(self.service.wait_idle(grace))
+        idle = asyncio.create_task(self.gate.wait_idle(grace))
         hurry = asyncio.create_task(self._hurry.wait())
         await asyncio.wait((idle, hurry), return_when=asyncio.FIRST_COMPLETED)
         hurry.cancel()
@@ -144,10 +154,10 @@ class Server:
         log.info("draining", grace_period_s=grace)
         # New Inference calls get UNAVAILABLE from here on, while health checks still
         # answer NOT_SERVING so load balancers see the drain.
-        self.service.draining = True
+        self.gate.draining = True
         await self.health.enter_graceful_shutdown()
         if not await self._drained(grace):
-            log.warning("grace_period_over", cancelled_calls=self.service.inflight)
+            log.warning("grace_period_over", cancelled_calls=self.gate.inflight)
         if self._grpc is not None:
             # Cancels what is still running (health watches, calls past the grace period).
             await self._grpc.stop(0)

@@ -30,7 +30,8 @@ def _add_serve(subparsers: Any) -> None:
         help="serve a model repository over gRPC",
         description=(
             "Serve every model of a repository (NAME/VERSION/headrace.json) over gRPC: the "
-            "headrace.v1.Inference service, grpc.health.v1 and server reflection. Values come "
+            "headrace.v1.Inference service, the Open Inference Protocol (KServe v2), "
+            "grpc.health.v1 and server reflection. Values come "
             "from the defaults, then --config FILE, then these flags."
         ),
     )

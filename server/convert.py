@@ -11,11 +11,11 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from headrace.client.v1 import inference_pb2 as pb
 from headrace.server.errors import InvalidField
 from headrace.server.manifest import Limits
 from headrace.server.repository import ModelEntry
 from headrace.server.types import ClassifyItem, FinishReason, SamplingParams, Task, TokenEvent
+from headrace.v1 import inference_pb2 as pb
 
 MAX_TOP_K = 1_000_000  # bound for top_k when the model's vocabulary size is unknown
 

@@ -3,7 +3,7 @@
 One decorator, `rpc`, wraps every method, unary and streaming alike: it
 assigns the request id, refuses calls while the server drains, maps errors
 to status codes (server/errors.py), writes the one log line per RPC and the
-request metrics. Cancellation (client gone, deadline passed) is re-raised,
+request metrics (the pieces every front shares are in server/rpc.py). Cancellation (client gone, deadline passed) is re-raised,
 never swallowed, and every generation stream is closed in a `finally` so the
 engine frees its KV slot at the next step.
 """
@@ -14,51 +14,25 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeAlias
+from typing import Any
 
-import grpc
-from grpc_status import rpc_status
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
 from headrace.server import convert
-from headrace.server.errors import ServerDraining, rich_status, status_for
-from headrace.server.logs import get_logger
-from headrace.server.metrics import REQUEST_DURATION, REQUESTS
 from headrace.server.repository import ModelRepository
+from headrace.server.rpc import (
+    REQUEST_ID_KEY,
+    Context,
+    Gate,
+    RpcInfo,
+    abort_for,
+    metadata_request_id,
+)
 from headrace.server.types import Task
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
-log = get_logger("headrace.service")
-
-Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-
-REQUEST_ID_KEY = "x-request-id"
 STREAM_WINDOW = 8  # ClassifyStream requests in flight at once per stream (answers keep order)
-
-
-@dataclass
-class RpcInfo:
-    """What the log line of one RPC says; handlers fill in model and token counts."""
-
-    rpc: str
-    request_id: str
-    peer: str
-    start: float = field(default_factory=time.perf_counter)
-    model: str = ""
-    model_version: str = ""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    code: grpc.StatusCode = grpc.StatusCode.OK
-
-
-def _metadata_request_id(context: Context) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == REQUEST_ID_KEY and isinstance(value, str) and value:
-            return value[:128]
-    return ""
 
 
 def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -78,9 +52,9 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                         async for message in messages:
                             yield message
                 except BaseException as exc:
-                    await self._fail(info, context, exc)
+                    await abort_for(info, context, exc)
                 finally:
-                    self._finish(info)
+                    self.gate.finish(info)
 
             return stream_handler
 
@@ -91,9 +65,9 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
                 await self._open(info, context)
                 return await fn(self, request, context, info)
             except BaseException as exc:
-                await self._fail(info, context, exc)
+                await abort_for(info, context, exc)
             finally:
-                self._finish(info)
+                self.gate.finish(info)
 
         return unary_handler
 
@@ -101,81 +75,23 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
 
 
 class InferenceService(pb_grpc.InferenceServicer):
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, gate: Gate | None = None) -> None:
         self.repository = repository
-        self.draining = False
-        self.inflight = 0  # Inference calls between _begin and _finish
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self.gate = gate or Gate()  # shared with the server's other fronts
 
-    async def wait_idle(self, within_s: float) -> bool:
-        """Wait until no Inference call is running (True) or `within_s` passed (False)."""
-        try:
-            async with asyncio.timeout(within_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+    @property
+    def draining(self) -> bool:
+        return self.gate.draining
 
     # -- the decorator's helpers -------------------------------------------------------------
 
     def _begin(self, name: str, request: Any, context: Context) -> RpcInfo:
         own = getattr(request, "request_id", "")  # "" for ClassifyStream's request iterator
-        request_id = own or _metadata_request_id(context) or uuid.uuid4().hex
-        self.inflight += 1
-        self._idle.clear()
-        return RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "")
+        return self.gate.begin(name, own, context, front="native")
 
     async def _open(self, info: RpcInfo, context: Context) -> None:
-        if self.draining:
-            raise ServerDraining("the server is shutting down; retry elsewhere")
+        self.gate.refuse_if_draining()
         await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
-
-    async def _fail(self, info: RpcInfo, context: Context, exc: BaseException) -> NoReturn:
-        """Record and re-raise cancellation; turn anything else into a status (raises)."""
-        if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-            remaining = context.time_remaining()
-            expired = remaining is not None and remaining <= 0
-            info.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            raise exc
-        if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
-            info.code = context.code() or grpc.StatusCode.UNKNOWN
-            raise exc
-        mapped = status_for(exc)
-        info.code = mapped.code
-        if mapped.internal:
-            log.error(
-                "rpc_failed",
-                rpc=info.rpc,
-                request_id=info.request_id,
-                model=info.model,
-                model_version=info.model_version,
-                exc_info=exc,
-            )
-        abort: Any = getattr(context, "abort_with_status")  # noqa: B009 (missing from the aio stubs)
-        await abort(rpc_status.to_status(rich_status(mapped)))
-        raise AssertionError("abort_with_status returned")  # it raises AbortError
-
-    def _finish(self, info: RpcInfo) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self._idle.set()
-        seconds = time.perf_counter() - info.start
-        code = info.code.name
-        REQUESTS.labels(info.rpc, info.model, code).inc()
-        REQUEST_DURATION.labels(info.rpc, info.model).observe(seconds)
-        log.info(
-            "rpc",
-            rpc=info.rpc,
-            request_id=info.request_id,
-            model=info.model,
-            model_version=info.model_version,
-            code=code,
-            latency_ms=round(seconds * 1000, 3),
-            prompt_tokens=info.prompt_tokens,
-            completion_tokens=info.completion_tokens,
-            peer=info.peer,
-        )
 
     # -- classify ----------------------------------------------------------------------------
 
@@ -214,7 +130,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         window = asyncio.Semaphore(STREAM_WINDOW)
         queue: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | BaseException | None]
         queue = asyncio.Queue()
-        stream_id = _metadata_request_id(context)
+        stream_id = metadata_request_id(context)
 
         async def read() -> None:
             try:

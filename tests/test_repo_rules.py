@@ -9,14 +9,30 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# folder -> the package it is installed as (through its link in src/headrace/)
 TOP = {"client": "headrace.client", "server": "headrace.server", "edge": "headrace.edge",
-       "build": "headrace.build"}
+       "build": "headrace.build", "protos/headrace/v1": "headrace.v1"}
 
 
 def test_generated_code_is_fresh() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_generated_code_check_fails_when_stale(tmp_path: Path) -> None:
+    """An edited generated file, and one whose .proto is gone, are both reported."""
+    import shutil
+
+    tree = tmp_path / "protos"
+    shutil.copytree(ROOT / "protos", tree, ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "headrace" / "v1" / "inference_pb2.py").write_text("# edited\n", "utf-8")
+    (tree / "headrace" / "v1" / "gone_pb2.py").write_text("# left behind\n", "utf-8")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check",
+                           str(tree)], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "inference_pb2.py" in proc.stderr and "gone_pb2.py" in proc.stderr
+    assert "inference_pb2_grpc.py" not in proc.stderr, proc.stderr
 
 
 def test_every_package_folder_is_packaged() -> None:
@@ -27,6 +43,17 @@ def test_every_package_folder_is_packaged() -> None:
             rel = init.parent.relative_to(ROOT / folder)
             found.add(".".join([name, *rel.parts]))
     assert found <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
+
+
+def test_src_links_map_each_package_to_its_folder() -> None:
+    """src/headrace/ is the layout tools read: one relative link per top-level package."""
+    links = {p.name: p for p in (ROOT / "src" / "headrace").iterdir()}
+    expected = {name.split(".")[-1]: folder for folder, name in TOP.items()}
+    assert set(links) == set(expected), "src/headrace/ holds exactly one link per package"
+    for name, folder in expected.items():
+        link = links[name]
+        assert link.is_symlink() and not Path(link.readlink()).is_absolute(), link
+        assert link.resolve() == (ROOT / folder).resolve(), f"{link} -> {link.readlink()}"
 
 
 def _imports(path: Path) -> set[str]:
@@ -50,9 +77,11 @@ def test_serving_code_never_imports_build() -> None:
 
 
 def test_client_depends_on_grpc_and_protobuf_alone() -> None:
-    allowed = ("grpc", "google.protobuf", "google.rpc", "grpc_status", "headrace.client")
+    """The SDK and the generated code it ships (headrace.v1) need grpcio and protobuf alone."""
+    allowed = ("grpc", "google.protobuf", "google.rpc", "grpc_status", "headrace.client",
+               "headrace.v1")
     bad = {}
-    for p in (ROOT / "client").rglob("*.py"):
+    for p in [*(ROOT / "client").rglob("*.py"), *(ROOT / "protos").rglob("*.py")]:
         third = {m for m in _imports(p) if m.split(".")[0] not in sys.stdlib_module_names}
         extra = {m for m in third if not m.startswith(allowed)}
         if extra:
@@ -60,8 +89,8 @@ def test_client_depends_on_grpc_and_protobuf_alone() -> None:
     assert not bad, bad
 
 
-def test_server_and_edge_import_without_ml_runtimes() -> None:
-    """Importing every non-backend module pulls in no torch, onnxruntime or tensorrt."""
+def _serving_modules() -> list[str]:
+    """Every module of server/ and edge/ but the backends (which import their runtime)."""
     modules = []
     for folder in ("server", "edge"):
         for p in (ROOT / folder).rglob("*.py"):
@@ -72,12 +101,33 @@ def test_server_and_edge_import_without_ml_runtimes() -> None:
             if parts[-1] == "__init__":
                 parts.pop()
             modules.append(".".join(parts))
+    return sorted(modules)
+
+
+def test_server_and_edge_import_without_ml_runtimes() -> None:
+    """Importing every non-backend module pulls in no torch, onnxruntime or tensorrt."""
+    modules = _serving_modules()
     code = (
         "import importlib, sys\n"
-        f"for m in {sorted(modules)!r}: importlib.import_module(m)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
         "import headrace.server.backends.registry\n"
         "heavy = [m for m in ('torch', 'onnxruntime', 'tensorrt', 'transformers') if m in sys.modules]\n"
         "print(heavy); sys.exit(1 if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_serving_code_imports_without_the_sdk() -> None:
+    """`headrace.v1` is the contract's own package: serving imports it, not headrace.client."""
+    code = (
+        "import importlib, sys\n"
+        "import headrace.server\n"
+        "assert not [m for m in sys.modules if m.startswith('headrace.client')], 'headrace.server'\n"
+        f"for m in {_serving_modules()!r}: importlib.import_module(m)\n"
+        "import headrace.v1.inference_pb2_grpc\n"
+        "sdk = sorted(m for m in sys.modules if m.startswith('headrace.client'))\n"
+        "print(sdk); sys.exit(1 if sdk else 0)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,8 +19,8 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
 LABELS = ("negative", "neutral", "positive")
 

@@ -14,7 +14,7 @@ from headrace.client import (
     _convert,
 )
 from headrace.client._errors import error_from_status
-from headrace.client.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2 as pb
 
 from tests.client.conftest import rich_abort_metadata
 

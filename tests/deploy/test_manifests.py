@@ -16,8 +16,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from headrace.client.v1 import inference_pb2 as pb  # noqa: E402
 from headrace.server.config import load_config  # noqa: E402
+from headrace.v1 import inference_pb2 as pb  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "datacenter"

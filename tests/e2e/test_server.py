@@ -12,8 +12,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from headrace.client.v1 import inference_pb2 as pb
-from headrace.client.v1 import inference_pb2_grpc as pb_grpc
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pb_grpc
 
 from tests.e2e.conftest import RunningServer, add_variant, bad_request_field
 
@@ -287,7 +287,8 @@ def _health(address: str, service: str) -> int:
 
 def test_health_per_service(server: RunningServer) -> None:
     serving = health_pb2.HealthCheckResponse.SERVING
-    for name in ("", "headrace.v1.Inference", "tiny-classifier", "tiny-generator"):
+    names = ("", "headrace.v1.Inference", "inference.GRPCInferenceService")
+    for name in (*names, "tiny-classifier", "tiny-generator"):
         assert _health(server.address, name) == serving, name
     err = error_of(lambda: _health(server.address, "no-such-model"))
     assert err.code() == grpc.StatusCode.NOT_FOUND
@@ -301,6 +302,7 @@ def test_reflection_lists_services(server: RunningServer) -> None:
         names = {s.name for s in response.list_services_response.service}
         assert names == {
             "headrace.v1.Inference",
+            "inference.GRPCInferenceService",
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
         }

@@ -80,6 +80,7 @@ def _build_wheel(tmp: Path) -> Path:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("client", "server", "edge", "build", "protos"):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
+    shutil.copytree(ROOT / "src", src / "src", symlinks=True)  # the links to the folders above
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, src / name)

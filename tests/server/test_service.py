@@ -10,7 +10,6 @@ import math
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from headrace.client.v1 import inference_pb2 as pb
 from headrace.server import convert
 from headrace.server.errors import (
     INTERNAL_MESSAGE,
@@ -30,6 +29,7 @@ from headrace.server.types import (
     ShuttingDown,
     TokenEvent,
 )
+from headrace.v1 import inference_pb2 as pb
 
 LIMITS = Limits(max_new_tokens=32, max_texts=4, max_stop_strings=2, max_stop_length=5)
 

@@ -19,7 +19,7 @@ Errors are gRPC status codes:
 
 from collections import abc as _abc
 from grpc import aio as _aio
-from headrace.client.v1 import inference_pb2 as _inference_pb2
+from headrace.v1 import inference_pb2 as _inference_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys

@@ -1,0 +1,148 @@
+"""What every gRPC front shares around its handlers: the drain gate, errors -> status, the log line.
+
+Both servicers (headrace.v1.Inference in server/service.py and the Open
+Inference Protocol in server/kserve/) wrap each call the same way:
+
+    info = gate.begin("ModelInfer", request_id, context, front="kserve")
+    try:
+        gate.refuse_if_draining()           # UNAVAILABLE while the server drains
+        ...                                 # the handler
+    except BaseException as exc:
+        await abort_for(info, context, exc) # cancellation re-raised; the rest -> a status
+    finally:
+        gate.finish(info)                   # one `rpc` log line + request metrics
+
+One Gate per server: draining refuses new calls on every front, and the
+server's drain waits until no call of any front is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeAlias
+
+import grpc
+from grpc_status import rpc_status
+from headrace.server.errors import MappedError, ServerDraining, rich_status, status_for
+from headrace.server.logs import get_logger
+from headrace.server.metrics import REQUEST_DURATION, REQUESTS
+
+log = get_logger("headrace.service")
+
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+
+REQUEST_ID_KEY = "x-request-id"
+
+
+@dataclass
+class RpcInfo:
+    """What the log line of one RPC says; handlers fill in model and token counts."""
+
+    rpc: str
+    request_id: str
+    peer: str
+    front: str = "native"  # "native" (headrace.v1) or "kserve" (inference.GRPCInferenceService)
+    start: float = field(default_factory=time.perf_counter)
+    model: str = ""
+    model_version: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    code: grpc.StatusCode = grpc.StatusCode.OK
+
+
+def metadata_request_id(context: Context) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_KEY and isinstance(value, str) and value:
+            return value[:128]
+    return ""
+
+
+class Gate:
+    """The drain flag and the count of running calls, shared by every front of one server."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.inflight = 0  # calls between begin and finish
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, within_s: float) -> bool:
+        """Wait until no call is running (True) or `within_s` passed (False)."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def begin(self, name: str, own_id: str, context: Context, *, front: str) -> RpcInfo:
+        request_id = own_id or metadata_request_id(context) or uuid.uuid4().hex
+        self.inflight += 1
+        self._idle.clear()
+        return RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "", front=front)
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ServerDraining("the server is shutting down; retry elsewhere")
+
+    def finish(self, info: RpcInfo) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+        seconds = time.perf_counter() - info.start
+        code = info.code.name
+        REQUESTS.labels(info.rpc, info.model, code).inc()
+        REQUEST_DURATION.labels(info.rpc, info.model).observe(seconds)
+        log.info(
+            "rpc",
+            rpc=info.rpc,
+            front=info.front,
+            request_id=info.request_id,
+            model=info.model,
+            model_version=info.model_version,
+            code=code,
+            latency_ms=round(seconds * 1000, 3),
+            prompt_tokens=info.prompt_tokens,
+            completion_tokens=info.completion_tokens,
+            peer=info.peer,
+        )
+
+
+def mapped_error(info: RpcInfo, exc: Exception) -> MappedError:
+    """The status for `exc` (server/errors.py), the cause logged when it is internal."""
+    mapped = status_for(exc)
+    if mapped.internal:
+        log.error(
+            "rpc_failed",
+            rpc=info.rpc,
+            front=info.front,
+            request_id=info.request_id,
+            model=info.model,
+            model_version=info.model_version,
+            exc_info=exc,
+        )
+    return mapped
+
+
+async def abort_for(
+    info: RpcInfo, context: Context, exc: BaseException, mapped: MappedError | None = None
+) -> NoReturn:
+    """Record and re-raise cancellation; turn anything else into a status (raises).
+
+    `mapped` overrides the status of server/errors.py (a front's own wording)."""
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        info.code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+        raise exc
+    if isinstance(exc, grpc.aio.AbortError) or not isinstance(exc, Exception):
+        info.code = context.code() or grpc.StatusCode.UNKNOWN
+        raise exc
+    mapped = mapped or mapped_error(info, exc)
+    info.code = mapped.code
+    abort: Any = getattr(context, "abort_with_status")  # noqa: B009 (missing from the aio stubs)
+    await abort(rpc_status.to_status(rich_status(mapped)))
+    raise AssertionError("abort_with_status returned")  # it raises AbortError
