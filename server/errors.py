@@ -7,6 +7,7 @@ with a `google.rpc.BadRequest` naming the field for INVALID_ARGUMENT.
 
     InvalidField / InvalidInput      INVALID_ARGUMENT (+ BadRequest field)
     ModelNotFound                    NOT_FOUND
+    ModelForbidden                   PERMISSION_DENIED (an API key scoped to other models)
     QueueFull                        RESOURCE_EXHAUSTED
     ShuttingDown / ServerDraining    UNAVAILABLE
     BackendFailure / anything else   INTERNAL (generic message)
@@ -41,6 +42,10 @@ class ModelNotFound(ServiceError):
     """Unknown model, unknown version, or a model of the other task: NOT_FOUND."""
 
 
+class ModelForbidden(ServiceError):
+    """An API key scoped to some models asked for another (server/auth.py): PERMISSION_DENIED."""
+
+
 class ServerDraining(ServiceError):
     """The server is shutting down and takes no new calls: UNAVAILABLE."""
 
@@ -59,6 +64,8 @@ def status_for(exc: BaseException) -> MappedError:
         return MappedError(grpc.StatusCode.INVALID_ARGUMENT, exc.message, field=exc.field)
     if isinstance(exc, ModelNotFound):
         return MappedError(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, ModelForbidden):
+        return MappedError(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, QueueFull):
         return MappedError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the model's queue is full; retry later"

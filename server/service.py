@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from headrace.server import convert
+from headrace.server import auth, convert
 from headrace.server.repository import ModelRepository
 from headrace.server.rpc import (
     REQUEST_ID_KEY,
@@ -98,6 +98,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _classify_one(
         self, request: pb.ClassifyRequest, request_id: str, info: RpcInfo
     ) -> pb.ClassifyResponse:
+        auth.authorize_model(request.model or self.repository.default_name(Task.CLASSIFY) or "")
         async with self.repository.lease(
             request.model, request.model_version, Task.CLASSIFY
         ) as loaded:
@@ -191,6 +192,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _generate(
         self, request: pb.GenerateRequest, info: RpcInfo
     ) -> AsyncGenerator[pb.GenerateChunk, None]:
+        auth.authorize_model(request.model or self.repository.default_name(Task.GENERATE) or "")
         async with self.repository.lease(
             request.model, request.model_version, Task.GENERATE
         ) as loaded:
@@ -227,5 +229,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> pb.ListModelsResponse:
         task = convert.TASK_FROM_PB.get(request.task)
         entries = self.repository.list_models(task)
+        visible = set(auth.allowed_models(e.name for e in entries))  # a scoped key: its models
+        entries = [e for e in entries if e.name in visible]
         profile = self.repository.profile
         return pb.ListModelsResponse(models=[convert.model_info(e, profile) for e in entries])

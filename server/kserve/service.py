@@ -26,6 +26,7 @@ from importlib import metadata
 from typing import Any
 
 import grpc
+from headrace.server import auth
 from headrace.server.errors import InvalidField, MappedError, ModelNotFound
 from headrace.server.kserve import convert
 from headrace.server.kserve.pb import grpc_service_pb2 as pb
@@ -98,6 +99,8 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=not self.gate.draining)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        if not auth.current_caller().may_use(request.name):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, auth.forbidden_message(request.name))
         versions = {v.version for v in self.repository.versions(request.name)}
         version = request.version
         if version.isdigit():
@@ -111,6 +114,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """Served versions of `name`, newest first (the asked one first when given)."""
         if not name:
             raise InvalidField("model_name", "model_name must name a served model")
+        auth.authorize_model(name)  # before the lookup: a scoped key learns no other names
         versions = self.repository.versions(name)
         if not versions:
             raise ModelNotFound(f"model {name!r} is not served")
@@ -154,7 +158,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: Context, info: RpcInfo
     ) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
-        for name in self.repository.names():
+        for name in auth.allowed_models(self.repository.names()):
             for v in self.repository.versions(name):
                 index.models.add(name=name, version=v.version, state="READY")
         return index
