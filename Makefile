@@ -10,7 +10,7 @@ LOCK := requirements/dev.lock
 TORCH_FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: help venv lock lock-check test lint typecheck pytest protos protos-check serve demo-models bench clean
+.PHONY: help venv lock lock-check test lint typestubs typecheck pytest protos protos-check serve demo-models bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -30,9 +30,27 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check client/*.py scripts
 
-# mypy finds headrace.* through src/headrace/ (pyproject [tool.mypy] mypy_path), as Python does
-typecheck: $(STAMP) ## mypy (strict on the client)
-	$(VENV)/bin/mypy -p headrace.v1 -p headrace.client -p headrace.server -p headrace.edge -p headrace.build
+# the TensorRT API's type stubs alone (the `tensorrt-stubs` wheel declares the multi-GB tensorrt
+# wheel as a dependency): into their own folder, read by mypy only, never imported
+TYPESTUBS := .cache/typestubs
+TYPESTUBS_STAMP := $(TYPESTUBS)/.installed-$(shell sha1sum requirements/typing.lock | cut -c1-12)
+
+$(TYPESTUBS_STAMP): requirements/typing.lock | $(STAMP)
+	rm -rf $(TYPESTUBS)
+	$(PY) -m pip install -q --no-deps --require-hashes --target $(TYPESTUBS) -r requirements/typing.lock
+	# two slips of the generated 10.13 stubs that stop mypy (syntax errors): plugin parameters
+	# named `in` (a keyword), and a parameter without a default after defaulted ones
+	sed -i -E -e 's/([(,] *)in: /\1in_: /g' -e 's/, channel_axis: int\)/, channel_axis: int = ...)/' \
+		$(TYPESTUBS)/tensorrt_bindings/tensorrt.pyi
+	touch $@
+
+typestubs: $(TYPESTUBS_STAMP)
+
+# mypy finds headrace.* through src/headrace/ (pyproject [tool.mypy] mypy_path), as Python does;
+# MYPYPATH adds the TensorRT stubs before it
+typecheck: $(STAMP) $(TYPESTUBS_STAMP) ## mypy (strict on the client; TensorRT code against its stubs)
+	MYPYPATH=$(CURDIR)/$(TYPESTUBS) $(VENV)/bin/mypy \
+		-p headrace.v1 -p headrace.client -p headrace.server -p headrace.edge -p headrace.build
 
 lock: ## re-resolve requirements/*.lock from pyproject.toml (uv, needs the index)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

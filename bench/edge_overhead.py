@@ -38,9 +38,10 @@ import numpy as np
 from headrace.client import Client
 from headrace.edge.healthcheck import check
 from headrace.edge.ort_backend import OrtDecoder, OrtEncoder
-from headrace.server.backends.registry import BackendSpec
+from headrace.server.backends.base import BackendSpec
 from headrace.server.manifest import read_manifest
-from headrace.server.repository import choose_artifact, scan
+from headrace.server.profiles import choose_artifact
+from headrace.server.repository import scan
 from headrace.server.types import Task
 
 TEXT = "the train was on time today and the coffee was great"

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from headrace.server.backends.registry import BackendSpec
+from headrace.server.backends.base import BackendSpec
 from headrace.server.manifest import Artifact, Generation, Manifest, read_manifest
 from headrace.server.types import SamplingParams, Task
 

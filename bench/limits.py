@@ -27,9 +27,9 @@ from bench.common import PROMPTS, newest_version, tweets, write_json
 
 
 def _spec(model_dir: Path, profile: str, min_slots: int = 1) -> tuple[Any, Any, Path]:
-    from headrace.server.backends.registry import BackendSpec
+    from headrace.server.backends.base import BackendSpec
     from headrace.server.manifest import read_manifest
-    from headrace.server.repository import choose_artifact
+    from headrace.server.profiles import choose_artifact
 
     version = newest_version(model_dir)
     manifest = read_manifest(version)

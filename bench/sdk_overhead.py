@@ -6,7 +6,7 @@
 Paths, each sequential (one call in flight), same text, same model version:
 
   backend        backend.forward(ids, mask) on pre-tokenized input (numpy in, logits out)
-  engine         ClassifierModel.classify([text]) awaited on the server's event loop:
+  engine         ClassifierModel.classify(call) awaited on the server's event loop:
                  tokenize + EncoderBatcher + backend + softmax, no gRPC
   grpc-stub      the generated stub over localhost, no SDK
   sdk-sync       headrace.client.Client.classify
@@ -108,6 +108,8 @@ def measure(
     """Interleaved: each round calls every path once, so load changes hit all paths alike."""
     from headrace.server.app import Server
     from headrace.server.config import ServerConfig
+    from headrace.server.models import ClassifierModel
+    from headrace.server.types import ClassifyCall
 
     engine_loop, client_loop = LoopThread(), LoopThread()
     config = ServerConfig(
@@ -119,8 +121,8 @@ def measure(
     client = Client(address, timeout=30)
     aclient: AsyncClient = client_loop.run(_make_async_client(address))
     try:
-        versions = server.repository._served[name]
-        model = versions[max(versions, key=int)].model
+        model = server.repository.get(name, None, ClassifierModel)
+        call = ClassifyCall(texts=(text,))
         if "torch" in sys.modules:
             # OpenMP thread counts are per calling thread: match the engine's worker here.
             sys.modules["torch"].set_num_threads(threads)
@@ -135,7 +137,7 @@ def measure(
         )
         paths: dict[str, Callable[[], float]] = {
             "backend": lambda: time_sync(lambda: model.backend.forward(ids, mask)),
-            "engine": lambda: engine_loop.time(lambda: model.classify([text])),
+            "engine": lambda: engine_loop.time(lambda: model.classify(call)),
             "grpc-stub": lambda: time_sync(lambda: stub.Classify(request, timeout=30)),
             "sdk-sync": lambda: time_sync(lambda: client.classify(text, model=name)),
             "sdk-async": lambda: client_loop.time(lambda: aclient.classify(text, model=name)),

@@ -29,8 +29,11 @@ _FORM_COLUMNS = {
     "macro_f1": "macro-F1",
     "perplexity": "perplexity",
     "greedy_agreement": "greedy agreement",
+    "accuracy_vs_teacher": "vs teacher",
     "megabytes": "size MB",
+    "size_vs_teacher": "size vs teacher",
     "p50_ms_batch1": "p50 ms (batch 1)",
+    "speedup_vs_teacher": "speed-up",
     "throughput_batch32": "texts/s (batch 32)",
     "decode_ms_batch1": "decode step ms (batch 1)",
     "decode_ms_batch16": "decode step ms (batch 16)",
@@ -104,9 +107,32 @@ def render_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Model card: {card.get('model', 'model')}", ""]
     if card.get("summary"):
         lines += [str(card["summary"]), ""]
+    if isinstance(card.get("served"), dict):
+        lines += [f"**Served: {card['served']['form']}.** {card['served'].get('rule', '')}", ""]
     if card.get("forms"):
-        lines += ["## Measured forms", ""]
+        lines += ["## Measured forms: the trade-off", ""]
         lines += _table(card["forms"], _FORM_COLUMNS)
+        lines += [""]
+    if card.get("plot"):
+        lines += [f"![quality against latency and size, every form]({card['plot']})", ""]
+    if card.get("baselines"):
+        rows = [{"baseline": k, **v} for k, v in card["baselines"].items() if isinstance(v, dict)]
+        lines += ["## Baselines (test split)", ""]
+        lines += _table(
+            rows, {"baseline": "baseline", "accuracy": "accuracy", "macro_f1": "macro-F1"}
+        )
+        lines += [""]
+    if card.get("teacher_curve"):
+        lines += ["## Teacher: validation accuracy against epochs", ""]
+        lines += _table(
+            card["teacher_curve"],
+            {
+                "epoch": "epoch",
+                "val_accuracy": "accuracy",
+                "val_macro_f1": "macro-F1",
+                "train_loss": "train loss",
+            },
+        )
         lines += [""]
     if card.get("targets"):
         lines += ["## Targets", ""]

@@ -36,18 +36,24 @@ def evaluate_classifier_form(
     batch_size: int = 32,
     pad_id: int = 0,
 ) -> dict[str, Any]:
-    """Accuracy and macro-F1 over all `rows` (batches of `batch_size` in test order, which
-    also gives the throughput). Returns the logits too (key "logits", for comparisons)."""
+    """Accuracy and macro-F1 over all `rows`, run in batches of `batch_size` texts of similar
+    length (sorted, so little padding), which also gives the throughput. Returns the logits
+    too (key "logits", in the order of `rows`, for comparisons)."""
     from tqdm import tqdm
 
     gold_arr = np.asarray(gold)
-    logits: list[np.ndarray] = []
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    all_logits: np.ndarray | None = None
     run(*pad_batch([rows[0]], pad_id))  # warm-up
     start = time.perf_counter()
     for i in tqdm(range(0, len(rows), batch_size), desc="  batch 32", unit="batch", leave=False):
-        logits.append(np.asarray(run(*pad_batch(rows[i : i + batch_size], pad_id))))
+        idx = order[i : i + batch_size]
+        out = np.asarray(run(*pad_batch([rows[j] for j in idx], pad_id)), dtype=np.float32)
+        if all_logits is None:
+            all_logits = np.zeros((len(rows), out.shape[1]), dtype=np.float32)
+        all_logits[idx] = out
     seconds = time.perf_counter() - start
-    all_logits = np.concatenate(logits).astype(np.float32)
+    assert all_logits is not None
     pred = all_logits.argmax(-1)
     return {
         "accuracy": round(accuracy(pred, gold_arr), 4),
@@ -125,7 +131,22 @@ def add_latency(
 
 
 def _form_name(role: str, artifact: Any) -> str:
-    return f"{role} {artifact.precision} ({artifact.backend})"
+    """'student-3L int8 static (onnxruntime)': role, precision (int8: how), backend."""
+    how = {"static-qdq": " static", "dynamic": " dynamic"}.get(artifact.extra.get("quantization"), "")
+    return f"{role} {artifact.precision}{how} ({artifact.backend})"
+
+
+def evaluate_candidates(
+    versions: dict[str, Path], threads: int, latency_samples: int
+) -> list[dict[str, Any]]:
+    """Every form of every staged version (key -> folder), then their batch-1 latency, timed
+    together in turns."""
+    forms: list[dict[str, Any]] = []
+    for key, folder in versions.items():
+        forms += evaluate_classifier_version(folder, role=key, threads=threads, latency_samples=0)
+    add_latency(forms, [(folder, key) for key, folder in versions.items()], threads=threads,
+                samples=latency_samples)  # fmt: skip
+    return forms
 
 
 def evaluate_classifier_version(
@@ -186,6 +207,7 @@ def evaluate_classifier_version(
             "version": version_dir.name,
             "backend": art.backend,
             "precision": art.precision,
+            "quantization": art.extra.get("quantization"),
             "path": art.path,
             "bytes": size,
             "megabytes": round(size / 1e6, 2),

@@ -67,7 +67,8 @@ def encoder_runner(
     """-> (run(ids, mask) -> logits, what ran, close)."""
     if manifest is not None and version_dir is not None:
         try:
-            from headrace.server.backends.registry import BackendSpec, load_backend
+            from headrace.server.backends.base import BackendSpec
+            from headrace.server.backends.registry import load_encoder
 
             spec = BackendSpec(
                 task=manifest.task,
@@ -79,7 +80,7 @@ def encoder_runner(
                 version_dir=Path(version_dir).resolve(),
                 options={"intra_op_threads": threads},
             )
-            served = load_backend(spec)
+            served = load_encoder(spec)
             if backend == "torch":
                 import torch
 

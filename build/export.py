@@ -117,22 +117,31 @@ def export_encoder(
     opset: int = 17,
     optimize: bool = True,
     check_texts: Sequence[str] | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
-    """Export a sequence classifier to `out` (.onnx); returns the check against torch.
+    """Export a sequence classifier (pruned or not) to `out` (.onnx); returns the check
+    against torch.
 
     Returns {"path", "optimized", "max_abs_diff", "labels_match", "seconds", ...}.
     `max_abs_diff` is the largest |logit| difference, ONNX Runtime vs torch, on
-    `check_texts` (a padded batch, so masking is checked too).
+    `check_texts` (a padded batch, so masking is checked too). `dtype="fp16"` casts the
+    model before tracing, so every float tensor of the graph is fp16 (for TensorRT; not
+    optimised, and not checked here: ONNX Runtime's CPU kernels are fp32).
     """
     import torch
-    from transformers import AutoModelForSequenceClassification
+    from headrace.build.prune import is_pruned, load_classifier
 
     hf_dir, out = Path(hf_dir), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = AutoModelForSequenceClassification.from_pretrained(
-        hf_dir, attn_implementation="eager"
-    ).eval()
+    model = load_classifier(hf_dir, attn_implementation="eager").eval()
+    pruned = is_pruned(hf_dir)
+    half = dtype == "fp16"
+    if half:
+        model = model.half()
+        optimize = False
+    elif dtype != "fp32":
+        raise ValueError(f"dtype must be fp32 or fp16, not {dtype!r}")
     config = model.config
 
     class _Wrapper(torch.nn.Module):
@@ -178,8 +187,9 @@ def export_encoder(
             opt = optimize_model(
                 str(raw),
                 model_type=opt_type,
-                num_heads=int(config.num_attention_heads),
-                hidden_size=int(config.hidden_size),
+                # pruned layers differ in heads: 0 lets the optimiser read each from the graph
+                num_heads=0 if pruned else int(config.num_attention_heads),
+                hidden_size=0 if pruned else int(config.hidden_size),
                 opt_level=0,  # graph fusions only; ORT applies its own levels at load
             )
             opt.save_model_to_file(str(out))
@@ -199,8 +209,12 @@ def export_encoder(
             "num_labels": int(config.num_labels),
             "labels": labels,
             "max_position_embeddings": max_len,
+            "precision": dtype,
         },
     )
+    if half:
+        return {"path": str(out), "dtype": dtype, "optimized": False, "opset": opset,
+                "bytes": out.stat().st_size, "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
     got = _session(out).run(["logits"], {"input_ids": ids, "attention_mask": mask})[0]
     diff = float(np.max(np.abs(got - expected)))
     return {
@@ -310,11 +324,15 @@ def export_decoder(
     opset: int = 17,
     check_prompt_ids: Sequence[int] | None = None,
     check_tokens: int = 64,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
     """Export a GPT-2-family causal LM to one KV-cache decoder graph at `out`.
 
     Returns {"path", "max_abs_diff" (prefill logits vs torch), "greedy_match": "k/n",
     "facts", ...}. The greedy check runs min(check_tokens, context left) tokens.
+    `dtype="fp16"` casts the model before tracing: logits and the past/present KV tensors
+    are fp16 at the graph's boundary (for TensorRT; not checked here, ONNX Runtime's CPU
+    kernels being fp32).
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -324,6 +342,10 @@ def export_decoder(
     start = time.perf_counter()
     model: Any = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
     model.eval()
+    if dtype not in ("fp32", "fp16"):
+        raise ValueError(f"dtype must be fp32 or fp16, not {dtype!r}")
+    float_type = torch.float16 if dtype == "fp16" else torch.float32
+    model = model.to(float_type)
     config = model.config
     facts = _decoder_facts(config)
     layers, heads, dim = facts["num_layers"], facts["num_heads"], facts["head_dim"]
@@ -336,7 +358,8 @@ def export_decoder(
     sample_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
     sample_pos = torch.arange(past_len, past_len + seq).expand(batch, seq).contiguous()
     sample_past = [
-        torch.randn(batch, heads, past_len, dim, generator=gen) for _ in range(2 * layers)
+        torch.randn(batch, heads, past_len, dim, generator=gen).to(float_type)
+        for _ in range(2 * layers)
     ]
     dynamic_axes: dict[str, dict[int, str]] = {
         "input_ids": {0: "batch", 1: "sequence"},
@@ -375,8 +398,13 @@ def export_decoder(
             **facts,
             "eos_token_id": -1 if eos is None else int(eos),
             "logits": "last",
+            "precision": dtype,
         },
     )
+    if dtype != "fp32":
+        return {"path": str(out), "dtype": dtype, "facts": facts, "eos_token_id": eos,
+                "opset": opset, "bytes": out.stat().st_size,
+                "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
 
     session = _session(out)
     prompt = list(check_prompt_ids or [1, 2, 3, 4, 5, 6, 7, 8])

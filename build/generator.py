@@ -10,7 +10,6 @@ blocks of `block_size` tokens. Perplexity is measured on the test texts packed a
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import sys
 from dataclasses import asdict, dataclass, field
@@ -19,8 +18,14 @@ from typing import Any
 
 import numpy as np
 from headrace.build.data import SPLIT_NAME, Example, Split, load_split, read_texts, stratified_split
-from headrace.build.steps import Plan, fingerprint, log, seed_everything
-from headrace.build.versions import jsonable, publish
+from headrace.build.steps import Plan, fingerprint, seed_everything
+from headrace.build.versions import (
+    card_if_built,
+    is_published,
+    jsonable,
+    publish_with_card,
+    stage,
+)
 
 EOS = "<|endoftext|>"
 CARD_VERSION = 2  # bumped when the card's content changes: written versions are remade
@@ -210,28 +215,12 @@ def prompt_ids(tok: Any, split: Split, n: int, words: int = 3) -> list[list[int]
     return [tok.encode(p).ids or [0] for p in prompts]
 
 
-def _stage(
-    cfg: GeneratorConfig,
-    dest: Path,
-    hf: Path,
-    onnx_dir: Path,
-    split_path: Path,
-    eos: int,
-    prov: dict[str, Any],
-) -> Path:
+def _manifest(cfg: GeneratorConfig, eos: int, prov: dict[str, Any]) -> Any:
     from headrace.server.manifest import Artifact, Batching, Generation, Limits, Manifest
     from headrace.server.types import Task
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    shutil.copytree(hf, dest / "hf")
-    for f in ("model.onnx", "model.int8.onnx"):
-        shutil.copy2(onnx_dir / f, dest / f)
-    shutil.copy2(hf / "tokenizer.json", dest / "tokenizer.json")
-    shutil.copy2(split_path, dest / SPLIT_NAME)
     kv = {"kv_cache": True}
-    Manifest(
+    return Manifest(
         task=Task.GENERATE,
         tokenizer="tokenizer.json",
         artifacts=(
@@ -250,8 +239,7 @@ def _stage(
             eos_token_id=eos, bos_token_id=eos, max_context=cfg.block_size, chat_template="plain"
         ),
         provenance=prov,
-    ).write(dest)
-    return dest
+    )
 
 
 def build_fingerprint(cfg: GeneratorConfig) -> str:
@@ -262,35 +250,20 @@ def build_fingerprint(cfg: GeneratorConfig) -> str:
 
 
 def is_built(cfg: GeneratorConfig) -> bool:
-    from headrace.server.manifest import ManifestError, read_manifest
-
-    try:
-        m = read_manifest(Path(cfg.out) / cfg.name / cfg.version)
-    except ManifestError:
-        return False
-    return m.provenance.get("build_fingerprint") == build_fingerprint(cfg)
+    return is_published(cfg.out, [cfg.name], cfg.version, build_fingerprint(cfg))
 
 
 def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     """Run (or resume) the generator pipeline; returns the card."""
-    from headrace.build import card as cards
     from headrace.build.export import export_decoder
     from headrace.build.generator_card import generator_card
     from headrace.build.generator_eval import evaluate_generator_version
     from headrace.build.quantize import quantize_int8
-    from headrace.server.manifest import read_manifest
     from tokenizers import Tokenizer
 
-    out = Path(cfg.out)
-    if is_built(cfg) and not cfg.force:
-        log(f"{out / cfg.name / cfg.version}: up to date")
-        return read_manifest(out / cfg.name / cfg.version).card
-    import torch
-
-    torch.set_num_threads(cfg.threads)
-    work = cfg.work_dir()
-    if cfg.force and work.exists():  # a true rebuild: no step is reused
-        shutil.rmtree(work)
+    if (built := card_if_built(cfg, is_built(cfg))) is not None:
+        return built
+    out, work = Path(cfg.out), cfg.work_dir()
     plan = Plan(STEPS, estimates=cfg.estimates)
     d_params = {
         "data": str(cfg.data),
@@ -376,14 +349,15 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
         "evaluation": {"prompts": cfg.prompts, "greedy_tokens": cfg.greedy_tokens},
     }
     staged = {
-        role: _stage(
-            cfg,
+        role: stage(
             work / "staged" / role / cfg.version,
-            work / role / "hf",
-            work / "export" / role,
-            work / "data" / SPLIT_NAME,
-            int(tok_result["eos_token_id"]),
-            {**prov, "role": role},
+            {
+                "hf": work / role / "hf",
+                "tokenizer.json": work / role / "hf" / "tokenizer.json",
+                SPLIT_NAME: work / "data" / SPLIT_NAME,
+                **{f: work / "export" / role / f for f in ("model.onnx", "model.int8.onnx")},
+            },
+            _manifest(cfg, int(tok_result["eos_token_id"]), {**prov, "role": role}),
         )
         for role in ("teacher", "student")
     }
@@ -403,10 +377,6 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     card = generator_card(
         cfg, data_result, tok_result, teacher_result, student_result, export_result, evaluation
     )
-    chosen = staged[card["served"]]
-    m = read_manifest(chosen)
-    cards.write_card(chosen, card)
-    dataclasses.replace(m, card=card).write(chosen)
-    publish(chosen, out / cfg.name / cfg.version)
+    publish_with_card(staged[card["served"]], out / cfg.name / cfg.version, card)
     plan.note("write", f"published {out / cfg.name / cfg.version} (the {card['served']})")
     return card

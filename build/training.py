@@ -89,8 +89,14 @@ def train_loop(
     weight_decay: float = 0.01,
     desc: str = "train",
     max_grad_norm: float = 1.0,
+    every: int = 0,
+    checkpoint: Callable[[int, float], bool] | None = None,
 ) -> dict[str, float]:
-    """AdamW with linear warmup and linear decay for `steps` steps -> {"loss": mean of last 50}."""
+    """AdamW with linear warmup and linear decay for `steps` steps -> {"loss": mean of last 50,
+    "steps": steps run}.
+
+    With `checkpoint`, `checkpoint(step, recent loss)` runs every `every` steps (the model in
+    eval mode, back to train mode after); returning True stops training there."""
     import torch
     from tqdm import tqdm
 
@@ -120,7 +126,8 @@ def train_loop(
     sched = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
     recent: list[float] = []
     bar = tqdm(range(steps), desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0)
-    for _ in bar:
+    ran = 0
+    for step in bar:
         batch = next(batches)
         loss = loss_fn(model, batch)
         optim.zero_grad(set_to_none=True)
@@ -133,10 +140,18 @@ def train_loop(
             raise RuntimeError(f"{desc}: loss became {value}")
         recent = [*recent[-49:], value]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}", refresh=False)
+        ran = step + 1
+        if checkpoint is not None and every > 0 and (ran % every == 0 or ran == steps):
+            model.eval()
+            stop = checkpoint(ran, sum(recent) / len(recent))
+            model.train()
+            if stop:
+                break
+    bar.close()
     model.eval()
     final = sum(recent) / max(1, len(recent))
-    log(f"{desc}: {steps} steps, loss {final:.4f}")
-    return {"loss": round(final, 5)}
+    log(f"{desc}: {ran} steps, loss {final:.4f}")
+    return {"loss": round(final, 5), "steps": ran}
 
 
 def classifier_logits(

@@ -34,6 +34,7 @@ class ClientBase(Generic[ChannelT]):
         client_key: PemSource | None = None,
         server_name_override: str | None = None,
         metadata: Metadata | None = None,
+        api_key: str | None = None,
         timeout: float | None = None,
         retry: RetryPolicy | None = RetryPolicy(),  # noqa: B008 - frozen, shared safely
         load_balancing: Literal["round_robin", "pick_first"] = "round_robin",
@@ -58,7 +59,10 @@ class ClientBase(Generic[ChannelT]):
                 (client_cert + client_key for mutual TLS).
             server_name_override: the name to check the server certificate against
                 (tests, or when connecting by IP address).
-            metadata: sent with every call (e.g. `{"authorization": "Bearer ..."}`).
+            metadata: sent with every call (e.g. `{"x-request-id": ...}`).
+            api_key: sent with every call as `authorization: Bearer <api_key>` (a server
+                started with `--api-key-file`). Use TLS where the network is not private:
+                the key is a password.
             timeout: default deadline of each call in seconds; None means no deadline.
             retry: retry policy for Classify and ListModels; None disables retries.
             load_balancing: "round_robin" (spread calls over every resolved address) or
@@ -84,6 +88,7 @@ class ClientBase(Generic[ChannelT]):
             client_key=client_key,
             server_name_override=server_name_override,
             metadata=metadata,
+            api_key=api_key,
             timeout=timeout,
             retry=retry,
             load_balancing=load_balancing,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -210,6 +210,19 @@ def as_pairs(metadata: Metadata | None) -> tuple[tuple[str, str | bytes], ...]:
     return merge_metadata((), metadata) or ()
 
 
+def with_api_key(
+    pairs: tuple[tuple[str, str | bytes], ...], api_key: str | None
+) -> tuple[tuple[str, str | bytes], ...]:
+    """The client's metadata with `authorization: Bearer <api_key>` in front."""
+    if api_key is None:
+        return pairs
+    if not api_key or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
+        raise ValueError("api_key must be printable ASCII without spaces")
+    if any(key == "authorization" for key, _ in pairs):
+        raise ValueError("pass api_key or an authorization metadata entry, not both")
+    return (("authorization", f"Bearer {api_key}"), *pairs)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything a client needs to open its channel and make calls."""
@@ -218,7 +231,7 @@ class Settings:
     credentials: grpc.ChannelCredentials | None
     options: tuple[tuple[str, Any], ...]
     compression: grpc.Compression | None
-    metadata: tuple[tuple[str, str | bytes], ...]
+    metadata: tuple[tuple[str, str | bytes], ...] = field(repr=False)  # may hold the API key
     timeout: float | None
     wait_for_ready: bool | None
 
@@ -240,6 +253,7 @@ def settings(
     client_key: PemSource | None,
     server_name_override: str | None,
     metadata: Metadata | None,
+    api_key: str | None,
     timeout: float | None,
     retry: RetryPolicy | None,
     load_balancing: Literal["round_robin", "pick_first"],
@@ -271,7 +285,7 @@ def settings(
             )
         ),
         compression=compression,
-        metadata=as_pairs(metadata),
+        metadata=with_api_key(as_pairs(metadata), api_key),
         timeout=timeout,
         wait_for_ready=wait_for_ready,
     )

@@ -2,7 +2,8 @@
 
 Never imports torch or transformers. onnxruntime itself is imported when a
 backend is built, not when this module is imported, so `headrace.edge`
-imports without it.
+imports without it, and `ONNXRUNTIME` (the declaration pyproject.toml's
+`headrace.backends` entry point names) is read without it too.
 
 The graphs come from `headrace.build.export`:
 
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from headrace.server.backends.registry import BackendSpec
-from headrace.server.engine.sampling import sample_numpy
+from headrace.server.backends.base import BackendDeclaration, BackendSpec
+from headrace.server.backends.sampling_numpy import sample_numpy
 from headrace.server.types import SamplingParams
 
 NAME = "onnxruntime"
@@ -258,3 +259,11 @@ class OrtDecoder:
     def close(self) -> None:
         self._session = None
         self._cache = np.zeros((0,), dtype=np.float32)
+
+
+ONNXRUNTIME = BackendDeclaration(
+    name=NAME,
+    profiles={"edge": 0, "cpu": 0},  # the cpu profile prefers it to torch (rank 1)
+    encoder=OrtEncoder,
+    decoder=OrtDecoder,
+)

@@ -67,6 +67,26 @@ LOCKS = (
 )
 
 
+@dataclass(frozen=True)
+class NoDepsLock:
+    """Packages installed alone (`pip install --no-deps --require-hashes`), outside the
+    resolver: their declared dependencies are not wanted (tensorrt-stubs requires the
+    multi-GB tensorrt wheel it describes)."""
+
+    path: str
+    requirements: tuple[str, ...]  # each pinned by the lock at a version its range admits
+    what: str
+
+
+NO_DEPS_LOCKS = (
+    NoDepsLock(
+        "requirements/typing.lock",
+        ("tensorrt-stubs>=10.13,<11",),
+        "make typecheck: the TensorRT API's type stubs alone (into .cache/typestubs, no tensorrt)",
+    ),
+)
+
+
 def _dependency_tables(root: Path = ROOT) -> dict[str, object]:
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     return {
@@ -76,7 +96,10 @@ def _dependency_tables(root: Path = ROOT) -> dict[str, object]:
     }
 
 
-def digest(lock: Lock, root: Path = ROOT) -> str:
+def digest(lock: Lock | NoDepsLock, root: Path = ROOT) -> str:
+    if isinstance(lock, NoDepsLock):
+        blob = json.dumps({"no-deps": lock.requirements}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
     inputs: dict[str, object] = {"requirements": lock.requirements, "args": lock.args}
     if not lock.requirements:
         inputs = {"tables": _dependency_tables(root), "extras": lock.extras, "args": lock.args}
@@ -122,8 +145,9 @@ def requirements_of(extras: tuple[str, ...], root: Path = ROOT) -> list[str]:
     return out
 
 
-def problems(lock: Lock, root: Path = ROOT) -> list[str]:
-    """What is wrong with one lock, in words; [] when it matches pyproject.toml."""
+def problems(lock: Lock | NoDepsLock, root: Path = ROOT) -> list[str]:
+    """What is wrong with one lock, in words; [] when it matches pyproject.toml (or, for a
+    no-deps lock, its requirements)."""
     from packaging.requirements import Requirement
 
     path = root / lock.path
@@ -137,7 +161,16 @@ def problems(lock: Lock, root: Path = ROOT) -> list[str]:
             f"{lock.path} was resolved from other dependency tables than pyproject.toml's now"
         )
     versions = pinned(text)
-    for raw in lock.requirements or requirements_of(lock.extras, root):
+    if isinstance(lock, NoDepsLock):
+        wanted = lock.requirements
+        extra = set(versions) - {_canonical(Requirement(r).name) for r in wanted}
+        out += [
+            f"{lock.path} pins {name}, which is not one of its requirements"
+            for name in sorted(extra)
+        ]
+    else:
+        wanted = lock.requirements or requirements_of(lock.extras, root)
+    for raw in wanted:
         req = Requirement(raw)
         if req.marker is not None and not req.marker.evaluate({"extra": ""}):
             continue
@@ -195,12 +228,38 @@ def resolve(lock: Lock) -> None:
     print(f"wrote {lock.path}: {len(pinned(done.stdout))} packages")
 
 
+def resolve_no_deps(lock: NoDepsLock) -> None:
+    """uv pip compile --no-deps: each requirement pinned with its hashes, nothing beside it."""
+    import tempfile
+
+    out = ROOT / lock.path
+    with tempfile.NamedTemporaryFile("w", suffix=".in", delete=False) as f:
+        f.write("\n".join(lock.requirements) + "\n")
+    try:
+        cmd = [_uv(), "pip", "compile", f.name, "--no-deps", "--generate-hashes", "--quiet",
+               "--no-header", "--universal", "--python-version", "3.11"]  # fmt: skip
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    if done.returncode != 0:
+        sys.exit(done.stderr)
+    header = [
+        DIGEST_PREFIX + digest(lock),
+        f"# {lock.what}",
+        "# Made by `make lock` (scripts/lock.py, uv pip compile --no-deps); do not edit by hand.",
+        "# Install: pip install --no-deps --require-hashes -r " + lock.path,
+    ]
+    body = re.sub(r"^\s+# via .*\n", "", done.stdout, flags=re.M)
+    out.write_text("\n".join(header) + "\n" + body)
+    print(f"wrote {lock.path}: {len(pinned(body))} packages")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="check the locks, resolve nothing")
     args = parser.parse_args()
     if args.check:
-        bad = [p for lock in LOCKS for p in problems(lock)]
+        bad = [p for lock in (*LOCKS, *NO_DEPS_LOCKS) for p in problems(lock)]
         for line in bad:
             print(line, file=sys.stderr)
         if bad:
@@ -208,6 +267,8 @@ def main() -> int:
         return 1 if bad else 0
     for lock in LOCKS:
         resolve(lock)
+    for no_deps in NO_DEPS_LOCKS:
+        resolve_no_deps(no_deps)
     return 0
 
 

@@ -15,6 +15,11 @@ With `http_port`, the HTTP front (server/http_api) serves the same models on
 the same event loop; it binds before the models load, so `/health/live`
 answers during a slow start and `/health/ready` turns 200 once they are in.
 
+Security (docs/serving.md#security): with `tls_cert`/`tls_key` the port speaks
+TLS only (`tls_client_ca`: client certificates required), with `api_key_file`
+every call needs a key (server/auth.py), checked by one interceptor before any
+service sees the call; both files are re-read when they change.
+
 Shutdown (SIGTERM / SIGINT, or `stop()`): health goes NOT_SERVING, new calls
 get UNAVAILABLE (HTTP: 503), in-flight calls (streams too) get `grace_period_s`
 to finish, then the models stop and the process exits 0.
@@ -34,14 +39,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
 from headrace.server.kserve.pb import grpc_service_pb2 as kserve_pb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as kserve_grpc
 from headrace.server.kserve.service import OpenInferenceService
 from headrace.server.logs import get_logger
 from headrace.server.repository import ModelRepository
-from headrace.server.rpc import Gate
+from headrace.server.rpc import AuthInterceptor, Gate
 from headrace.server.service import InferenceService
+from headrace.server.tls import ServerTls, TlsFiles
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
@@ -64,6 +71,13 @@ class Server:
         if config.models is None:
             raise ValueError("no model repository: set `models` (--models DIR)")
         self.config = config
+        # Checked before any model loads: a bad certificate or key file stops the start.
+        self.tls: ServerTls | None = None
+        if config.tls_cert is not None and config.tls_key is not None:
+            self.tls = ServerTls(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+        self.auth: Authenticator | None = None
+        if config.api_key_file is not None:
+            self.auth = Authenticator(config.api_key_file, config.auth_exempt)
         self.repository = ModelRepository(
             config.models,
             profile=config.profile,
@@ -107,11 +121,15 @@ class Server:
             self.http.loading = False
         if self.config.port_file is not None:
             _write_atomic(self.config.port_file, f"{self.port}\n")
+        if self.auth is not None and self.tls is None:
+            log.warning("api_keys_without_tls", reason="API keys cross the network in clear text")
         log.info(
             "serving",
             host=self.config.host,
             port=self.port,
             http_port=self.http.port if self.http is not None else None,
+            tls="mutual" if self.tls and self.tls.mutual else bool(self.tls),
+            api_keys=self.auth.key_count if self.auth else 0,
             profile=self.repository.profile,
             models=self.repository.names(),
             pid=os.getpid(),
@@ -121,11 +139,12 @@ class Server:
         await self.repository.start()
         mb = self.config.max_message_mb * 1024 * 1024
         server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.auth)] if self.auth is not None else None,
             options=[
                 ("grpc.max_receive_message_length", mb),
                 ("grpc.max_send_message_length", mb),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, server)
@@ -136,7 +155,10 @@ class Server:
         host = self.config.host
         target = f"[{host}]:{self.config.port}" if ":" in host else f"{host}:{self.config.port}"
         try:
-            self.port = server.add_insecure_port(target)
+            if self.tls is not None:
+                self.port = server.add_secure_port(target, self.tls.grpc_credentials())
+            else:
+                self.port = server.add_insecure_port(target)
         except RuntimeError as exc:
             await self.repository.stop(drain=False)
             raise OSError(f"cannot listen on {target}: {exc}") from exc
@@ -217,12 +239,19 @@ def _write_atomic(path: Path, text: str) -> None:
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM or SIGINT, then drain. Returns the exit code."""
+    server = Server(config)
+    metrics = None
     if config.metrics_port:
         from headrace.server.metrics import serve_metrics
 
-        serve_metrics(config.metrics_port, host=config.host)
+        tls = server.tls if config.metrics_tls else None
+        metrics = serve_metrics(
+            config.metrics_port,
+            host=config.host,
+            authenticator=server.auth,
+            ssl_context=tls.ssl_context() if tls is not None else None,
+        )
         log.info("metrics", host=config.host, port=config.metrics_port, path="/metrics")
-    server = Server(config)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
     stopping: set[asyncio.Task[None]] = set()
@@ -255,6 +284,8 @@ async def serve(config: ServerConfig) -> int:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if metrics is not None:
+            metrics.shutdown()
     return 0
 
 

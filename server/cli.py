@@ -22,10 +22,14 @@ SERVE_FIELDS = (
     "grace_period_s",
     "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
+    "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
 )  # fmt: skip
 
 
 def _add_serve(subparsers: Any) -> None:
+    from headrace.server.backends.registry import backend_names
+    from headrace.server.config import PROFILES
+
     p = subparsers.add_parser(
         "serve",
         help="serve a model repository over gRPC",
@@ -43,13 +47,13 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     p.add_argument(
         "--profile",
-        choices=("auto", "edge", "datacenter", "cpu"),
+        choices=PROFILES,
         help="which artifacts to serve (default auto: datacenter with CUDA, else cpu)",
     )
     p.add_argument("--device", help="backend device, e.g. cpu, cuda:1 (default: from profile)")
     p.add_argument(
         "--backend",
-        choices=("onnxruntime", "torch", "tensorrt"),
+        choices=backend_names(),
         help="serve only this backend of the profile's (default: cpu prefers onnxruntime, "
         "then torch; datacenter tensorrt, then torch)",
     )
@@ -94,7 +98,40 @@ def _add_serve(subparsers: Any) -> None:
         help="write the bound port to FILE once serving (useful with --port 0)",
     )
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message (default 16)")
+    _add_security(p)
     p.set_defaults(func=cmd_serve)
+
+
+def _add_security(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "security",
+        "TLS and API keys (docs/serving.md#security). The certificate, key and API key "
+        "files are re-read when they change: rotation needs no restart.",
+    )
+    g.add_argument(
+        "--tls-cert", type=Path, metavar="PEM",
+        help="certificate chain (PEM): serve TLS on the gRPC port and the HTTP port",
+    )  # fmt: skip
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="private key of --tls-cert (PEM)")
+    g.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM",
+        help="CA bundle (PEM): mutual TLS, every client must present a certificate it signed",
+    )  # fmt: skip
+    g.add_argument(
+        "--metrics-tls", action="store_true", default=None,
+        help="serve the --metrics-port over TLS too, with the same files",
+    )  # fmt: skip
+    g.add_argument(
+        "--api-key-file", type=Path, metavar="FILE",
+        help="require an API key (authorization: Bearer KEY) on every call; FILE holds one "
+        "key per line, 'KEY model1,model2' to limit a key to models, '#' for comments",
+    )  # fmt: skip
+    g.add_argument(
+        "--auth-exempt", metavar="GROUPS",
+        help="comma separated call groups that need no API key, of health (grpc.health.v1, "
+        "KServe ServerLive/ServerReady, /health/*), reflection, metrics; 'none' for no "
+        "exemption (default: health)",
+    )  # fmt: skip
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -112,10 +149,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(config.log_format, config.log_level)
     from headrace.server.app import run
-    from headrace.server.repository import ProfileError
+    from headrace.server.profiles import ProfileError
 
     try:
         return run(config)
+    except ConfigError as exc:  # a TLS or key file that cannot be used
+        print(f"headrace serve: {exc}", file=sys.stderr)
+        return 2
     except (ProfileError, OSError) as exc:
         get_logger("headrace.server").error("startup_failed", reason=str(exc))
         return 1

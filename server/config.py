@@ -10,6 +10,11 @@
     grace_period_s = 15
     intra_op_threads = 2
     default_classify_model = "sentiment"
+    tls_cert = "/etc/headrace/tls/tls.crt"      # TLS on every port (metrics: with metrics_tls)
+    tls_key = "/etc/headrace/tls/tls.key"
+    tls_client_ca = "/etc/headrace/tls/ca.crt"  # mTLS: client certificates required
+    api_key_file = "/etc/headrace/keys"         # "KEY" or "KEY model1,model2" per line
+    auth_exempt = ["health"]                    # of health, reflection, metrics
 
 Keys are the field names of `ServerConfig`; an unknown key is an error that
 names it. Relative paths in a file are resolved against the file's folder.
@@ -23,12 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headrace.server import profiles
+from headrace.server.backends.registry import backend_names
 from headrace.server.types import Task
 
-PROFILES = ("auto", "edge", "datacenter", "cpu")
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+PROFILES = ("auto", *profiles.PROFILES)
 LOG_FORMATS = ("json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+AUTH_EXEMPT_GROUPS = ("health", "reflection", "metrics")
 
 
 class ConfigError(ValueError):
@@ -57,12 +64,23 @@ class ServerConfig:
     port_file: Path | None = None  # write the bound port here once serving
     max_message_mb: int = 16  # largest request or response message
     extra_backend_options: dict[str, Any] = field(default_factory=dict)
+    # Security (docs/serving.md#security). TLS files are re-read when they change.
+    tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and HTTP ports
+    tls_key: Path | None = None  # PEM private key of tls_cert (unencrypted)
+    tls_client_ca: Path | None = None  # PEM CA bundle: client certificates required (mTLS)
+    metrics_tls: bool = False  # the metrics port speaks TLS too (same files)
+    api_key_file: Path | None = None  # API keys, one per line ("KEY" or "KEY model1,model2")
+    auth_exempt: tuple[str, ...] = (
+        "health",
+    )  # call groups needing no key: health, reflection, metrics
 
     def validate(self) -> ServerConfig:
         if self.profile not in PROFILES:
             raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {self.profile!r}")
-        if self.backend is not None and self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}")
+        if self.backend is not None and self.backend not in backend_names():
+            raise ConfigError(
+                f"backend must be one of {', '.join(backend_names())}, not {self.backend!r}"
+            )
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"log_format must be one of {', '.join(LOG_FORMATS)}")
         if self.log_level not in LOG_LEVELS:
@@ -85,6 +103,17 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_message_mb < 1:
             raise ConfigError("max_message_mb must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert (--tls-cert) and tls_key (--tls-key) go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key")
+        if self.metrics_tls and self.tls_cert is None:
+            raise ConfigError("metrics_tls (--metrics-tls) needs tls_cert and tls_key")
+        unknown = sorted(set(self.auth_exempt) - set(AUTH_EXEMPT_GROUPS))
+        if unknown:
+            raise ConfigError(
+                f"auth_exempt takes {', '.join(AUTH_EXEMPT_GROUPS)}, not {', '.join(unknown)}"
+            )
         return self
 
     def backend_options(self) -> dict[str, Any]:
@@ -106,9 +135,11 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
-_PATHS = {"models", "port_file"}
+_PATHS = {"models", "port_file", "tls_cert", "tls_key", "tls_client_ca", "api_key_file"}
 _INTS = {"port", "metrics_port", "http_port", "intra_op_threads", "inter_op_threads", "max_message_mb"}
 _FLOATS = {"grace_period_s", "poll_interval_s"}
+_BOOLS = {"metrics_tls"}
+_LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
 
 
 def _coerce(key: str, value: Any, base: Path | None) -> Any:
@@ -125,6 +156,16 @@ def _coerce(key: str, value: Any, base: Path | None) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key} must be a number, not {value!r}")
         return float(value)
+    if key in _BOOLS:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, not {value!r}")
+        return value
+    if key in _LISTS:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{key} must be a list of strings, not {value!r}")
+        names = (item.strip() for item in items)
+        return tuple(name for name in names if name and name != "none")
     if key == "extra_backend_options":
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a table")

@@ -1,23 +1,29 @@
-"""Proto messages <-> plain types (server/types.py), with request validation.
+"""The gRPC front's proto messages <-> plain types (server/types.py).
 
-The only place where the service turns a `headrace.v1` message into what the
-engine takes and turns engine results back into messages. Validation errors
-raise `InvalidField` naming the request field, as the BadRequest detail will.
+The only place where the `headrace.v1` service turns a message into the typed
+call every front builds (ClassifyCall, GenerateCall) and results back into
+messages. Nothing here checks a value against a model's limits: the model does,
+in server/calls.py, with canonical field names that are this front's own (the
+proto's field paths), so BadRequest names them as they are. What is proto's alone
+is mapped here: a zero value means "the default" (top_p 0 and repetition_penalty 0
+turn them off, an unset `seed` is a random one).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import Any
 
-from headrace.server.errors import InvalidField
-from headrace.server.manifest import Limits
 from headrace.server.repository import ModelEntry
-from headrace.server.types import ClassifyItem, FinishReason, SamplingParams, Task, TokenEvent
+from headrace.server.types import (
+    ClassifyCall,
+    ClassifyItem,
+    FinishReason,
+    GenerateCall,
+    SamplingParams,
+    Task,
+    TokenEvent,
+)
 from headrace.v1 import inference_pb2 as pb
-
-MAX_TOP_K = 1_000_000  # bound for top_k when the model's vocabulary size is unknown
 
 FINISH_TO_PB = {
     FinishReason.LENGTH: pb.LENGTH,
@@ -31,18 +37,15 @@ TASK_FROM_PB = {pb.TASK_CLASSIFY: Task.CLASSIFY, pb.TASK_GENERATE: Task.GENERATE
 # -- classify ---------------------------------------------------------------------------------
 
 
-def classify_texts(request: pb.ClassifyRequest, limits: Limits) -> list[str]:
-    texts = list(request.texts)
-    if not texts:
-        raise InvalidField("texts", "texts must hold at least one text")
-    if len(texts) > limits.max_texts:
-        raise InvalidField(
-            "texts", f"at most {limits.max_texts} texts per request, got {len(texts)}"
-        )
-    for i, text in enumerate(texts):
-        if not text:
-            raise InvalidField(f"texts[{i}]", "texts must not be empty")
-    return texts
+def classify_call(request: pb.ClassifyRequest, request_id: str) -> ClassifyCall:
+    return ClassifyCall(
+        texts=tuple(request.texts),
+        model=request.model,
+        version=request.model_version,
+        top_k=int(request.top_k),
+        reject_overlong=bool(request.reject_overlong),
+        request_id=request_id,
+    )
 
 
 def classify_response(
@@ -68,61 +71,29 @@ def classify_response(
 # -- generate ---------------------------------------------------------------------------------
 
 
-def sampling_params(msg: pb.SamplingParams, vocab_size: int | None) -> SamplingParams:
-    """Validate and default a SamplingParams message (zero values mean "the default")."""
-    t = msg.temperature
-    if math.isnan(t) or not 0.0 <= t <= 100.0:
-        raise InvalidField("sampling.temperature", "temperature must be in [0, 100] (0 is greedy)")
-    p = msg.top_p
-    if math.isnan(p) or not 0.0 <= p <= 1.0:
-        raise InvalidField("sampling.top_p", "top_p must be in [0, 1] (0 or 1 turns it off)")
-    k_max = vocab_size if vocab_size else MAX_TOP_K
-    if msg.top_k > k_max:
-        raise InvalidField("sampling.top_k", f"top_k must be at most {k_max} (0 turns it off)")
-    rp = msg.repetition_penalty
-    if math.isnan(rp) or not 0.0 <= rp <= 10.0:
-        raise InvalidField(
-            "sampling.repetition_penalty",
-            "repetition_penalty must be in [0, 10] (0 or 1 turns it off)",
-        )
+def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
+    """A SamplingParams message in SamplingParams' terms (zero values mean "the default")."""
     return SamplingParams(
-        temperature=float(t),
-        top_p=1.0 if p == 0.0 else float(p),
+        temperature=float(msg.temperature),
+        top_p=1.0 if msg.top_p == 0.0 else float(msg.top_p),
         top_k=int(msg.top_k),
-        repetition_penalty=1.0 if rp == 0.0 else float(rp),
+        repetition_penalty=1.0 if msg.repetition_penalty == 0.0 else float(msg.repetition_penalty),
         seed=int(msg.seed) if msg.HasField("seed") else None,
         ignore_eos=bool(msg.ignore_eos),
     )
 
 
-def generate_args(
-    request: pb.GenerateRequest, limits: Limits, vocab_size: int | None
-) -> dict[str, Any]:
-    """Keyword arguments for GeneratorModel.prepare, validated against the model's limits."""
-    if not request.prompt:
-        raise InvalidField("prompt", "prompt must not be empty")
-    if request.max_new_tokens > limits.max_new_tokens:
-        raise InvalidField(
-            "max_new_tokens",
-            f"max_new_tokens must be at most {limits.max_new_tokens} (0 means the default)",
-        )
-    stop = list(request.stop)
-    if len(stop) > limits.max_stop_strings:
-        raise InvalidField("stop", f"at most {limits.max_stop_strings} stop strings")
-    for i, s in enumerate(stop):
-        if not s:
-            raise InvalidField(f"stop[{i}]", "stop strings must not be empty")
-        if len(s) > limits.max_stop_length:
-            raise InvalidField(
-                f"stop[{i}]", f"stop strings must be at most {limits.max_stop_length} characters"
-            )
-    return {
-        "prompt": request.prompt,
-        "max_new_tokens": int(request.max_new_tokens),
-        "sampling": sampling_params(request.sampling, vocab_size),
-        "stop": tuple(stop),
-        "reject_overlong": bool(request.reject_overlong),
-    }
+def generate_call(request: pb.GenerateRequest, request_id: str) -> GenerateCall:
+    return GenerateCall(
+        prompt=request.prompt,
+        model=request.model,
+        version=request.model_version,
+        max_new_tokens=int(request.max_new_tokens),
+        sampling=sampling_params(request.sampling),
+        stop=tuple(request.stop),
+        reject_overlong=bool(request.reject_overlong),
+        request_id=request_id,
+    )
 
 
 def generate_chunk(event: TokenEvent, request_id: str) -> pb.GenerateChunk:

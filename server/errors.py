@@ -5,8 +5,9 @@ mapped to a status by `status_for`; `rich_status` turns one into the
 `google.rpc.Status` that travels in the `grpc-status-details-bin` trailer,
 with a `google.rpc.BadRequest` naming the field for INVALID_ARGUMENT.
 
-    InvalidField / InvalidInput      INVALID_ARGUMENT (+ BadRequest field)
+    InvalidArgument                  INVALID_ARGUMENT (+ BadRequest field)
     ModelNotFound                    NOT_FOUND
+    ModelForbidden                   PERMISSION_DENIED (an API key scoped to other models)
     QueueFull                        RESOURCE_EXHAUSTED
     ShuttingDown / ServerDraining    UNAVAILABLE
     BackendFailure / anything else   INTERNAL (generic message)
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
-from headrace.server.types import BackendFailure, InvalidInput, QueueFull, ShuttingDown
+from headrace.server.types import BackendFailure, InvalidArgument, QueueFull, ShuttingDown
 
 INTERNAL_MESSAGE = "internal error while running the model; the server logged the cause"
 
@@ -31,17 +32,12 @@ class ServiceError(Exception):
     """An error raised by the service layer with a message safe to show a caller."""
 
 
-class InvalidField(ServiceError):
-    """A request field is invalid: INVALID_ARGUMENT with a BadRequest naming `field`."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
-
-
 class ModelNotFound(ServiceError):
     """Unknown model, unknown version, or a model of the other task: NOT_FOUND."""
+
+
+class ModelForbidden(ServiceError):
+    """An API key scoped to some models asked for another (server/auth.py): PERMISSION_DENIED."""
 
 
 class ServerDraining(ServiceError):
@@ -71,10 +67,12 @@ class MappedError:
 
 def status_for(exc: BaseException) -> MappedError:
     """The status a caller sees for `exc`. Never leaks paths or tracebacks."""
-    if isinstance(exc, InvalidField | InvalidInput):
+    if isinstance(exc, InvalidArgument):
         return MappedError(grpc.StatusCode.INVALID_ARGUMENT, exc.message, field=exc.field)
     if isinstance(exc, ModelNotFound):
         return MappedError(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, ModelForbidden):
+        return MappedError(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, QueueFull):
         return MappedError(
             grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the model's queue is full; retry later"

@@ -1,15 +1,16 @@
 """A served model: manifest + tokenizer + backend + its batching engine.
 
-The service calls these and nothing below them:
+Every front calls these and nothing below them, with the typed calls of
+server/types.py; each model checks a call against its own limits first
+(server/calls.py), so every front gets the same checks and errors:
 
     model = ClassifierModel(name, version, manifest, backend, tokenizer)
     await model.start()
-    items = await model.classify(["great", "awful"], top_k=2)
+    items = await model.classify(ClassifyCall(texts=("great", "awful"), top_k=2))
 
     model = GeneratorModel(name, version, manifest, backend, tokenizer)
     await model.start()
-    params, truncated = model.prepare(prompt, max_new_tokens=0, sampling=SamplingParams(),
-                                      stop=(), reject_overlong=False)
+    params, truncated = model.prepare(GenerateCall(prompt="Once", max_new_tokens=16))
     async for event in model.generate(params): ...
 
 Tokenization runs in Rust (`tokenizers`) on the calling thread; model
@@ -20,20 +21,23 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from headrace.server import metrics
 from headrace.server.backends.base import DecoderBackend, EncoderBackend
+from headrace.server.calls import check_classify, check_generate, overlong
+from headrace.server.engine.base import Engine
 from headrace.server.engine.batcher import EncoderBatcher
-from headrace.server.engine.detokenize import check_stop_strings
 from headrace.server.engine.scheduler import DecoderScheduler
 from headrace.server.manifest import Manifest
 from headrace.server.types import (
     BackendFailure,
+    ClassifyCall,
     ClassifyItem,
+    GenerateCall,
     GenerateParams,
-    InvalidInput,
-    SamplingParams,
+    InvalidArgument,
     Task,
     TokenEvent,
 )
@@ -79,7 +83,38 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z.astype(np.float32)
 
 
-class ClassifierModel:
+class ServedModel:
+    """What both kinds share: one version's manifest, tokenizer, backend and engine."""
+
+    task: ClassVar[Task]
+    backend: EncoderBackend | DecoderBackend
+
+    def __init__(self, name: str, version: str, manifest: Manifest, tokenizer: Tokenizer) -> None:
+        self.name = name
+        self.version = version
+        self.manifest = manifest
+        self.tokenizer = _private_copy(tokenizer)
+
+    @property
+    def engine(self) -> Engine:
+        raise NotImplementedError
+
+    @property
+    def queue_depth(self) -> int:
+        return self.engine.queue_depth
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    async def stop(self, *, drain: bool = True) -> None:
+        await self.engine.stop(drain=drain)
+
+    def close(self) -> None:
+        """Free the backend (after stop)."""
+        self.backend.close()
+
+
+class ClassifierModel(ServedModel):
     """A sequence classifier behind an EncoderBatcher."""
 
     task = Task.CLASSIFY
@@ -92,12 +127,9 @@ class ClassifierModel:
         backend: EncoderBackend,
         tokenizer: Tokenizer,
     ) -> None:
-        self.name = name
-        self.version = version
-        self.manifest = manifest
-        self.backend = backend
+        super().__init__(name, version, manifest, tokenizer)
+        self.backend: EncoderBackend = backend
         self.pad_id = pad_id_of(tokenizer)
-        self.tokenizer = _private_copy(tokenizer)
         self.max_tokens = manifest.limits.max_input_tokens
         # the same tokenizer truncating to the limit, for the texts that exceed it
         self._truncating = _private_copy(tokenizer)
@@ -115,14 +147,8 @@ class ClassifierModel:
         )
 
     @property
-    def queue_depth(self) -> int:
-        return self.batcher.queue_depth
-
-    async def start(self) -> None:
-        await self.batcher.start()
-
-    async def stop(self, *, drain: bool = True) -> None:
-        await self.batcher.stop(drain=drain)
+    def engine(self) -> Engine:
+        return self.batcher
 
     def encode(
         self, texts: Sequence[str], *, reject_overlong: bool = False
@@ -136,23 +162,17 @@ class ClassifierModel:
                 out.append((ids, False))
                 continue
             if reject_overlong:
-                raise InvalidInput(
-                    f"texts[{i}]",
-                    f"text has {len(ids)} tokens; the model takes at most {self.max_tokens}",
-                )
+                raise overlong(f"texts[{i}]", len(ids), self.max_tokens)
             out.append((self._truncating.encode(texts[i]).ids, True))
         return out
 
-    async def classify(
-        self, texts: Sequence[str], *, top_k: int = 0, reject_overlong: bool = False
-    ) -> list[ClassifyItem]:
+    async def classify(self, call: ClassifyCall) -> list[ClassifyItem]:
         """Labels best first for each text (top_k 0 = all labels).
 
-        Raises InvalidInput, QueueFull, ShuttingDown, BackendFailure.
+        Raises InvalidArgument, QueueFull, ShuttingDown, BackendFailure.
         """
-        if not texts:
-            return []
-        encoded = self.encode(texts, reject_overlong=reject_overlong)
+        check_classify(call, self.manifest.limits)
+        encoded = self.encode(call.texts, reject_overlong=call.reject_overlong)
         logits = await self.batcher.submit([ids for ids, _ in encoded])  # [N, L]
         labels = self.manifest.labels
         if logits.shape[1] != len(labels):
@@ -161,7 +181,7 @@ class ClassifierModel:
             )
         probs = softmax(logits)
         order = np.argsort(-probs, axis=-1, kind="stable")
-        keep = len(labels) if top_k <= 0 else min(top_k, len(labels))
+        keep = len(labels) if call.top_k <= 0 else min(call.top_k, len(labels))
         items = []
         for row, (ids, truncated) in enumerate(encoded):
             best = order[row, :keep]
@@ -176,7 +196,7 @@ class ClassifierModel:
         return items
 
 
-class GeneratorModel:
+class GeneratorModel(ServedModel):
     """A causal LM behind a DecoderScheduler."""
 
     task = Task.GENERATE
@@ -189,11 +209,8 @@ class GeneratorModel:
         backend: DecoderBackend,
         tokenizer: Tokenizer,
     ) -> None:
-        self.name = name
-        self.version = version
-        self.manifest = manifest
-        self.backend = backend
-        self.tokenizer = _private_copy(tokenizer)
+        super().__init__(name, version, manifest, tokenizer)
+        self.backend: DecoderBackend = backend
         gen = manifest.generation
         self.max_context = min(gen.max_context, backend.max_context)
         self.scheduler = DecoderScheduler(
@@ -207,60 +224,38 @@ class GeneratorModel:
         )
 
     @property
+    def engine(self) -> Engine:
+        return self.scheduler
+
+    @property
     def active_slots(self) -> int:
         return self.scheduler.active_slots
 
-    @property
-    def queue_depth(self) -> int:
-        return self.scheduler.queue_depth
-
-    async def start(self) -> None:
-        await self.scheduler.start()
-
-    async def stop(self, *, drain: bool = True) -> None:
-        await self.scheduler.stop(drain=drain)
-
-    def prepare(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int,
-        sampling: SamplingParams,
-        stop: Sequence[str],
-        reject_overlong: bool,
-    ) -> tuple[GenerateParams, bool]:
-        """Tokenize and check a request -> (params, whether the prompt was truncated).
+    def prepare(self, call: GenerateCall) -> tuple[GenerateParams, bool]:
+        """Check and tokenize a call -> (params, whether the prompt was truncated).
 
         An overlong prompt keeps its last tokens (the end is what the model
-        continues) unless reject_overlong, which raises InvalidInput("prompt").
+        continues) unless call.reject_overlong, which raises InvalidArgument("prompt").
         """
         limits = self.manifest.limits
-        if max_new_tokens < 0 or max_new_tokens > limits.max_new_tokens:
-            raise InvalidInput(
-                "max_new_tokens", f"max_new_tokens must be 0..{limits.max_new_tokens}"
-            )
-        check_stop_strings(
-            stop, max_count=limits.max_stop_strings, max_length=limits.max_stop_length
-        )
-        ids = self.tokenizer.encode(prompt).ids
+        check_generate(call, limits, self.backend.vocab_size)
+        ids = self.tokenizer.encode(call.prompt).ids
         if not ids:
             bos = self.manifest.generation.bos_token_id
             if bos is None:
-                raise InvalidInput("prompt", "the prompt has no tokens")
+                raise InvalidArgument("prompt", "prompt has no tokens")
             ids = [bos]
         limit = min(limits.max_input_tokens, self.max_context - 1)
         truncated = len(ids) > limit
         if truncated:
-            if reject_overlong:
-                raise InvalidInput(
-                    "prompt", f"prompt has {len(ids)} tokens; the model takes at most {limit}"
-                )
+            if call.reject_overlong:
+                raise overlong("prompt", len(ids), limit)
             ids = ids[-limit:]
         params = GenerateParams(
             prompt_ids=tuple(ids),
-            max_new_tokens=max_new_tokens or limits.default_new_tokens,
-            sampling=sampling,
-            stop=tuple(stop),
+            max_new_tokens=call.max_new_tokens or limits.default_new_tokens,
+            sampling=call.sampling,
+            stop=call.stop,
         )
         return params, truncated
 
@@ -271,12 +266,12 @@ class GeneratorModel:
         KV slot at the next engine step. Raises QueueFull, ShuttingDown,
         BackendFailure (at the first iteration for the first two).
         """
-        seq = self.scheduler.submit(params)
+        stream = self.scheduler.submit(params)
         try:
             while True:
-                event = await seq.next_event()
+                event = await stream.next_event()
                 yield event
                 if event.finish_reason is not None:
                     return
         finally:
-            self.scheduler.cancel(seq)
+            self.scheduler.cancel(stream)

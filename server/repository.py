@@ -1,15 +1,9 @@
 """The model repository: a folder of `NAME/VERSION/headrace.json`, served and hot-reloaded.
 
-VERSION is an integer folder name; the highest ready version is the newest.
-For each version the server's profile picks one artifact of the manifest:
-
-    edge        onnxruntime only
-    datacenter  tensorrt (when the engine was built for this GPU, or says nothing), else
-                torch on CUDA; refuses to start without CUDA
-    cpu         onnxruntime when present, else torch on CPU
-    auto        datacenter when torch sees CUDA, else cpu
-
-`backend` (`--backend`) narrows that order to one backend the profile allows.
+VERSION is an integer folder name; the highest ready version is the newest. For
+each version the server's profile picks one artifact of the manifest
+(server/profiles.py); this module owns what happens to it next: load, start,
+lease to calls, retire.
 
 A background task rescans every `poll_interval_s`: a new version is loaded
 and started before it becomes the newest served; a removed version leaves the
@@ -21,16 +15,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Generic, TypeVar
 
-from headrace.server.backends.registry import BackendSpec, load_backend
+from headrace.server.backends.base import BackendSpec
+from headrace.server.backends.registry import load_decoder, load_encoder
 from headrace.server.errors import ModelNotFound
 from headrace.server.logs import get_logger
-from headrace.server.manifest import MANIFEST_NAME, Artifact, Limits, Manifest, read_manifest
+from headrace.server.manifest import MANIFEST_NAME, Limits, Manifest, read_manifest
+from headrace.server.models import ClassifierModel, GeneratorModel, ServedModel, load_tokenizer
+from headrace.server.profiles import Choice, choose_artifact, resolve_profile
 from headrace.server.types import Task
 
 log = get_logger("headrace.repository")
@@ -38,19 +34,7 @@ log = get_logger("headrace.repository")
 Listener = Callable[[], Awaitable[None]]
 
 
-class ProfileError(RuntimeError):
-    """The profile cannot run here (e.g. datacenter without CUDA)."""
-
-
-class NoArtifact(ValueError):
-    """The version has no artifact that the profile can serve."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    backend: str
-    artifact: Artifact
-    device: str
+M = TypeVar("M", bound=ServedModel)
 
 
 @dataclass
@@ -62,13 +46,23 @@ class LoadedVersion:
     path: Path
     manifest: Manifest
     choice: Choice
-    model: Any  # ClassifierModel | GeneratorModel
+    model: ServedModel
     inflight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def number(self) -> int:
         return int(self.version)
+
+
+@dataclass(frozen=True)
+class Lease(Generic[M]):
+    """A served version held for one call (see ModelRepository.lease)."""
+
+    name: str
+    version: str
+    manifest: Manifest
+    model: M
 
 
 @dataclass(frozen=True)
@@ -85,87 +79,6 @@ class ModelEntry:
     limits: Limits
     max_batch: int
     is_default: bool
-
-
-def cuda_available() -> bool:
-    """True when torch is importable and sees a CUDA device (torch imported only here)."""
-    if importlib.util.find_spec("torch") is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def tensorrt_available() -> bool:
-    """True when the real TensorRT runtime imports (a stubs-only `tensorrt` folder does not count)."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False
-    try:
-        import tensorrt
-    except ImportError:
-        return False
-    return hasattr(tensorrt, "Runtime")
-
-
-def gpu_name(device: str) -> str | None:
-    import torch
-
-    index = int(device.split(":")[1]) if ":" in device else 0
-    return str(torch.cuda.get_device_name(index))
-
-
-def resolve_profile(profile: str) -> str:
-    if profile == "auto":
-        return "datacenter" if cuda_available() else "cpu"
-    if profile == "datacenter" and not cuda_available():
-        raise ProfileError(
-            "profile 'datacenter' needs an NVIDIA GPU with CUDA and torch built for it; "
-            "use --profile cpu or --profile edge on this machine"
-        )
-    return profile
-
-
-# the backends each profile may serve, in the order it prefers them
-PROFILE_BACKENDS = {
-    "edge": ("onnxruntime",),
-    "datacenter": ("tensorrt", "torch"),
-    "cpu": ("onnxruntime", "torch"),
-}
-
-
-def choose_artifact(
-    manifest: Manifest, profile: str, device: str | None, backend: str | None = None
-) -> Choice:
-    """Pick the artifact `profile` serves (profile already resolved, never "auto").
-
-    `backend` narrows the profile's order to that one backend (`--backend torch` serves
-    the torch reference on a cpu box whose manifests also list ONNX files)."""
-    try:
-        order = PROFILE_BACKENDS[profile]
-    except KeyError:
-        raise ProfileError(f"unknown profile {profile!r}") from None
-    if backend is not None:
-        if backend not in order:
-            raise ProfileError(
-                f"profile {profile!r} serves {' or '.join(order)}, not backend {backend!r}"
-            )
-        order = (backend,)
-    dev = device or ("cuda:0" if profile == "datacenter" else "cpu")
-    for name in order:
-        art = manifest.artifact(name)
-        if art is None:
-            continue
-        if name == "tensorrt":
-            if not tensorrt_available():
-                continue
-            built_for = art.extra.get("gpu")
-            if built_for is not None and built_for != gpu_name(dev):
-                continue  # an engine runs only on the GPU model it was built for
-        return Choice(name, art, dev)
-    raise NoArtifact(
-        f"the {profile} profile serves {' or '.join(order)} artifacts and this version has "
-        "none it can use here"
-    )
 
 
 def scan(root: Path) -> dict[tuple[str, str], Path]:
@@ -199,14 +112,14 @@ class ModelRepository:
         device: str | None = None,
         backend: str | None = None,
         poll_interval_s: float = 2.0,
-        backend_options: dict[str, Any] | None = None,
+        backend_options: Mapping[str, object] | None = None,
         defaults: dict[Task, str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.requested_profile = profile
         self.profile = profile  # resolved in start()
         self.device = device
-        self.backend = backend  # None: the profile's order (PROFILE_BACKENDS)
+        self.backend = backend  # None: the profile's whole order (server/profiles.py)
         self.poll_interval_s = poll_interval_s
         self.backend_options = dict(backend_options or {})
         self.defaults = dict(defaults or {})
@@ -249,7 +162,7 @@ class ModelRepository:
             await asyncio.gather(*self._retiring, return_exceptions=True)
         await asyncio.gather(*(v.model.stop(drain=drain) for v in versions), return_exceptions=True)
         for v in versions:
-            await asyncio.to_thread(_close_backend, v.model)
+            await asyncio.to_thread(v.model.close)
 
     async def _poll(self) -> None:
         while True:
@@ -304,7 +217,7 @@ class ModelRepository:
             try:
                 await model.start()
             except BaseException:
-                await asyncio.to_thread(_close_backend, model)
+                await asyncio.to_thread(model.close)
                 raise
         except asyncio.CancelledError:
             raise
@@ -330,9 +243,7 @@ class ModelRepository:
 
     def _build_model(
         self, name: str, version: str, path: Path, manifest: Manifest, choice: Choice
-    ) -> Any:
-        from headrace.server.models import ClassifierModel, GeneratorModel, load_tokenizer
-
+    ) -> ServedModel:
         spec = BackendSpec(
             task=manifest.task,
             backend=choice.backend,
@@ -345,9 +256,9 @@ class ModelRepository:
             options=dict(self.backend_options),
         )
         tokenizer = load_tokenizer(path / manifest.tokenizer)
-        backend = load_backend(spec)
-        cls = ClassifierModel if manifest.task is Task.CLASSIFY else GeneratorModel
-        return cls(name, version, manifest, backend, tokenizer)
+        if manifest.task is Task.CLASSIFY:
+            return ClassifierModel(name, version, manifest, load_encoder(spec), tokenizer)
+        return GeneratorModel(name, version, manifest, load_decoder(spec), tokenizer)
 
     def _forget_retired(self, task: asyncio.Task[None]) -> None:
         self._retiring.pop(task, None)
@@ -357,7 +268,7 @@ class ModelRepository:
             await version.idle.wait()
         try:
             await version.model.stop(drain=True)
-            await asyncio.to_thread(_close_backend, version.model)
+            await asyncio.to_thread(version.model.close)
         except Exception:
             log.exception(
                 "model_version_stop_failed", model=version.name, model_version=version.version
@@ -388,20 +299,29 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} has no version {version!r}")
         return versions[key]
 
-    def get(self, name: str | None, version: str | None, task: Task) -> Any:
-        """The started model for (name, version); empty name = default, empty version = newest."""
-        return self._find(name, version, task).model
+    def _find_as(
+        self, name: str | None, version: str | None, kind: type[M]
+    ) -> tuple[LoadedVersion, M]:
+        loaded = self._find(name, version, kind.task)
+        if not isinstance(loaded.model, kind):  # the task matched: only a subclass mix-up
+            raise ModelNotFound(f"model {loaded.name!r} does not serve {kind.task.value} requests")
+        return loaded, loaded.model
+
+    def get(self, name: str | None, version: str | None, kind: type[M]) -> M:
+        """The started model for (name, version) of `kind` (ClassifierModel, GeneratorModel);
+        empty name = the default of its task, empty version = the newest."""
+        return self._find_as(name, version, kind)[1]
 
     @contextlib.asynccontextmanager
     async def lease(
-        self, name: str | None, version: str | None, task: Task
-    ) -> AsyncIterator[LoadedVersion]:
+        self, name: str | None, version: str | None, kind: type[M]
+    ) -> AsyncIterator[Lease[M]]:
         """Like `get`, and keeps the version from being stopped until the block exits."""
-        loaded = self._find(name, version, task)
+        loaded, model = self._find_as(name, version, kind)
         loaded.inflight += 1
         loaded.idle.clear()
         try:
-            yield loaded
+            yield Lease(loaded.name, loaded.version, loaded.manifest, model)
         finally:
             loaded.inflight -= 1
             if loaded.inflight == 0:
@@ -440,10 +360,3 @@ class ModelRepository:
 
 def _task_of(versions: dict[str, LoadedVersion]) -> Task:
     return versions[max(versions, key=int)].manifest.task
-
-
-def _close_backend(model: Any) -> None:
-    backend = getattr(model, "backend", None)
-    close = getattr(backend, "close", None)
-    if close is not None:
-        close()

@@ -19,6 +19,11 @@ shape, and puts what only HTTP has (the HTTP status, `stream`) in `info.extra`.
 
 One Gate per server: draining refuses new calls on every front, and the
 server's drain waits until no call of any front is running.
+
+API keys (server/auth.py) are checked before any of that, by `AuthInterceptor`,
+for every service on the port: a call without a valid key never reaches a
+handler. The caller it finds is what `auth.authorize_model` reads once a front
+knows the model.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_status import rpc_status
+from headrace.server import auth
 from headrace.server.errors import MappedError, ServerDraining, rich_status, status_for
 from headrace.server.logs import get_logger
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
@@ -107,8 +113,11 @@ class Gate:
         code = info.code.name
         REQUESTS.labels(info.rpc, info.model, code).inc()
         REQUEST_DURATION.labels(info.rpc, info.model).observe(seconds)
+        caller = auth.current_caller()
+        extra = {"key_id": caller.key_id} if caller.key_id else {}
         log.info(
             "rpc",
+            **extra,
             rpc=info.rpc,
             front=info.front,
             request_id=info.request_id,
@@ -158,3 +167,78 @@ async def abort_for(
     abort: Any = getattr(context, "abort_with_status")  # noqa: B009 (missing from the aio stubs)
     await abort(rpc_status.to_status(rich_status(mapped)))
     raise AssertionError("abort_with_status returned")  # it raises AbortError
+
+
+# -- API keys ---------------------------------------------------------------------------------
+
+# The calls of each exemptible group (auth_exempt); every other method needs a key.
+HEALTH_METHODS = (
+    "/grpc.health.v1.Health/",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
+REFLECTION_METHODS = (
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
+def call_group(method: str) -> str:
+    """ "health", "reflection" or "inference" (never exempt) for a full method name."""
+    if method.startswith(HEALTH_METHODS):
+        return "health"
+    if method.startswith(REFLECTION_METHODS):
+        return "reflection"
+    return "inference"
+
+
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else None
+    return None
+
+
+async def _refuse(request: Any, context: Context) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, auth.UNAUTHENTICATED_MESSAGE)
+
+
+# One refusing handler per RPC shape; requests stay bytes (nothing unauthenticated is parsed).
+_REFUSALS = {
+    (False, False): grpc.unary_unary_rpc_method_handler(_refuse),
+    (False, True): grpc.unary_stream_rpc_method_handler(_refuse),
+    (True, False): grpc.stream_unary_rpc_method_handler(_refuse),
+    (True, True): grpc.stream_stream_rpc_method_handler(_refuse),
+}
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """UNAUTHENTICATED (no detail) for a call without a valid API key, on every service.
+
+    grpc.aio runs the interceptors and then the handler in one task, so the caller set
+    here is the one `auth.current_caller()` returns inside the handler."""
+
+    def __init__(self, authenticator: auth.Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method: str = details.method
+        if self.authenticator.is_exempt(call_group(method)):
+            return await continuation(details)
+        try:
+            caller = self.authenticator.authenticate(_authorization(details.invocation_metadata))
+        except auth.Unauthenticated as exc:
+            name = method.rpartition("/")[2]
+            log.warning(
+                "auth_denied", rpc=name, method=method, reason=exc.reason, key_id=exc.key_id
+            )
+            REQUESTS.labels(name, "", grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            handler = await continuation(details)
+            shape = (
+                (handler.request_streaming, handler.response_streaming)
+                if handler
+                else (False, False)
+            )
+            return _REFUSALS[shape]
+        auth.set_caller(caller)
+        return await continuation(details)

@@ -1,4 +1,4 @@
-"""The `headrace.v1.Inference` servicer on grpc.aio: validate -> convert -> model -> convert.
+"""The `headrace.v1.Inference` servicer on grpc.aio: convert -> model (checks, runs) -> convert.
 
 One decorator, `rpc`, wraps every method, unary and streaming alike: it
 assigns the request id, refuses calls while the server drains, maps errors
@@ -18,7 +18,8 @@ import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
-from headrace.server import convert
+from headrace.server import auth, convert
+from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import ModelRepository
 from headrace.server.rpc import (
     REQUEST_ID_KEY,
@@ -98,16 +99,13 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _classify_one(
         self, request: pb.ClassifyRequest, request_id: str, info: RpcInfo
     ) -> pb.ClassifyResponse:
-        async with self.repository.lease(
-            request.model, request.model_version, Task.CLASSIFY
-        ) as loaded:
-            info.model, info.model_version = loaded.name, loaded.version
-            texts = convert.classify_texts(request, loaded.manifest.limits)
-            items = await loaded.model.classify(
-                texts, top_k=request.top_k, reject_overlong=request.reject_overlong
-            )
+        call = convert.classify_call(request, request_id)
+        auth.authorize_model(call.model or self.repository.default_name(Task.CLASSIFY) or "")
+        async with self.repository.lease(call.model, call.version, ClassifierModel) as lease:
+            info.model, info.model_version = lease.name, lease.version
+            items = await lease.model.classify(call)
         response = convert.classify_response(
-            items, model=loaded.name, version=loaded.version, request_id=request_id
+            items, model=lease.name, version=lease.version, request_id=request_id
         )
         info.prompt_tokens += response.usage.prompt_tokens
         return response
@@ -191,14 +189,12 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def _generate(
         self, request: pb.GenerateRequest, info: RpcInfo
     ) -> AsyncGenerator[pb.GenerateChunk, None]:
-        async with self.repository.lease(
-            request.model, request.model_version, Task.GENERATE
-        ) as loaded:
-            info.model, info.model_version = loaded.name, loaded.version
-            model = loaded.model
-            vocab = getattr(model.backend, "vocab_size", None)
-            args = convert.generate_args(request, loaded.manifest.limits, vocab)
-            params, truncated = model.prepare(**args)
+        call = convert.generate_call(request, info.request_id)
+        auth.authorize_model(call.model or self.repository.default_name(Task.GENERATE) or "")
+        async with self.repository.lease(call.model, call.version, GeneratorModel) as lease:
+            info.model, info.model_version = lease.name, lease.version
+            model = lease.model
+            params, truncated = model.prepare(call)
             info.prompt_tokens = len(params.prompt_ids)
             events = model.generate(params)
             first = True
@@ -206,7 +202,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 async for event in events:
                     chunk = convert.generate_chunk(event, info.request_id)
                     if first:
-                        chunk.model, chunk.model_version = loaded.name, loaded.version
+                        chunk.model, chunk.model_version = lease.name, lease.version
                         chunk.prompt_truncated = truncated
                         first = False
                     if event.finish_reason is not None:
@@ -227,5 +223,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     ) -> pb.ListModelsResponse:
         task = convert.TASK_FROM_PB.get(request.task)
         entries = self.repository.list_models(task)
+        visible = set(auth.allowed_models(e.name for e in entries))  # a scoped key: its models
+        entries = [e for e in entries if e.name in visible]
         profile = self.repository.profile
         return pb.ListModelsResponse(models=[convert.model_info(e, profile) for e in entries])

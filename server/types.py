@@ -1,13 +1,15 @@
-"""Plain request and result types that cross layers (service <-> engine <-> backend).
+"""Plain request and result types that cross layers (front <-> model <-> engine <-> backend).
 
 This module imports nothing from headrace, so every layer may import it.
-The service maps proto messages to these types and back (server/service.py);
-the engine and the backends never see a proto message.
+A front maps its wire format to the calls below and results back (the gRPC
+front: server/convert.py); the models check calls (server/calls.py), the
+engine and the backends never see a wire message.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -43,6 +45,36 @@ class SamplingParams:
 
 
 @dataclass(frozen=True, slots=True)
+class ClassifyCall:
+    """A classify request as every front hands it to a ClassifierModel, not yet checked."""
+
+    texts: tuple[str, ...]
+    model: str = ""  # "": the server's default classify model
+    version: str = ""  # "": the newest served version
+    top_k: int = 0  # labels per text, best first; 0: every label
+    reject_overlong: bool = False  # a text over the token limit is an error, not truncated
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateCall:
+    """A generate request as every front hands it to a GeneratorModel, not yet checked.
+
+    A front applies its own defaults first (the gRPC front reads top_p 0 as 1.0), so
+    `sampling` holds the values meant, in SamplingParams' terms.
+    """
+
+    prompt: str
+    model: str = ""  # "": the server's default generate model
+    version: str = ""  # "": the newest served version
+    max_new_tokens: int = 0  # 0: the model's default (Limits.default_new_tokens)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    reject_overlong: bool = False  # a prompt over the token limit is an error, not cut
+    request_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ClassifyItem:
     """One text's result: labels best first."""
 
@@ -53,7 +85,7 @@ class ClassifyItem:
 
 @dataclass(frozen=True, slots=True)
 class GenerateParams:
-    """A validated generation request as the engine sees it."""
+    """A checked, tokenized generation request as the decoder scheduler sees it."""
 
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
@@ -97,11 +129,34 @@ class BackendFailure(EngineError):
     """
 
 
-class InvalidInput(EngineError):
-    """A request field is wrong in a way only the model can tell (e.g. too many
-    tokens): INVALID_ARGUMENT with a BadRequest naming `field`."""
+class InvalidArgument(EngineError):
+    """A request field is wrong: INVALID_ARGUMENT (gRPC) with a BadRequest naming `field`.
+
+    `field` is the canonical name (server/calls.py lists them: "texts[3]", "prompt",
+    "max_new_tokens", "sampling.temperature", "stop[1]"...) and `message` begins with it.
+    """
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(message)
         self.field = field
         self.message = message
+
+    def renamed(self, names: Mapping[str, str]) -> InvalidArgument:
+        """The same error in a front's own terms; the message's leading name follows.
+
+        `names` maps canonical names to the front's ("max_new_tokens" -> "max_tokens");
+        an index is kept ("stop[1]" -> "stop[1]"). A key "NAME[]" names an element of
+        NAME instead, "{}" taking the index ("texts[]" -> "element {}": "element 3").
+        """
+        head, bracket, rest = self.field.partition("[")
+        index = rest.removesuffix("]")
+        if bracket and f"{head}[]" in names:
+            field = names[f"{head}[]"].format(index)
+        elif head in names:
+            field = names[head] + (f"[{index}]" if bracket else "")
+        else:
+            return self
+        message = self.message
+        if message.startswith(self.field):
+            message = field + message[len(self.field) :]
+        return InvalidArgument(field, message)

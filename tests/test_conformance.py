@@ -44,7 +44,8 @@ from typing import Any
 import numpy as np
 import pytest
 from headrace.build.tiny import CORPUS
-from headrace.server.backends.registry import BackendSpec, load_backend
+from headrace.server.backends.base import BackendSpec
+from headrace.server.backends.registry import load_backend
 from headrace.server.manifest import Artifact, read_manifest
 from headrace.server.types import SamplingParams, Task
 

@@ -1,8 +1,11 @@
 """What a backend is: arrays in, arrays out. No gRPC, no asyncio.
 
-Backends are chosen by name from the model manifest through `registry.py`;
-each imports its runtime (torch, onnxruntime, tensorrt) lazily, inside its
-own module, so `headrace.server` imports without any of them.
+A backend declares itself once, in a `BackendDeclaration` (its name, the
+tasks it serves, the profiles that may pick it) that an entry point of the
+`headrace.backends` group names; `registry.py` reads those. A declaration
+module imports without the backend's runtime (torch, onnxruntime,
+tensorrt): the loaders import it when a model asks for one, so
+`headrace.server` imports without any of them.
 
 Threading: the engine calls a backend from one worker thread at a time per
 model (the batcher's or scheduler's executor). Backends need not be
@@ -11,11 +14,33 @@ thread-safe.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from headrace.server.types import SamplingParams
+from headrace.server.manifest import Artifact, Manifest
+from headrace.server.types import SamplingParams, Task
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend's runtime is missing here (e.g. no tensorrt, no CUDA)."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """Everything a backend needs to load one model version."""
+
+    task: Task
+    backend: str
+    path: Path  # the artifact, absolute
+    precision: str
+    device: str  # "cpu", "cuda", "cuda:0"
+    manifest: Manifest
+    version_dir: Path
+    max_slots: int = 16  # decoder: KV-cache sequences
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. {"intra_op_threads": 2}
 
 
 @runtime_checkable
@@ -81,3 +106,40 @@ class DecoderBackend(Protocol):
 
 def ensure_2d(logits: np.ndarray) -> np.ndarray:
     return logits[None, :] if logits.ndim == 1 else logits
+
+
+def make_generator(params: SamplingParams) -> np.random.Generator | None:
+    """The RNG the engine gives one sequence for `sample`: None when greedy, seeded when
+    a seed is given (torch_sampling draws its per-row noise seeds from it too)."""
+    if params.greedy:
+        return None
+    return np.random.default_rng(params.seed)
+
+
+def _runs_anywhere(artifact: Artifact, device: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class BackendDeclaration:
+    """A backend, as the registry and the profiles see it.
+
+    `profiles` ranks it in each profile that may serve it: the lowest rank is tried
+    first (cpu: onnxruntime 0, torch 1). A loader imports the runtime and may raise
+    BackendUnavailable (or ImportError) when it is missing. `usable` is asked before an
+    artifact is chosen, for facts a manifest cannot tell (an engine built for another GPU).
+    """
+
+    name: str  # the manifest's `artifacts[].backend`, BackendSpec.backend, --backend
+    profiles: Mapping[str, int]
+    encoder: Callable[[BackendSpec], EncoderBackend] | None = None  # serves Task.CLASSIFY
+    decoder: Callable[[BackendSpec], DecoderBackend] | None = None  # serves Task.GENERATE
+    usable: Callable[[Artifact, str], bool] = _runs_anywhere  # (artifact, device) -> bool
+
+    @property
+    def tasks(self) -> tuple[Task, ...]:
+        return tuple(
+            task
+            for task, loader in ((Task.CLASSIFY, self.encoder), (Task.GENERATE, self.decoder))
+            if loader is not None
+        )

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from headrace.server.backends.registry import BackendSpec, BackendUnavailable
+from headrace.server.backends.base import BackendSpec, BackendUnavailable
 from headrace.server.types import SamplingParams
 
 

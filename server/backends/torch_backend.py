@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from headrace.server.backends.registry import BackendSpec, BackendUnavailable
+from headrace.server.backends.base import BackendSpec, BackendUnavailable
+from headrace.server.backends.sampling_numpy import sample_numpy
 from headrace.server.backends.torch_cache import Plan, SlotCache, cache_keyword
-from headrace.server.engine.sampling import sample_numpy
 from headrace.server.types import SamplingParams
 
 KV_ALIGN = 64

@@ -5,8 +5,10 @@ loop per model collects rows until `max_batch` rows are waiting or the
 oldest request has waited `max_delay_ms`, sorts them by length and cuts them
 into groups whose padding stays under `max_padding` of their tokens, runs one
 `backend.forward` per group in the batcher's own worker thread (the event loop
-stays free for health checks and new calls), and scatters the logits back. A request with more texts than `max_batch` spans several batches; a
-caller that went away has its rows skipped if they have not started.
+stays free for health checks and new calls), and scatters the logits back. A
+request with more texts than `max_batch` spans several batches; a caller that
+went away has its rows skipped if they have not started. Start and stop are
+server/engine/base.py's.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
 from headrace.server import metrics
 from headrace.server.backends.base import EncoderBackend
+from headrace.server.engine.base import Engine
 from headrace.server.types import BackendFailure, QueueFull, ShuttingDown
 
 log = structlog.get_logger(__name__)
@@ -70,8 +72,10 @@ class _Batch:
     rows: list[Sequence[int]] = field(default_factory=list)
 
 
-class EncoderBatcher:
+class EncoderBatcher(Engine):
     """One batching loop and one worker thread per encoder model."""
+
+    kind = "encoder"
 
     def __init__(
         self,
@@ -85,7 +89,7 @@ class EncoderBatcher:
         pad_id: int,
         max_length: int,
     ) -> None:
-        self.name = name
+        super().__init__(name)
         self.backend = backend
         self.max_batch = max(1, max_batch)
         self.max_delay = max(0.0, max_delay_ms) / 1000.0
@@ -96,9 +100,6 @@ class EncoderBatcher:
         self._queue: deque[_Request] = deque()
         self._rows_waiting = 0  # rows in the queue not yet sent to a batch
         self._wake = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
         self._queue_gauge = metrics.QUEUE_DEPTH.labels(name)
         self._batch_hist = metrics.BATCH_SIZE.labels(name)
         self._forward_hist = metrics.BACKEND_DURATION.labels(name, "forward")
@@ -107,33 +108,20 @@ class EncoderBatcher:
     def queue_depth(self) -> int:
         return sum(1 for r in self._queue if not r.abandoned)
 
-    async def start(self) -> None:
-        """Start the worker thread and the loop; one small forward warms the backend."""
-        if self._task is not None:
-            return
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"encoder-{self.name}")
+    def _warm_up(self) -> None:
         ids = np.full((1, 8), self.pad_id, dtype=np.int64)
-        await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.backend.forward, ids, np.ones_like(ids)
-        )
-        self._task = asyncio.create_task(self._run(), name=f"encoder-batcher-{self.name}")
+        self.backend.forward(ids, np.ones_like(ids))
 
-    async def stop(self, *, drain: bool = True) -> None:
-        """Take no new work; finish what is queued (drain) or fail it with ShuttingDown."""
-        self._closing = True
-        if not drain:
-            while self._queue:
-                req = self._queue.popleft()
-                if not req.future.done():
-                    req.future.set_exception(ShuttingDown("the model is shutting down"))
-            self._rows_waiting = 0
-            self._queue_gauge.set(0)
+    def _abandon(self, error: ShuttingDown) -> None:
+        while self._queue:
+            req = self._queue.popleft()
+            if not req.future.done():
+                req.future.set_exception(error)
+        self._rows_waiting = 0
+        self._queue_gauge.set(0)
+
+    def _on_close(self) -> None:
         self._wake.set()
-        if self._task is not None:
-            await asyncio.shield(self._task)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
 
     async def submit(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
         """rows: token ids per text -> logits float32 [len(rows), labels].
@@ -141,8 +129,7 @@ class EncoderBatcher:
         Raises QueueFull at once when max_queue requests wait, ShuttingDown when
         stopping (or not started), BackendFailure when a batch holding a row failed.
         """
-        if self._closing or self._task is None:
-            raise ShuttingDown("the model is not serving")
+        self._check_open()
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"model {self.name!r} has {self.max_queue} requests waiting")
         loop = asyncio.get_running_loop()
@@ -178,7 +165,7 @@ class EncoderBatcher:
                     break
             batch = self._take()
             if batch.rows:
-                await self._execute(loop, batch)
+                await self._execute(batch)
 
     def _drop_abandoned_head(self) -> None:
         while self._queue and self._queue[0].abandoned:
@@ -232,10 +219,9 @@ class EncoderBatcher:
         assert out is not None
         return out, time.perf_counter() - t0
 
-    async def _execute(self, loop: asyncio.AbstractEventLoop, batch: _Batch) -> None:
-        assert self._executor is not None
+    async def _execute(self, batch: _Batch) -> None:
         try:
-            logits, seconds = await loop.run_in_executor(self._executor, self._forward, batch.rows)
+            logits, seconds = await self._in_worker(self._forward, batch.rows)
         except Exception as exc:
             log.error("encoder batch failed", model=self.name, rows=len(batch.rows), exc_info=exc)
             for req, _, _ in batch.parts:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from headrace.server.types import InvalidInput
 from tokenizers import Tokenizer
 
 REPLACEMENT = "\ufffd"
@@ -124,14 +123,3 @@ class StopMatcher:
             if any(s.startswith(tail) for s in self._stops):
                 return k
         return 0
-
-
-def check_stop_strings(stop: Sequence[str], *, max_count: int, max_length: int) -> None:
-    """Raise InvalidInput naming the field when stop strings break the model's limits."""
-    if len(stop) > max_count:
-        raise InvalidInput("stop", f"at most {max_count} stop strings are allowed")
-    for i, s in enumerate(stop):
-        if not s:
-            raise InvalidInput(f"stop[{i}]", "a stop string must not be empty")
-        if len(s) > max_length:
-            raise InvalidInput(f"stop[{i}]", f"a stop string has at most {max_length} characters")

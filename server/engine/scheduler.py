@@ -1,44 +1,43 @@
-"""Continuous batching for decoders, as TGI and vLLM do it.
+"""Continuous batching for decoders, as TGI and vLLM do it: the threads and the delivery.
 
-One loop per model, three verbs per step:
+Two sides, each the sole owner of its state (vLLM v1's engine core and output processor):
 
-- schedule (event-loop thread): drop cancelled sequences (their slots are
-  released first thing in the step), admit waiting requests into free KV
-  slots;
-- execute (the scheduler's worker thread): prefill each admitted sequence
-  and sample its first token from the prefill logits, then one
-  `backend.decode` for every running sequence and one `backend.sample` with
-  per-sequence parameters, RNGs and histories; detokenize incrementally,
-  match stop strings, decide who finished and release their slots at once;
-  while nobody waits to join and nobody left, it runs further decode steps
-  itself (up to MAX_INNER_STEPS), handing each step's tokens to the loop;
-- update (event-loop thread): hand each sequence's new text to its consumer,
-  free the slots, record metrics.
+- The worker thread owns every sequence: it runs a `DecoderCore`
+  (server/engine/decoder_core.py: schedule -> execute -> update, one step at a time)
+  and nothing else touches the core. Each step ends in an immutable `StepOutput`
+  (tokens and text per sequence id, finish reasons, a timestamp) that reaches the
+  event loop through `call_soon_threadsafe`.
+- The event loop owns each consumer's `Stream` (its delivery buffer and timings) and
+  the metrics. Requests and cancellations reach the worker through the `_Inbox`, a
+  message queue under one lock that the worker reads between steps only. Nothing but
+  frozen values (ids, GenerateParams, StepOutput) crosses between the two threads.
 
-Delivery is a per-sequence buffer: a consumer that falls behind gets every
-pending token in one coalesced TokenEvent, so the transport never throttles
-the step loop. The loop sleeps on an asyncio.Event when idle.
+The worker steps on without waiting for the loop (a round trip per step through a loop
+busy writing the last step's chunks made a 1.8 ms step take 4.6 ms). Delivery is a
+per-stream buffer: a consumer that falls behind gets every pending token in one
+coalesced TokenEvent, so the transport never throttles the step loop. The worker
+sleeps on the inbox when there is nothing to run. A cancelled stream leaves the queue
+at once, or its slot is freed at the worker's next step, before any request is admitted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import structlog
 from headrace.server import metrics
 from headrace.server.backends.base import DecoderBackend
-from headrace.server.engine.detokenize import IncrementalDetokenizer, StopMatcher
-from headrace.server.engine.sampling import make_generator
+from headrace.server.engine.base import Engine
+from headrace.server.engine.decoder_core import DecoderCore, StepOutput
 from headrace.server.types import (
     BackendFailure,
     FinishReason,
     GenerateParams,
-    InvalidInput,
     QueueFull,
     ShuttingDown,
     TokenEvent,
@@ -48,37 +47,29 @@ from tokenizers import Tokenizer
 log = structlog.get_logger(__name__)
 
 BACKEND_FAILED = "the model failed while generating this sequence"
-MAX_INNER_STEPS = 32  # decode steps one executor call may run back to back
 
 
 @dataclass(eq=False)
-class SequenceState:
-    """One generation request from arrival to its last event."""
+class Stream:
+    """One request as its consumer sees it. Event-loop thread only."""
 
-    params: GenerateParams
+    seq_id: int  # the id StepOutputs name it by
+    params: GenerateParams  # frozen: the worker gets it through the inbox
     arrival: float  # perf_counter at submit, for time to first token
-    generator: np.random.Generator | None  # its own RNG: same seed, same text in any batch
-    history: list[int]  # prompt + output, for the repetition penalty
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    ready: asyncio.Event  # set when there is something for the consumer
-    slot: int = -1
-    generated: int = 0  # tokens sampled so far
-    last_token: int = -1  # input of the next decode step
-    last_token_at: float = 0.0
-    cancelled: bool = False  # the consumer went away; its slot goes at the next step
-    finished_in_engine: bool = False  # worker thread: slot released, no more steps
-    finished: bool = False  # the engine is done with it (finish reason or error)
-    # delivery buffer (event-loop thread only)
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
     pending_text: list[str] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)
+    tokens: int = 0  # tokens pushed so far
+    first_at: float | None = None  # StepOutput.at of its first token
+    last_at: float = 0.0  # StepOutput.at of its latest token
     finish: FinishReason | None = None
     error: BaseException | None = None
-    delivered_final: bool = False
+    finished: bool = False  # nothing more will be pushed (finished, failed or cancelled)
 
     def push(self, text: str, token_id: int, finish: FinishReason | None) -> None:
         if self.finished:
             return
+        self.tokens += 1
         if text:
             self.pending_text.append(text)
         self.pending_ids.append(token_id)
@@ -104,11 +95,10 @@ class SequenceState:
                     token_ids=tuple(self.pending_ids),
                     finish_reason=self.finish,
                     prompt_tokens=len(self.params.prompt_ids) if final else 0,
-                    completion_tokens=self.generated if final else 0,
+                    completion_tokens=self.tokens if final else 0,
                 )
                 self.pending_text.clear()
                 self.pending_ids.clear()
-                self.delivered_final = final
                 return event
             if self.error is not None:
                 raise self.error
@@ -116,27 +106,73 @@ class SequenceState:
             await self.ready.wait()
 
 
-@dataclass
-class _Step:
-    release: list[int] = field(default_factory=list)  # slots of cancelled sequences
-    prefill: list[SequenceState] = field(default_factory=list)  # admitted this step
-    decode: list[SequenceState] = field(default_factory=list)  # running before this step
+class _Inbox:
+    """Event loop -> worker: requests to admit and cancellations, under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Condition()
+        self._joins: deque[tuple[int, GenerateParams]] = deque()
+        self._cancels: list[int] = []
+        self._closing = False  # finish what is admitted and queued, then end
+        self._aborting = False  # end now
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._joins)
+
+    def join(self, seq_id: int, params: GenerateParams) -> None:
+        with self._lock:
+            self._joins.append((seq_id, params))
+            self._lock.notify()
+
+    def cancel(self, seq_id: int) -> None:
+        """Withdraw `seq_id` if it still waits, else ask the worker to free its slot."""
+        with self._lock:
+            for i, (queued, _) in enumerate(self._joins):
+                if queued == seq_id:
+                    del self._joins[i]
+                    return
+            self._cancels.append(seq_id)
+            self._lock.notify()
+
+    def close(self, *, abort: bool) -> None:
+        with self._lock:
+            self._closing = True
+            self._aborting = self._aborting or abort
+            if abort:
+                self._joins.clear()
+            self._lock.notify()
+
+    # -- worker side -------------------------------------------------------------------
+
+    def closing(self) -> bool:
+        with self._lock:
+            return self._closing
+
+    def aborting(self) -> bool:
+        with self._lock:
+            return self._aborting
+
+    def take_cancels(self) -> list[int]:
+        with self._lock:
+            cancels, self._cancels = self._cancels, []
+            return cancels
+
+    def take_joins(self, n: int) -> list[tuple[int, GenerateParams]]:
+        with self._lock:
+            return [self._joins.popleft() for _ in range(min(n, len(self._joins)))]
+
+    def wait(self) -> None:
+        """Sleep until there is something to take or the engine closes."""
+        with self._lock:
+            while not (self._joins or self._cancels or self._closing):
+                self._lock.wait()
 
 
-@dataclass
-class _Outcome:
-    # (sequence, new text, token id, finish reason or None) per sampled token
-    advanced: list[tuple[SequenceState, str, int, FinishReason | None]] = field(
-        default_factory=list
-    )
-    failed: list[tuple[SequenceState, BaseException]] = field(default_factory=list)
-    prefill_s: list[float] = field(default_factory=list)
-    decode_s: float | None = None
-    decode_rows: int = 0  # sequences in the decode call
+class DecoderScheduler(Engine):
+    """One worker thread stepping one DecoderCore per decoder model."""
 
-
-class DecoderScheduler:
-    """One step loop and one worker thread per decoder model."""
+    kind = "decoder"
 
     def __init__(
         self,
@@ -149,20 +185,24 @@ class DecoderScheduler:
         eos_token_id: int | None,
         max_context: int,
     ) -> None:
-        self.name = name
+        super().__init__(name)
         self.backend = backend
-        self.tokenizer = tokenizer
         self.num_slots = max(1, min(max_batch, backend.max_slots))
         self.max_queue = max(0, max_queue)
         self.eos_token_id = eos_token_id
         self.max_context = min(max_context, backend.max_context)
-        self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() -> slot 0 first
-        self._waiting: deque[SequenceState] = deque()
-        self._running: list[SequenceState] = []
-        self._wake = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
+        self.core = DecoderCore(
+            name,
+            backend,
+            tokenizer,
+            num_slots=self.num_slots,
+            eos_token_id=eos_token_id,
+            max_context=self.max_context,
+        )
+        self._inbox = _Inbox()
+        self._live: dict[int, Stream] = {}  # submitted and not finished, by seq_id
+        self._ids = itertools.count()
+        self._running = 0  # StepOutput.running of the latest step delivered
         self._loop: asyncio.AbstractEventLoop | None = None
         m = name
         self._queue_gauge = metrics.QUEUE_DEPTH.labels(m)
@@ -177,255 +217,107 @@ class DecoderScheduler:
 
     @property
     def active_slots(self) -> int:
-        return len(self._running)
+        return self._running
 
     @property
     def queue_depth(self) -> int:
-        return len(self._waiting)
+        return len(self._inbox)
 
-    async def start(self) -> None:
-        """Start the worker thread and the loop; one tiny prefill warms the backend."""
-        if self._task is not None:
-            return
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"decoder-{self.name}")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
-        self._task = asyncio.create_task(self._run(), name=f"decoder-scheduler-{self.name}")
+    def submit(self, params: GenerateParams) -> Stream:
+        """Queue a request; raises QueueFull (slots and queue full) or ShuttingDown at once."""
+        self._check_open()
+        if not 0 < len(params.prompt_ids) < self.max_context:  # GeneratorModel.prepare's job
+            raise ValueError(
+                f"prompt of {len(params.prompt_ids)} tokens, context {self.max_context}"
+            )
+        if len(self._live) >= self.num_slots + self.max_queue:
+            raise QueueFull(f"model {self.name!r}: every slot is busy and the queue is full")
+        stream = Stream(seq_id=next(self._ids), params=params, arrival=time.perf_counter())
+        self._live[stream.seq_id] = stream
+        self._inbox.join(stream.seq_id, params)
+        self._queue_gauge.set(len(self._inbox))
+        return stream
+
+    def cancel(self, stream: Stream) -> None:
+        """The consumer went away: leave the queue now, or free the slot at the next step."""
+        if self._live.pop(stream.seq_id, None) is None:
+            return  # finished, failed or cancelled already
+        self._inbox.cancel(stream.seq_id)
+        self._queue_gauge.set(len(self._inbox))
+
+    # -- Engine ------------------------------------------------------------------------------
 
     def _warm_up(self) -> None:
         self.backend.prefill(0, [self.eos_token_id or 0])
         self.backend.release(0)
 
-    async def stop(self, *, drain: bool = True) -> None:
-        """Take no new work; finish running and waiting sequences (drain) or fail them."""
-        self._closing = True
-        if not drain:
-            while self._waiting:
-                self._waiting.popleft().fail(ShuttingDown("the model is shutting down"))
-            for seq in self._running:
-                seq.fail(ShuttingDown("the model is shutting down"))
-                seq.cancelled = True
-            self._queue_gauge.set(0)
-        self._wake.set()
-        if self._task is not None:
-            await asyncio.shield(self._task)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
-            self._executor = None
-
-    def submit(self, params: GenerateParams) -> SequenceState:
-        """Queue a request; raises QueueFull (slots and queue full) or ShuttingDown at once."""
-        if self._closing or self._task is None:
-            raise ShuttingDown("the model is not serving")
-        if not params.prompt_ids:
-            raise InvalidInput("prompt", "the prompt has no tokens")
-        if len(params.prompt_ids) >= self.max_context:
-            raise InvalidInput(
-                "prompt", f"the prompt must be shorter than {self.max_context} tokens"
-            )
-        if len(self._waiting) >= self.max_queue + len(self._free):
-            raise QueueFull(f"model {self.name!r}: every slot is busy and the queue is full")
-        prompt = list(params.prompt_ids)
-        seq = SequenceState(
-            params=params,
-            arrival=time.perf_counter(),
-            generator=make_generator(params.sampling),
-            history=prompt,
-            detok=IncrementalDetokenizer(self.tokenizer, prompt),
-            stops=StopMatcher(params.stop),
-            ready=asyncio.Event(),
-        )
-        self._waiting.append(seq)
-        self._queue_gauge.set(len(self._waiting))
-        self._wake.set()
-        return seq
-
-    def cancel(self, seq: SequenceState) -> None:
-        """The consumer went away: leave the queue now, or free the slot at the next step."""
-        if seq.slot < 0:  # not admitted yet
-            if seq in self._waiting:
-                self._waiting.remove(seq)
-                self._queue_gauge.set(len(self._waiting))
-            seq.finished = True
-        elif seq in self._running:
-            seq.cancelled = True
-            self._wake.set()
-
-    # -- the loop ---------------------------------------------------------------------------
-
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._loop = loop
+        self._loop = asyncio.get_running_loop()
+        await self._in_worker(self._work)
+
+    def _abandon(self, error: ShuttingDown) -> None:
+        for stream in self._live.values():
+            stream.fail(error)
+        self._live.clear()
+        self._inbox.close(abort=True)  # the worker releases every slot and ends
+        self._queue_gauge.set(0)
+
+    def _on_close(self) -> None:
+        self._inbox.close(abort=False)
+
+    # -- worker thread -----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        """The step loop: until closed and done (or aborted)."""
+        core, inbox, loop = self.core, self._inbox, self._loop
+        assert loop is not None
+        index = 0
         while True:
-            if not self._running and not self._waiting:
-                if self._closing:
+            if inbox.aborting():
+                core.release_all()
+                loop.call_soon_threadsafe(self._deliver, StepOutput(index, time.perf_counter()))
+                return
+            cancelled = core.cancel(inbox.take_cancels())
+            joins = inbox.take_joins(core.free_slots)
+            if not (cancelled or joins or core.running):
+                if inbox.closing():
                     return
-                self._wake.clear()
-                await self._wake.wait()
+                inbox.wait()
                 continue
-            try:
-                step = self._schedule()
-                assert self._executor is not None
-                outcome = await loop.run_in_executor(self._executor, self._execute, step)
-                self._update(outcome)
-            except Exception as exc:  # a bug outside the backend calls: start clean
-                log.error("decoder step failed", model=self.name, exc_info=exc)
-                await self._fail_running(loop, exc)
+            loop.call_soon_threadsafe(self._deliver, core.step(index, joins, cancelled))
+            index += 1
 
-    async def _fail_running(self, loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
-        for seq in self._running:
-            failure = BackendFailure(BACKEND_FAILED)
-            failure.__cause__ = exc
-            seq.fail(failure)
-        slots = [seq.slot for seq in self._running]
-        self._running.clear()
-        self._free = list(range(self.num_slots - 1, -1, -1))
-        self._slots_gauge.set(0)
-        await loop.run_in_executor(self._executor, self._release_all, slots)
+    # -- event loop --------------------------------------------------------------------------
 
-    def _release_all(self, slots: list[int]) -> None:
-        for slot in slots:
-            self._release(slot)
-
-    def _schedule(self) -> _Step:
-        step = _Step()
-        for seq in [s for s in self._running if s.cancelled]:
-            self._running.remove(seq)
-            step.release.append(seq.slot)
-            self._free.append(seq.slot)
-            seq.finished = True
-        step.decode = list(self._running)
-        while self._waiting and self._free:
-            seq = self._waiting.popleft()
-            seq.slot = self._free.pop()
-            self._running.append(seq)
-            step.prefill.append(seq)
-        self._queue_gauge.set(len(self._waiting))
-        self._slots_gauge.set(len(self._running))
-        return step
-
-    def _execute(self, step: _Step) -> _Outcome:
-        """Worker thread: every backend call of one step."""
-        out = _Outcome()
-        for slot in step.release:
-            self._release(slot)
-        for seq in step.prefill:
-            try:
-                t0 = time.perf_counter()
-                logits = self.backend.prefill(seq.slot, seq.params.prompt_ids)  # [V]
-                [token] = self.backend.sample(
-                    logits, [seq.params.sampling], [seq.generator], [seq.history]
-                )
-                out.prefill_s.append(time.perf_counter() - t0)
-            except Exception as exc:
-                seq.finished_in_engine = True
-                out.failed.append((seq, exc))
-                self._release(seq.slot)
-                continue
-            out.advanced.append(self._advance(seq, int(token)))
-        if step.decode:
-            self._decode(step.decode, out)
-        # Multi-step: while nobody waits to join and nobody left, keep stepping here
-        # instead of a round trip through the event loop per token (that loop is busy
-        # writing the last step's chunks: it made a 1.8 ms step take 4.6 ms). Tokens of
-        # each inner step go to the consumers at once through call_soon_threadsafe.
-        live = [s for s in (*step.decode, *step.prefill) if not s.finished_in_engine]
-        for _ in range(MAX_INNER_STEPS):
-            if not live or self._waiting or self._closing or any(s.cancelled for s in live):
-                break
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(self._update, out)
-            out = _Outcome()
-            self._decode(live, out)
-            live = [s for s in live if not s.finished_in_engine]
-        return out
-
-    def _decode(self, seqs: list[SequenceState], out: _Outcome) -> None:
-        """Worker thread: one backend.decode + sample for `seqs`, recorded in `out`."""
-        try:
-            t0 = time.perf_counter()
-            logits = self.backend.decode([s.slot for s in seqs], [s.last_token for s in seqs])
-            tokens = self.backend.sample(  # logits: [N, V]
-                logits,
-                [s.params.sampling for s in seqs],
-                [s.generator for s in seqs],
-                [s.history for s in seqs],
-            )
-            out.decode_s = time.perf_counter() - t0
-            out.decode_rows = len(seqs)
-        except Exception as exc:
-            for seq in seqs:
-                seq.finished_in_engine = True
-                out.failed.append((seq, exc))
-                self._release(seq.slot)
-        else:
-            for seq, token in zip(seqs, tokens, strict=True):
-                out.advanced.append(self._advance(seq, int(token)))
-
-    def _advance(
-        self, seq: SequenceState, token: int
-    ) -> tuple[SequenceState, str, int, FinishReason | None]:
-        """Worker thread: account one sampled token -> (seq, new text, token, finish)."""
-        seq.generated += 1
-        seq.history.append(token)
-        seq.last_token = token
-        finish: FinishReason | None = None
-        if token == self.eos_token_id and not seq.params.sampling.ignore_eos:
-            text, finish = "", FinishReason.EOS
-        else:
-            text, matched = seq.stops.push(seq.detok.add(token))
-            if matched:
-                finish = FinishReason.STOP
-            elif seq.generated >= seq.params.max_new_tokens or len(seq.history) >= self.max_context:
-                finish = FinishReason.LENGTH
-        if finish in (FinishReason.EOS, FinishReason.LENGTH):
-            # the sequence ends: emit what was held back (a partial character, a
-            # tail that could have begun a stop string), unless it completes a stop
-            rest, matched = seq.stops.push(seq.detok.flush())
-            text += rest
-            if matched:
-                finish = FinishReason.STOP
-            else:
-                text += seq.stops.flush()
-        if finish is not None:
-            seq.finished_in_engine = True
-            self._release(seq.slot)
-        return seq, text, token, finish
-
-    def _release(self, slot: int) -> None:
-        try:
-            self.backend.release(slot)
-        except Exception as exc:  # the slot is reused by the next prefill regardless
-            log.warning("release failed", model=self.name, slot=slot, exc_info=exc)
-
-    def _update(self, out: _Outcome) -> None:
-        """Event-loop thread: deliver, free finished slots, record metrics."""
-        now = time.perf_counter()
+    def _deliver(self, out: StepOutput) -> None:
+        """Hand each stream its tokens, record metrics."""
         for seconds in out.prefill_s:
             self._prefill_hist.observe(seconds)
         if out.decode_s is not None:
             self._decode_hist.observe(out.decode_s)
             self._batch_hist.observe(out.decode_rows)
-        for seq, text, token, finish in out.advanced:
-            if seq.generated == 1:
-                self._ttft.observe(now - seq.arrival)
-                self._prompt_tokens.inc(len(seq.params.prompt_ids))
+        self._generated.inc(len(out.tokens))
+        for t in out.tokens:
+            stream = self._live.get(t.seq_id)
+            if stream is None:
+                continue  # cancelled: this step ran before the worker read the cancel
+            if stream.first_at is None:
+                stream.first_at = out.at
+                self._ttft.observe(out.at - stream.arrival)
+                self._prompt_tokens.inc(len(stream.params.prompt_ids))
             else:
-                self._itl.observe(now - seq.last_token_at)
-            seq.last_token_at = now
-            self._generated.inc()
-            seq.push(text, token, finish)
-            if finish is not None:
-                self._leave(seq)
-        for seq, exc in out.failed:
-            log.error("generation failed", model=self.name, slot=seq.slot, exc_info=exc)
-            failure = BackendFailure(BACKEND_FAILED)
-            failure.__cause__ = exc
-            seq.fail(failure)
-            self._leave(seq)
-        self._slots_gauge.set(len(self._running))
-
-    def _leave(self, seq: SequenceState) -> None:
-        # its slot was released in the worker thread already
-        if seq in self._running:
-            self._running.remove(seq)
-            self._free.append(seq.slot)
+                self._itl.observe(out.at - stream.last_at)
+            stream.last_at = out.at
+            stream.push(t.text, t.token, t.finish)
+            if t.finish is not None:
+                del self._live[t.seq_id]
+        for seq_id, exc in out.failed:
+            log.error("generation failed", model=self.name, exc_info=exc)
+            failed = self._live.pop(seq_id, None)
+            if failed is not None:
+                failure = BackendFailure(BACKEND_FAILED)
+                failure.__cause__ = exc
+                failed.fail(failure)
+        self._running = out.running
+        self._slots_gauge.set(out.running)
+        self._queue_gauge.set(len(self._inbox))

@@ -11,8 +11,12 @@ engine results back into tensors. The tensor conventions (docs/serving.md):
               out: text_output BYTES [-1]
 
 (the generate names are those of Triton's vLLM backend, so its clients work unchanged).
-Validation errors raise InvalidField naming the tensor; an engine error naming a
-request field (InvalidInput) is renamed to its tensor by `tensor_of`.
+
+This front checks what is its own (tensor names, datatypes, shapes, UTF-8, the
+sampling_parameters JSON's keys and value types) and builds the typed calls every
+front builds (ClassifyCall, GenerateCall in server/types.py); the values are checked
+by the model, in server/calls.py, the same checks and messages as the native front's.
+`tensor_error` turns such an error's canonical field into the tensor carrying it.
 """
 
 from __future__ import annotations
@@ -24,12 +28,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from headrace.server.errors import InvalidField
 from headrace.server.kserve.pb import grpc_service_pb2 as pb
 from headrace.server.kserve.tensors import Tensor, bad, set_param
-from headrace.server.manifest import Limits
 from headrace.server.repository import LoadedVersion
-from headrace.server.types import ClassifyItem, SamplingParams, Task
+from headrace.server.types import (
+    ClassifyCall,
+    ClassifyItem,
+    GenerateCall,
+    InvalidArgument,
+    SamplingParams,
+    Task,
+)
 
 TEXT, LABEL, PROBABILITIES = "text", "label", "probabilities"
 TEXT_INPUT, STREAM, SAMPLING, EXCLUDE_INPUT = (
@@ -52,7 +61,20 @@ SAMPLING_KEYS = (
     "temperature", "top_p", "top_k", "max_tokens", "seed", "stop", "repetition_penalty",
     "ignore_eos",
 )  # fmt: skip
-MAX_TOP_K = 1_000_000  # bound for top_k when the model's vocabulary size is unknown
+
+# canonical field (server/calls.py) -> the name this front's caller wrote, inside its tensor
+OWN_NAMES = {
+    "texts[]": "element {}",
+    "texts": "text",
+    "prompt": "text_input",
+    "max_new_tokens": "max_tokens",
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k",
+    "sampling.repetition_penalty": "repetition_penalty",
+    "sampling.seed": "seed",
+    "stop": "stop",
+}
 
 
 def tensor_of(field: str) -> str:
@@ -67,13 +89,22 @@ def tensor_of(field: str) -> str:
     return field
 
 
+def tensor_error(exc: InvalidArgument) -> InvalidArgument:
+    """A model's check failure (canonical field) as this front reports it: the tensor named.
+
+    ("texts[1]", "texts[1] must not be empty") -> ("text", "input tensor 'text': element 1
+    must not be empty"); ("sampling.temperature", ...) -> ("sampling_parameters", ...)."""
+    own = exc.renamed(OWN_NAMES)
+    return bad(tensor_of(exc.field), own.message)
+
+
 def _check_names(given: dict[str, Tensor], known: dict[str, Any]) -> None:
     for name in given:
         if name not in known:
             raise bad(name, f"unknown input; the model takes {', '.join(sorted(known))}")
     for name, (_, _, optional) in known.items():
         if not optional and name not in given:
-            raise InvalidField(name, f"input tensor '{name}' is missing")
+            raise InvalidArgument(name, f"input tensor '{name}' is missing")
 
 
 def _one(tensor: Tensor, datatype: str) -> Any:
@@ -101,7 +132,7 @@ def requested_outputs(request: pb.ModelInferRequest, known: Sequence[str]) -> li
     asked = {o.name for o in request.outputs}
     for name in asked:
         if name not in known:
-            raise InvalidField(
+            raise InvalidArgument(
                 name, f"output tensor '{name}' does not exist; the model has {', '.join(known)}"
             )
     return [n for n in known if n in asked]
@@ -110,7 +141,10 @@ def requested_outputs(request: pb.ModelInferRequest, known: Sequence[str]) -> li
 # -- classify ----------------------------------------------------------------------------------
 
 
-def classify_texts(tensors: dict[str, Tensor], limits: Limits) -> list[str]:
+def classify_call(
+    tensors: dict[str, Tensor], model: str, version: str, request_id: str
+) -> ClassifyCall:
+    """The `text` tensor's elements as a ClassifyCall (every label: `probabilities` has them all)."""
     _check_names(tensors, CLASSIFY_INPUTS)
     t = tensors[TEXT]
     if t.datatype != "BYTES":
@@ -118,16 +152,8 @@ def classify_texts(tensors: dict[str, Tensor], limits: Limits) -> list[str]:
     if not (len(t.shape) == 1 or (len(t.shape) == 2 and t.shape[1] == 1)):
         raise bad(TEXT, f"shape must be [-1] (one element per text), got {list(t.shape)}")
     items: list[bytes] = t.data
-    if not items:
-        raise bad(TEXT, "holds no text")
-    if len(items) > limits.max_texts:
-        raise bad(TEXT, f"at most {limits.max_texts} texts per request, got {len(items)}")
-    texts = []
-    for i, raw in enumerate(items):
-        if not raw:
-            raise bad(TEXT, f"element {i} is empty")
-        texts.append(_utf8(TEXT, raw, i))
-    return texts
+    texts = tuple(_utf8(TEXT, raw, i) for i, raw in enumerate(items))
+    return ClassifyCall(texts=texts, model=model, version=version, request_id=request_id)
 
 
 def classify_outputs(
@@ -161,29 +187,27 @@ def classify_outputs(
 
 
 @dataclass(frozen=True)
-class GenerateCall:
-    """A generate request read from its tensors: GeneratorModel.prepare's arguments and more."""
+class InferGenerate:
+    """A generate request read from its tensors: the typed call and how to answer it."""
 
-    prompt: str
-    max_new_tokens: int
-    sampling: SamplingParams
-    stop: tuple[str, ...]
+    call: GenerateCall
     stream: bool
     include_prompt: bool  # prepend the prompt to the first text_output
 
 
-def _number(key: str, value: Any, *, integer: bool = False) -> float:
+def _number(key: str, value: Any, *, integer: bool = False) -> Any:
     ok = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok or (not integer and math.isnan(value)):
         kind = "an integer" if integer else "a number"
-        raise InvalidField(SAMPLING, f"input tensor '{SAMPLING}': {key} must be {kind}")
-    return value  # type: ignore[no-any-return]
+        raise bad(SAMPLING, f"{key} must be {kind}")
+    return value
 
 
-def _sampling(
-    raw: bytes | None, vocab_size: int | None
-) -> tuple[SamplingParams, int, tuple[str, ...]]:
-    """sampling_parameters JSON -> (SamplingParams, max_new_tokens (0: default), stop)."""
+def _sampling(raw: bytes | None) -> tuple[SamplingParams, int, tuple[str, ...]]:
+    """sampling_parameters JSON -> (SamplingParams, max_new_tokens (0: default), stop).
+
+    Types are checked here, ranges by the model (server/calls.py). As vLLM, an absent key
+    is its default, top_p 0 and repetition_penalty 0 turn them off, top_k -1 is off."""
     if raw is None:
         return SamplingParams(), 0, ()
     try:
@@ -196,29 +220,12 @@ def _sampling(
     if unknown:
         raise bad(SAMPLING, f"unknown keys {unknown}; known: {', '.join(SAMPLING_KEYS)}")
 
-    def limit(key: str, lo: float, hi: float, default: float) -> float:
-        if doc.get(key) is None:
-            return default
-        value = _number(key, doc[key])
-        if not lo <= value <= hi:
-            raise bad(SAMPLING, f"{key} must be in [{lo:g}, {hi:g}]")
-        return float(value)
+    def get(key: str, default: Any, integer: bool = False) -> Any:
+        value = doc.get(key)
+        return default if value is None else _number(key, value, integer=integer)
 
-    temperature = limit("temperature", 0.0, 100.0, 0.0)
-    top_p = limit("top_p", 0.0, 1.0, 1.0) or 1.0
-    repetition_penalty = limit("repetition_penalty", 0.0, 10.0, 1.0) or 1.0
-    top_k = int(_number("top_k", doc.get("top_k", 0) or 0, integer=True))
-    k_max = vocab_size or MAX_TOP_K
-    if top_k < -1 or top_k > k_max:
-        raise bad(SAMPLING, f"top_k must be -1 or 0 (off) up to {k_max}")
-    max_tokens = int(_number("max_tokens", doc.get("max_tokens", 0) or 0, integer=True))
-    if max_tokens < 0:
-        raise bad(SAMPLING, "max_tokens must not be negative")
+    top_k = int(get("top_k", 0, integer=True))
     seed = doc.get("seed")
-    if seed is not None:
-        seed = int(_number("seed", seed, integer=True))
-        if not 0 <= seed < 2**63:
-            raise bad(SAMPLING, "seed must be in [0, 2**63)")
     stop = doc.get("stop") or []
     if isinstance(stop, str):
         stop = [stop]
@@ -228,31 +235,40 @@ def _sampling(
     if not isinstance(ignore_eos, bool):
         raise bad(SAMPLING, "ignore_eos must be true or false")
     params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=max(top_k, 0),
-        repetition_penalty=repetition_penalty,
-        seed=seed,
+        temperature=float(get("temperature", 0.0)),
+        top_p=float(get("top_p", 1.0)) or 1.0,
+        top_k=0 if top_k == -1 else top_k,
+        repetition_penalty=float(get("repetition_penalty", 1.0)) or 1.0,
+        seed=None if seed is None else int(_number("seed", seed, integer=True)),
         ignore_eos=ignore_eos,
     )
-    return params, max_tokens, tuple(stop)
+    return params, int(get("max_tokens", 0, integer=True)), tuple(stop)
 
 
-def generate_call(tensors: dict[str, Tensor], vocab_size: int | None) -> GenerateCall:
+def generate_call(
+    tensors: dict[str, Tensor], model: str = "", version: str = "", request_id: str = ""
+) -> InferGenerate:
     _check_names(tensors, GENERATE_INPUTS)
     prompt = _utf8(TEXT_INPUT, _one(tensors[TEXT_INPUT], "BYTES"))
-    if not prompt:
-        raise bad(TEXT_INPUT, "must not be empty")
     stream = bool(_one(tensors[STREAM], "BOOL")) if STREAM in tensors else False
     raw = _one(tensors[SAMPLING], "BYTES") if SAMPLING in tensors else None
-    sampling, max_new_tokens, stop = _sampling(raw, vocab_size)
+    sampling, max_new_tokens, stop = _sampling(raw)
     # As Triton's vLLM backend: the prompt is prepended unless excluded; streams exclude it
     # by default.
     if EXCLUDE_INPUT in tensors:
         include = not _one(tensors[EXCLUDE_INPUT], "BOOL")
     else:
         include = not stream
-    return GenerateCall(prompt, max_new_tokens, sampling, stop, stream, include)
+    call = GenerateCall(
+        prompt=prompt,
+        model=model,
+        version=version,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stop=stop,
+        request_id=request_id,
+    )
+    return InferGenerate(call, stream, include)
 
 
 def text_output(text: str) -> Tensor:

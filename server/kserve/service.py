@@ -11,7 +11,8 @@ ServerLive, ServerReady and ModelReady are probes: never refused, never
 logged. Every other call goes through the server's Gate (server/rpc.py):
 UNAVAILABLE while draining, one `rpc` log line with front="kserve", errors
 mapped by server/errors.py with the tensor named (INVALID_ARGUMENT carries a
-BadRequest whose field is the tensor's name). Inside ModelStreamInfer a
+BadRequest whose field is the tensor's name: a model's check failure, raised with
+the canonical field of server/calls.py, is renamed by convert.tensor_error). Inside ModelStreamInfer a
 failed request answers `error_message` and the stream goes on, as Triton does.
 """
 
@@ -21,19 +22,20 @@ import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import replace
 from importlib import metadata
 from typing import Any
 
 import grpc
-from headrace.server.errors import InvalidField, MappedError, ModelNotFound
+from headrace.server import auth
+from headrace.server.errors import MappedError, ModelNotFound
 from headrace.server.kserve import convert
 from headrace.server.kserve.pb import grpc_service_pb2 as pb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as pb_grpc
 from headrace.server.kserve.tensors import bad, read_inputs, set_param, wants_raw, write_outputs
+from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import LoadedVersion, ModelRepository
 from headrace.server.rpc import Context, Gate, RpcInfo, abort_for, mapped_error
-from headrace.server.types import InvalidInput, Task, TokenEvent
+from headrace.server.types import GenerateCall, InvalidArgument, Task, TokenEvent
 
 STREAM_WINDOW = 64  # requests of one ModelStreamInfer stream running at once
 FINAL = "triton_final_response"  # response parameter of decoupled streams (Triton's name)
@@ -48,13 +50,8 @@ def _version() -> str:
 
 
 def kserve_status(info: RpcInfo, exc: Exception) -> MappedError:
-    """The status of server/errors.py, with engine field names turned into tensor names."""
-    mapped = mapped_error(info, exc)
-    if isinstance(exc, InvalidInput):
-        tensor = convert.tensor_of(exc.field)
-        message = exc.message.replace("max_new_tokens", "max_tokens")  # the JSON key's name
-        return replace(mapped, field=tensor, message=f"input tensor '{tensor}': {message}")
-    return mapped
+    """The status of server/errors.py (tensor names are given by convert.tensor_error)."""
+    return mapped_error(info, exc)
 
 
 def unary(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -98,6 +95,10 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=not self.gate.draining)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
+        if not auth.current_caller().may_use(request.name):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED, auth.forbidden_message(request.name)
+            )
         versions = {v.version for v in self.repository.versions(request.name)}
         version = request.version
         if version.isdigit():
@@ -110,7 +111,8 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def _versions(self, name: str, version: str = "") -> list[LoadedVersion]:
         """Served versions of `name`, newest first (the asked one first when given)."""
         if not name:
-            raise InvalidField("model_name", "model_name must name a served model")
+            raise InvalidArgument("model_name", "model_name must name a served model")
+        auth.authorize_model(name)  # before the lookup: a scoped key learns no other names
         versions = self.repository.versions(name)
         if not versions:
             raise ModelNotFound(f"model {name!r} is not served")
@@ -154,7 +156,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: Context, info: RpcInfo
     ) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
-        for name in self.repository.names():
+        for name in auth.allowed_models(self.repository.names()):
             for v in self.repository.versions(name):
                 index.models.add(name=name, version=v.version, state="READY")
         return index
@@ -273,15 +275,18 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         tensors = read_inputs(request)
         wanted = convert.requested_outputs(request, [convert.LABEL, convert.PROBABILITIES])
-        async with self.repository.lease(loaded.name, loaded.version, Task.CLASSIFY) as loaded:
-            info.model, info.model_version = loaded.name, loaded.version
-            texts = convert.classify_texts(tensors, loaded.manifest.limits)
-            items = await loaded.model.classify(texts)
+        call = convert.classify_call(tensors, loaded.name, loaded.version, info.request_id)
+        async with self.repository.lease(call.model, call.version, ClassifierModel) as lease:
+            info.model, info.model_version = lease.name, lease.version
+            try:
+                items = await lease.model.classify(call)
+            except InvalidArgument as exc:
+                raise convert.tensor_error(exc) from None
         info.prompt_tokens += sum(item.input_tokens for item in items)
         out = pb.ModelInferResponse(
-            model_name=loaded.name, model_version=loaded.version, id=request.id
+            model_name=lease.name, model_version=lease.version, id=request.id
         )
-        outputs = convert.classify_outputs(items, loaded.manifest.labels, wanted)
+        outputs = convert.classify_outputs(items, lease.manifest.labels, wanted)
         write_outputs(out, outputs, raw=wants_raw(request))
         return out
 
@@ -294,28 +299,28 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncGenerator[pb.ModelInferResponse, None]:
         tensors = read_inputs(request)
         raw = wants_raw(request)
-        async with self.repository.lease(loaded.name, loaded.version, Task.GENERATE) as loaded:
-            info.model, info.model_version = loaded.name, loaded.version
+        infer = convert.generate_call(tensors, loaded.name, loaded.version, info.request_id)
+        call = infer.call
+        async with self.repository.lease(call.model, call.version, GeneratorModel) as lease:
+            info.model, info.model_version = lease.name, lease.version
 
             def response() -> pb.ModelInferResponse:
                 return pb.ModelInferResponse(
-                    model_name=loaded.name, model_version=loaded.version, id=request.id
+                    model_name=lease.name, model_version=lease.version, id=request.id
                 )
 
             convert.requested_outputs(request, [convert.TEXT_OUTPUT])
-            vocab = getattr(loaded.model.backend, "vocab_size", None)
-            call = convert.generate_call(tensors, vocab)
-            if call.stream and not streaming:
+            if infer.stream and not streaming:
                 raise bad(
                     convert.STREAM,
                     "a streamed generation needs ModelStreamInfer (the model is decoupled)",
                 )
             final = streaming and _flag(request, ENABLE_FINAL)
-            pending = [call.prompt] if call.include_prompt else []
-            async with contextlib.aclosing(self._events(loaded, call, info)) as events:
+            pending = [call.prompt] if infer.include_prompt else []
+            async with contextlib.aclosing(self._events(lease.model, call, info)) as events:
                 async for event in events:
                     pending.append(event.text)
-                    if event.finish_reason is None and not (call.stream and event.text):
+                    if event.finish_reason is None and not (infer.stream and event.text):
                         continue  # the whole text comes at the end; streams skip empty chunks
                     text, pending = "".join(pending), []
                     out = response()
@@ -334,16 +339,12 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 yield last
 
     async def _events(
-        self, loaded: LoadedVersion, call: convert.GenerateCall, info: RpcInfo
+        self, model: GeneratorModel, call: GenerateCall, info: RpcInfo
     ) -> AsyncGenerator[TokenEvent, None]:
-        model = loaded.model
-        params, _ = model.prepare(
-            call.prompt,
-            max_new_tokens=call.max_new_tokens,
-            sampling=call.sampling,
-            stop=call.stop,
-            reject_overlong=False,
-        )
+        try:
+            params, _ = model.prepare(call)
+        except InvalidArgument as exc:
+            raise convert.tensor_error(exc) from None
         info.prompt_tokens += len(params.prompt_ids)
         events = model.generate(params)
         try:

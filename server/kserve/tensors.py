@@ -10,7 +10,7 @@ asked for typed contents (see `wants_raw`).
     tensors = read_inputs(request)        # {name: Tensor}, shapes and sizes checked
     write_outputs(response, [Tensor("label", "BYTES", [2], [b"pos", b"neg"])], raw=True)
 
-Errors raise InvalidField naming the tensor (INVALID_ARGUMENT, BadRequest field = its name).
+Errors raise InvalidArgument naming the tensor (INVALID_ARGUMENT, BadRequest field = its name).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from headrace.server.errors import InvalidField
 from headrace.server.kserve.pb import grpc_service_pb2 as pb
+from headrace.server.types import InvalidArgument
 
 # datatype -> (numpy dtype of the raw form, InferTensorContents field of the typed form)
 DATATYPES: dict[str, tuple[str, str | None]] = {
@@ -54,8 +54,8 @@ class Tensor:
     parameters: dict[str, Any] | None = None  # InferParameter values: bool, int, float, str
 
 
-def bad(name: str, message: str) -> InvalidField:
-    return InvalidField(name, f"input tensor '{name}': {message}")
+def bad(name: str, message: str) -> InvalidArgument:
+    return InvalidArgument(name, f"input tensor '{name}': {message}")
 
 
 def decode_bytes(name: str, raw: bytes) -> list[bytes]:
@@ -88,7 +88,7 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
     """Every input of `request` decoded and checked against its own shape and datatype."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
-        raise InvalidField(
+        raise InvalidArgument(
             "raw_input_contents",
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs",
         )
@@ -96,7 +96,7 @@ def read_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
     for i, t in enumerate(request.inputs):
         name = t.name
         if not name:
-            raise InvalidField("inputs", f"input {i} has no name")
+            raise InvalidArgument("inputs", f"input {i} has no name")
         if name in out:
             raise bad(name, "given twice")
         shape = list(t.shape)

@@ -28,11 +28,22 @@ def classifier_cfg(tmp_path: Path, tiny_models: Path, labelled_csv: Path) -> Cla
         batch_size=8,
         teacher_epochs=1.0,
         teacher_lr=1e-3,
-        student_layers=1,
+        teacher_eval_every=0.5,
+        teacher_eval_texts=None,
+        plateau_patience=1,
+        freeze_embeddings=False,
+        student_layers=(1,),
         student_epochs=1.0,
         student_lr=1e-3,
+        prune_target="1.2x",
+        prune_epochs=0.5,
+        prune_texts=16,
+        calibration_texts=16,
         latency_samples=5,
     )
+
+
+FORMS = ("fp32 (onnxruntime)", "int8 dynamic (onnxruntime)", "int8 static (onnxruntime)")
 
 
 def test_classifier_pipeline_writes_two_versions_with_a_card(
@@ -43,44 +54,49 @@ def test_classifier_pipeline_writes_two_versions_with_a_card(
     student, teacher = out / "senti" / "1", out / "senti-teacher" / "1"
     s_man, t_man = read_manifest(student), read_manifest(teacher)
     assert s_man.task is Task.CLASSIFY and s_man.labels == ("negative", "neutral", "positive")
-    assert s_man.artifact("onnxruntime").path == "model.int8.onnx"
     assert t_man.artifact("onnxruntime").path == "model.onnx"
+    # the served form is listed first, and it is the card's choice
+    served = card["served"]
+    assert s_man.artifact("onnxruntime").path == served["path"]
+    assert s_man.provenance["role"] == served["model"] in ("student-1L", "pruned-1L")
     for version in (student, teacher):
-        for name in (
-            "hf/config.json",
-            "model.onnx",
-            "model.int8.onnx",
-            "tokenizer.json",
-            SPLIT_NAME,
-            CARD_NAME,
-        ):
+        for name in ("model.onnx", "model.int8.onnx", "model.qdq.onnx", "tokenizer.json",
+                     SPLIT_NAME, CARD_NAME, "tradeoff.png"):  # fmt: skip
             assert (version / name).exists(), version / name
         tok = json.loads((version / "tokenizer.json").read_text())
         assert tok["padding"] is None and tok["truncation"] is None
-    # every form, measured on the one test split saved beside the models
+    assert (teacher / "hf" / "config.json").exists()
+    # every form of every model, measured on the one test split saved beside the models
     split = Split.load(student / SPLIT_NAME)
     assert Split.load(teacher / SPLIT_NAME) == split
     forms = {f["form"]: f for f in card["forms"]}
-    assert set(forms) == {
-        f"{r} {p} ({b})"
-        for r in ("teacher", "student")
-        for p, b in (("fp32", "torch"), ("fp32", "onnxruntime"), ("int8", "onnxruntime"))
-    }
+    expected = {f"{m} {f}" for m in ("teacher", "student-1L", "pruned-1L") for f in FORMS}
+    expected |= {"teacher fp32 (torch)", "student-1L fp32 (torch)"}  # pruned: no torch form
+    assert set(forms) == expected
     for form in forms.values():
         assert form["test_texts"] == len(split.test) == 15
         assert 0.0 <= form["accuracy"] <= 1.0 and form["p50_ms_batch1"] > 0
         assert form["bytes"] > 0 and form["throughput_batch32"] > 0
+        assert form["speedup_vs_teacher"] > 0 and form["accuracy_vs_teacher"] is not None
     assert forms["teacher fp32 (onnxruntime)"]["max_abs_diff"] < 1e-4
     assert (
-        forms["student int8 (onnxruntime)"]["bytes"] < forms["student fp32 (onnxruntime)"]["bytes"]
+        forms["pruned-1L fp32 (onnxruntime)"]["bytes"]
+        < forms["student-1L fp32 (onnxruntime)"]["bytes"]
     )
-    assert card["training"]["student"]["layers_kept"] == [1]
-    assert s_man.card["headline"]["form"] == "student int8 (onnxruntime)"
-    assert len(card["targets"]) == 4
-    assert "| student int8 (onnxruntime) |" in (student / CARD_NAME).read_text()
+    pruned = card["training"]["pruned-1L"]
+    assert (
+        pruned["heads_kept"] <= 2 and pruned["ffn_kept"] < 64 and card["training"]["pruning_search"]
+    )
+    assert card["training"]["student-1L"]["layers_kept"] == [1]
+    assert card["teacher_curve"] and card["baselines"]["bow_logreg"]["accuracy"] > 0
+    assert s_man.card["headline"]["form"] == served["form"]
+    text = (student / CARD_NAME).read_text()
+    assert f"| {served['form']} |" in text and "](tradeoff.png)" in text
+    assert (student / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_classifier_pipeline_resumes_and_skips(classifier_cfg: ClassifierConfig) -> None:
+    classifier_cfg.prune_target = ""  # no pruned form: quicker
     build_classifier(classifier_cfg)
     work = classifier_cfg.work_dir()
     first = read_step(work / "teacher")["finished_at"]
@@ -100,7 +116,7 @@ def test_classifier_pipeline_resumes_and_skips(classifier_cfg: ClassifierConfig)
     assert not is_built(classifier_cfg)
     build_classifier(classifier_cfg)
     assert read_step(work / "teacher")["finished_at"] == first
-    assert read_step(work / "student")["params"]["epochs"] == 2.0
+    assert read_step(work / "student-1L")["params"]["student_epochs"] == 2.0
 
 
 def test_generator_pipeline(tmp_path: Path, text_file: Path) -> None:

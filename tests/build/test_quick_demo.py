@@ -39,11 +39,17 @@ def test_quick_demo_builds_every_model_then_returns_at_once(tmp_path: Path) -> N
     gpt = read_manifest(out / "tweetgpt" / "1")
     assert sentiment.task is Task.CLASSIFY and gpt.task is Task.GENERATE
     assert sentiment.labels == ("negative", "neutral", "positive") == teacher.labels
-    assert sentiment.artifact("onnxruntime").precision == "int8"
-    assert len(sentiment.card["forms"]) == 6 and len(gpt.card["forms"]) == 6
-    s_int8 = next(f for f in sentiment.card["forms"] if f["form"] == "student int8 (onnxruntime)")
-    assert s_int8["accuracy"] > sentiment.card["data"]["majority_baseline"] - 0.15
+    served = sentiment.card["served"]
+    assert sentiment.artifact("onnxruntime").path == served["path"]
+    # teacher and student-1L: 4 forms each; pruned-1L: 3 (no torch form)
+    assert len(sentiment.card["forms"]) == 11 and len(gpt.card["forms"]) == 6
+    s_int8 = next(
+        f for f in sentiment.card["forms"] if f["form"] == "student-1L int8 dynamic (onnxruntime)"
+    )
+    majority = sentiment.card["baselines"]["majority"]["accuracy"]
+    assert s_int8["accuracy"] > majority - 0.15
     assert s_int8["bytes"] < 0.25 * teacher.card["forms"][0]["bytes"]
+    assert sentiment.card["teacher_curve"] and (out / "sentiment" / "1" / "tradeoff.png").exists()
     assert all(
         f.get("max_abs_diff", 0.0) < 1e-4
         for f in sentiment.card["forms"]

@@ -172,6 +172,30 @@ def test_metadata_client_wide_and_per_call(server: ServerThread) -> None:
             client.classify("x", model="auth")
 
 
+def test_api_key_goes_with_every_call(server: ServerThread) -> None:
+    with Client(server.address, api_key="good", metadata={"x-trace": "t-1"}) as client:
+        client.classify("x", model="auth")
+        assert server.record.metadata[-1]["authorization"] == "Bearer good"
+        assert "good" not in repr(client) and "good" not in repr(client._settings)
+        for chunk in client.stream("ab"):
+            assert chunk is not None
+        assert server.record.metadata[-1]["authorization"] == "Bearer good"
+    with Client(server.address, api_key="bad") as client, pytest.raises(Unauthenticated):
+        client.classify("x", model="auth")
+
+    async def main() -> None:
+        async with AsyncClient(server.address, api_key="good") as c:
+            await c.classify("x", model="auth")
+            assert server.record.metadata[-1]["authorization"] == "Bearer good"
+
+    asyncio.run(main())
+    for bad in ["", "two words", "clé"]:
+        with pytest.raises(ValueError, match="api_key"):
+            Client(server.address, api_key=bad)
+    with pytest.raises(ValueError, match="not both"):
+        Client(server.address, api_key="good", metadata={"authorization": "Bearer other"})
+
+
 def test_timeouts_default_and_per_call(server: ServerThread) -> None:
     with Client(server.address, timeout=0.2) as client:
         with pytest.raises(DeadlineExceeded):

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +21,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
+
+from tests.certs import issue, make_ca, needs_openssl
 
 HEADRACE = [sys.executable, "-m", "headrace.server"]
 
@@ -35,7 +41,9 @@ def test_help_lists_commands_and_every_serve_flag() -> None:
     for flag in ("--config", "--models", "--host", "--port", "--profile", "--device",
                  "--metrics-port", "--http-port", "--grace-period", "--poll-interval", "--intra-op-threads",
                  "--inter-op-threads", "--default-classify-model", "--default-generate-model",
-                 "--log-format", "--log-level", "--port-file", "--max-message-mb"):  # fmt: skip
+                 "--log-format", "--log-level", "--port-file", "--max-message-mb",
+                 "--tls-cert", "--tls-key", "--tls-client-ca", "--metrics-tls",
+                 "--api-key-file", "--auth-exempt"):  # fmt: skip
         assert flag in serve.stdout, flag
     assert headrace("models", "--help").returncode == 0
     assert headrace("build", "--help").returncode == 0
@@ -76,6 +84,29 @@ def test_serve_rejects_bad_config(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--models" in proc.stderr
     proc = headrace("serve", "--models", str(tmp_path / "missing"), "--port", "0")
     assert proc.returncode == 1 and "missing" in proc.stderr
+
+
+@needs_openssl
+def test_serve_names_the_flag_of_a_bad_tls_or_key_file(tiny_models: Path, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    server, other = issue(ca, tmp_path / "server", "localhost"), issue(ca, tmp_path / "o", "x")
+    keys = tmp_path / "keys"
+    keys.write_text("# none yet\n")
+    serve = ["serve", "--models", str(tiny_models), "--port", "0"]
+    cases = [
+        (["--tls-cert", str(server.cert), "--tls-key", str(other.key)], "--tls-key .* does not match"),
+        (["--tls-cert", str(server.key), "--tls-key", str(server.key)], "--tls-cert .* not a PEM"),
+        (["--tls-cert", str(server.cert)], "go together"),
+        (["--tls-cert", str(server.cert), "--tls-key", str(server.key),
+          "--tls-client-ca", str(tmp_path / "nope.pem")], "--tls-client-ca .* cannot read"),
+        (["--api-key-file", str(keys)], "--api-key-file .* holds no key"),
+        (["--auth-exempt", "models"], "auth_exempt takes"),
+    ]  # fmt: skip
+    for flags, needle in cases:
+        proc = headrace(*serve, *flags)
+        assert proc.returncode == 2, (flags, proc.stderr)
+        assert re.search(needle, proc.stderr), (flags, proc.stderr)
+        assert "Traceback" not in proc.stderr
 
 
 def _wait_port(port_file: Path, proc: subprocess.Popen[str], timeout: float = 60) -> int:
@@ -208,3 +239,47 @@ def test_sigterm_drains_an_sse_stream(long_models: Path, tmp_path: Path) -> None
     http = next(e for e in events if e["event"] == "rpc" and e["rpc"] == "/v1/completions")
     assert (http["front"], http["code"], http["http_status"]) == ("http", "OK", 200)
     assert (http["stream"], http["completion_tokens"]) == (True, 300)
+
+
+@needs_openssl
+@pytest.mark.timeout(120)
+def test_serve_with_tls_keys_and_tls_metrics(tiny_models: Path, tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca")
+    server = issue(ca, tmp_path / "server", "localhost")
+    key = "hr_" + secrets.token_hex(16)
+    (tmp_path / "keys").write_text(f"{key}\n")
+    port_file, metrics_port = tmp_path / "port", _free_port()
+    proc = subprocess.Popen(
+        [*HEADRACE, "serve", "--models", str(tiny_models), "--port", "0", "--port-file",
+         str(port_file), "--profile", "cpu", "--tls-cert", str(server.cert), "--tls-key",
+         str(server.key), "--api-key-file", str(tmp_path / "keys"), "--metrics-port",
+         str(metrics_port), "--metrics-tls"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        port = _wait_port(port_file, proc)
+        creds = grpc.ssl_channel_credentials(ca.cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", creds) as channel:
+            stub = pb_grpc.InferenceStub(channel)
+            stub.Classify(
+                pb.ClassifyRequest(texts=["x"]), metadata=[("authorization", f"Bearer {key}")]
+            )
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Classify(pb.ClassifyRequest(texts=["x"]))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        url = f"https://localhost:{metrics_port}/metrics"
+        context = ssl.create_default_context(cafile=ca.cert)
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
+            assert b"headrace_requests_total" in response.read()
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url, timeout=10, context=context)
+        assert refused.value.code == 401
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = proc.stderr.read()
+    assert key not in log and '"tls":true' in log.replace(" ", "")

@@ -8,8 +8,8 @@ from typing import Any
 import numpy as np
 import pytest
 from headrace.edge.ort_backend import OrtDecoder, OrtEncoder, default_threads, session_options
-from headrace.server.backends.base import DecoderBackend, EncoderBackend
-from headrace.server.backends.registry import BackendSpec, load_backend
+from headrace.server.backends.base import BackendSpec, DecoderBackend, EncoderBackend
+from headrace.server.backends.registry import load_backend
 from headrace.server.manifest import read_manifest
 from headrace.server.types import SamplingParams, Task
 

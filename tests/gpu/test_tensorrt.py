@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from headrace.build.engine import decoder_profiles, encoder_profiles
-from headrace.server.backends.registry import BackendSpec, BackendUnavailable, load_backend
+from headrace.server.backends.base import BackendSpec, BackendUnavailable
+from headrace.server.backends.registry import load_backend
 from headrace.server.manifest import read_manifest
 from headrace.server.types import SamplingParams, Task
 

@@ -13,10 +13,9 @@ pytest.importorskip("transformers")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA (torch.cuda.is_available() is False here)", allow_module_level=True)
 
-from headrace.server.backends.registry import BackendSpec  # noqa: E402
+from headrace.server.backends.base import BackendSpec, make_generator  # noqa: E402
 from headrace.server.backends.torch_backend import TorchDecoder, TorchEncoder  # noqa: E402
 from headrace.server.backends.torch_sampling import sample_torch  # noqa: E402
-from headrace.server.engine.sampling import make_generator  # noqa: E402
 from headrace.server.manifest import read_manifest  # noqa: E402
 from headrace.server.types import SamplingParams, Task  # noqa: E402
 

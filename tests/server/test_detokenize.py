@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from headrace.server.engine.detokenize import REPLACEMENT, IncrementalDetokenizer, StopMatcher
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-from tokenizers.trainers import BpeTrainer, WordPieceTrainer
+from tokenizers.trainers import WordPieceTrainer
+
+from tests.server.scripted import byte_level_bpe
 
 ASCII_CORPUS = ["the quick brown fox jumps over the lazy dog", "stop here and there"] * 8
 TEXT = "café naïve 東京 😀 — the end"
@@ -14,18 +16,7 @@ TEXT = "café naïve 東京 😀 — the end"
 @pytest.fixture(scope="module")
 def bytelevel() -> Tokenizer:
     """Byte-level BPE that never saw non-ASCII text: each such byte is its own token."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        ASCII_CORPUS,
-        BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    return tok
+    return byte_level_bpe(ASCII_CORPUS)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from headrace.server.errors import InvalidField
 from headrace.server.kserve.pb import grpc_service_pb2 as pb
 from headrace.server.kserve.tensors import (
     Tensor,
@@ -14,6 +13,7 @@ from headrace.server.kserve.tensors import (
     wants_raw,
     write_outputs,
 )
+from headrace.server.types import InvalidArgument
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -29,7 +29,7 @@ def test_bytes_elements_round_trip(items: list[bytes]) -> None:
 def test_any_raw_bytes_decode_or_fail_naming_the_tensor(raw: bytes) -> None:
     try:
         decode_bytes("t", raw)
-    except InvalidField as exc:
+    except InvalidArgument as exc:
         assert exc.field == "t" and "'t'" in exc.message
 
 
@@ -68,7 +68,7 @@ def test_raw_and_typed_inputs_read_alike() -> None:
     ],
 )
 def test_bad_tensors_name_themselves(tensor: Input, raw: list[bytes], words: str) -> None:
-    with pytest.raises(InvalidField) as info:
+    with pytest.raises(InvalidArgument) as info:
         read_inputs(pb.ModelInferRequest(inputs=[tensor], raw_input_contents=raw))
     assert info.value.field == "x" and words in info.value.message
 
@@ -77,7 +77,7 @@ def test_raw_entries_must_match_the_inputs() -> None:
     request = pb.ModelInferRequest(
         inputs=[Input(name="a", datatype="BOOL", shape=[1])], raw_input_contents=[b"\x01", b"\x01"]
     )
-    with pytest.raises(InvalidField) as info:
+    with pytest.raises(InvalidArgument) as info:
         read_inputs(request)
     assert info.value.field == "raw_input_contents"
 

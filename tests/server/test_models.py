@@ -13,10 +13,19 @@ from typing import Any
 
 import numpy as np
 import pytest
-from headrace.server.backends.registry import BackendSpec, load_backend
+from headrace.server.backends.base import BackendSpec
+from headrace.server.backends.registry import load_backend
 from headrace.server.manifest import read_manifest
 from headrace.server.models import ClassifierModel, GeneratorModel, load_tokenizer, pad_id_of
-from headrace.server.types import FinishReason, InvalidInput, SamplingParams, Task, TokenEvent
+from headrace.server.types import (
+    ClassifyCall,
+    FinishReason,
+    GenerateCall,
+    InvalidArgument,
+    SamplingParams,
+    Task,
+    TokenEvent,
+)
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -92,7 +101,7 @@ def test_classify_batches_concurrent_calls_without_padding_leaks(
     async def main() -> list[Any]:
         await model.start()
         recorder.rows.clear()
-        out = await asyncio.gather(*(model.classify([t]) for t in TEXTS))
+        out = await asyncio.gather(*(model.classify(ClassifyCall(texts=(t,))) for t in TEXTS))
         await model.stop()
         return [items[0] for items in out]
 
@@ -118,11 +127,11 @@ def test_classify_truncates_or_rejects_overlong_texts(
     long_text = "the service answered every request " * 40
     limit = manifest.limits.max_input_tokens
 
-    async def main() -> tuple[list[Any], InvalidInput]:
+    async def main() -> tuple[list[Any], InvalidArgument]:
         await model.start()
-        items = await model.classify(["short", long_text], top_k=2)
-        with pytest.raises(InvalidInput) as err:
-            await model.classify(["short", long_text], reject_overlong=True)
+        items = await model.classify(ClassifyCall(texts=("short", long_text), top_k=2))
+        with pytest.raises(InvalidArgument) as err:
+            await model.classify(ClassifyCall(texts=("short", long_text), reject_overlong=True))
         await model.stop()
         return items, err.value
 
@@ -130,7 +139,7 @@ def test_classify_truncates_or_rejects_overlong_texts(
     assert not items[0].truncated and items[1].truncated
     assert items[1].input_tokens == limit
     assert len(items[0].labels) == 2
-    assert error.field == "texts[1]"
+    assert error.field == "texts[1]" and error.message.startswith("texts[1] has ")
 
 
 def stream_all(model: GeneratorModel, params: Any) -> Coroutine[Any, Any, list[TokenEvent]]:
@@ -146,14 +155,8 @@ def test_generation_is_the_same_alone_or_batched(generator_parts: tuple[Any, Any
     model = GeneratorModel("tiny-generator", "1", manifest, recorder, tokenizer)
 
     def prepare(prompt: str, **sampling: Any) -> Any:
-        params, _ = model.prepare(
-            prompt,
-            max_new_tokens=12,
-            sampling=SamplingParams(**sampling),
-            stop=(),
-            reject_overlong=False,
-        )
-        return params
+        call = GenerateCall(prompt=prompt, max_new_tokens=12, sampling=SamplingParams(**sampling))
+        return model.prepare(call)[0]
 
     requests = [prepare(p) for p in PROMPTS] + [prepare(PROMPTS[0], temperature=1.0, seed=5)]
 
@@ -182,14 +185,7 @@ def test_stop_string_on_a_real_model(generator_parts: tuple[Any, Any, Any]) -> N
     model = GeneratorModel("tiny-generator", "1", manifest, backend, tokenizer)
 
     def params(stop: tuple[str, ...]) -> Any:
-        p, _ = model.prepare(
-            PROMPTS[1],
-            max_new_tokens=24,
-            sampling=SamplingParams(),
-            stop=stop,
-            reject_overlong=False,
-        )
-        return p
+        return model.prepare(GenerateCall(prompt=PROMPTS[1], max_new_tokens=24, stop=stop))[0]
 
     async def main() -> tuple[str, list[TokenEvent] | None, str]:
         await model.start()

@@ -1,4 +1,5 @@
-"""ModelRepository: artifact choice per profile, lookup, failures, hot reload, retirement."""
+"""Artifact choice per profile (server/profiles.py), and ModelRepository: lookup, failures,
+hot reload, retirement."""
 
 from __future__ import annotations
 
@@ -10,18 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from headrace.server.backends.builtin import tensorrt_available
+from headrace.server.backends.registry import declarations, profile_order
 from headrace.server.errors import ModelNotFound
 from headrace.server.manifest import MANIFEST_NAME, Artifact, Manifest
-from headrace.server.repository import (
-    ModelRepository,
+from headrace.server.models import ClassifierModel, GeneratorModel
+from headrace.server.profiles import (
     NoArtifact,
     ProfileError,
     choose_artifact,
     cuda_available,
     resolve_profile,
-    scan,
 )
-from headrace.server.types import Task
+from headrace.server.repository import ModelRepository, scan
+from headrace.server.types import ClassifyCall, Task
 
 TORCH = Artifact("torch", "hf")
 ORT = Artifact("onnxruntime", "model.int8.onnx", "int8")
@@ -41,6 +44,23 @@ def test_choice_per_profile() -> None:
     with pytest.raises(NoArtifact, match="onnxruntime"):
         choose_artifact(manifest(TORCH), "edge", None)
     assert choose_artifact(both, "edge", "cpu").device == "cpu"
+
+
+def test_profile_orders_come_from_the_backends_declarations() -> None:
+    assert set(declarations()) == {"onnxruntime", "torch", "tensorrt"}  # pyproject's entry points
+    assert profile_order("edge") == ("onnxruntime",)
+    assert profile_order("cpu") == ("onnxruntime", "torch")
+    assert profile_order("datacenter") == ("tensorrt", "torch")
+    assert declarations()["onnxruntime"].tasks == (Task.CLASSIFY, Task.GENERATE)
+    with pytest.raises(ProfileError, match="unknown profile"):
+        choose_artifact(manifest(TORCH), "mainframe", None)
+
+
+@pytest.mark.skipif(tensorrt_available(), reason="checks the fallback where TensorRT is missing")
+def test_an_engine_the_machine_cannot_run_is_passed_over() -> None:
+    trt = Artifact("tensorrt", "model.plan", "fp16", {"gpu": "NVIDIA H100 80GB HBM3"})
+    choice = choose_artifact(manifest(trt, TORCH), "datacenter", "cuda:0")
+    assert (choice.backend, choice.device) == ("torch", "cuda:0")
 
 
 def test_backend_narrows_the_profile() -> None:
@@ -91,18 +111,18 @@ def test_lookup_and_listing(model_repo: Path) -> None:
         await repo.start()
         try:
             assert repo.default_name(Task.CLASSIFY) == "tiny-classifier"
-            assert repo.get("", None, Task.CLASSIFY).version == "2"
-            assert repo.get("tiny-classifier", "1", Task.CLASSIFY).version == "1"
-            assert repo.get("tiny-classifier", "01", Task.CLASSIFY).version == "1"
-            assert repo.get(None, "", Task.GENERATE).name == "tiny-generator"
-            for name, version, task in [
-                ("nope", None, Task.CLASSIFY),
-                ("tiny-classifier", "9", Task.CLASSIFY),
-                ("tiny-classifier", "x", Task.CLASSIFY),
-                ("tiny-classifier", None, Task.GENERATE),
+            assert repo.get("", None, ClassifierModel).version == "2"
+            assert repo.get("tiny-classifier", "1", ClassifierModel).version == "1"
+            assert repo.get("tiny-classifier", "01", ClassifierModel).version == "1"
+            assert repo.get(None, "", GeneratorModel).name == "tiny-generator"
+            for name, version, kind in [
+                ("nope", None, ClassifierModel),
+                ("tiny-classifier", "9", ClassifierModel),
+                ("tiny-classifier", "x", ClassifierModel),
+                ("tiny-classifier", None, GeneratorModel),
             ]:
                 with pytest.raises(ModelNotFound):
-                    repo.get(name, version, task)
+                    repo.get(name, version, kind)
             entries = {e.name: e for e in repo.list_models()}
             cls = entries["tiny-classifier"]
             assert cls.versions == ("2", "1") and cls.task is Task.CLASSIFY
@@ -121,7 +141,7 @@ def test_configured_default_and_missing_default(model_repo: Path) -> None:
         await repo.start()
         try:
             with pytest.raises(ModelNotFound, match="'other'"):
-                repo.get("", None, Task.CLASSIFY)
+                repo.get("", None, ClassifierModel)
         finally:
             await repo.stop()
 
@@ -160,17 +180,17 @@ def test_reload_adds_new_and_retires_removed_after_lease(model_repo: Path) -> No
         try:
             add_version(model_repo, "tiny-classifier", "2")
             assert await repo.refresh() is True
-            assert repo.get("", None, Task.CLASSIFY).version == "2"
-            old = repo.get("tiny-classifier", "1", Task.CLASSIFY)
-            async with repo.lease("tiny-classifier", "1", Task.CLASSIFY) as leased:
+            assert repo.get("", None, ClassifierModel).version == "2"
+            old = repo.get("tiny-classifier", "1", ClassifierModel)
+            async with repo.lease("tiny-classifier", "1", ClassifierModel) as leased:
                 shutil.rmtree(model_repo / "tiny-classifier" / "1")
                 assert await repo.refresh() is True
                 with pytest.raises(ModelNotFound):
-                    repo.get("tiny-classifier", "1", Task.CLASSIFY)
+                    repo.get("tiny-classifier", "1", ClassifierModel)
                 # still leased: the old version keeps answering its in-flight call
                 await asyncio.sleep(0.05)
                 assert repo._retiring and old.batcher._executor is not None
-                items = await leased.model.classify(["still here"])
+                items = await leased.model.classify(ClassifyCall(texts=("still here",)))
                 assert len(items) == 1
             for _ in range(100):  # stopped once the lease ends
                 if not repo._retiring:
@@ -195,7 +215,7 @@ def test_new_model_manifest_must_be_complete(model_repo: Path) -> None:
         repo = repo_for(model_repo)
         await repo.start()
         try:
-            assert repo.get("", None, Task.CLASSIFY).version == "1"
+            assert repo.get("", None, ClassifierModel).version == "1"
         finally:
             await repo.stop()
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-from headrace.server.engine.sampling import apply_repetition_penalty, make_generator, sample_numpy
+from headrace.server.backends.base import make_generator
+from headrace.server.backends.sampling_numpy import apply_repetition_penalty, sample_numpy
 from headrace.server.types import SamplingParams
 
 V = 50

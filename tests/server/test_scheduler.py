@@ -1,37 +1,31 @@
-"""The decoder scheduler on CPU with scripted model outputs (as vLLM tests its scheduler).
-
-`ScriptedDecoder` is a DecoderBackend whose logits are a pure function of a
-slot's tokens: a prompt with a script emits the script's tokens (then EOS);
-any other prompt gets pseudo-random logits seeded by its history, so a
-sequence's distribution never depends on what shares its batch.
+"""The decoder scheduler on CPU with scripted model outputs (as vLLM tests its scheduler):
+`ScriptedDecoder` (tests/server/scripted.py) emits a script or history-seeded logits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-import zlib
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
-import numpy as np
 import pytest
-from headrace.server.engine.sampling import sample_numpy
 from headrace.server.manifest import Artifact, Batching, Generation, Limits, Manifest
 from headrace.server.models import GeneratorModel
 from headrace.server.types import (
     BackendFailure,
     FinishReason,
+    GenerateCall,
     GenerateParams,
-    InvalidInput,
+    InvalidArgument,
     QueueFull,
     SamplingParams,
     ShuttingDown,
     Task,
     TokenEvent,
 )
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from tokenizers.trainers import BpeTrainer
+from tokenizers import Tokenizer
+
+from tests.server.scripted import ScriptedDecoder, byte_level_bpe
 
 CORPUS = ["the quick brown fox jumps over the lazy dog", "tell me a story about a fox"] * 8
 
@@ -42,89 +36,7 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
-    """Byte-level BPE trained on ASCII only: non-ASCII characters span several tokens."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        CORPUS,
-        BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    return tok
-
-
-class ScriptedDecoder:
-    name = "scripted"
-    precision = "fp32"
-    device = "cpu"
-
-    def __init__(self, vocab_size: int, eos: int, *, max_slots: int = 4, max_context: int = 64):
-        self.vocab_size = vocab_size
-        self.eos = eos
-        self.max_slots = max_slots
-        self.max_context = max_context
-        self.scripts: dict[tuple[int, ...], list[int]] = {}
-        self.slots: dict[int, tuple[tuple[int, ...], list[int]]] = {}  # slot -> (prompt, fed)
-        self.calls: list[tuple[str, tuple[int, ...]]] = []
-        self.fail_decodes = 0  # the next N decode calls raise
-        self.fail_prompt: tuple[int, ...] | None = None  # prefill of this prompt raises
-        self.gate = threading.Event()  # decode waits on it
-        self.gate.set()
-        self.short_samples = 0  # the next N batched samples return one token too few
-
-    def _logits(self, slot: int) -> np.ndarray:
-        prompt, fed = self.slots[slot]
-        if prompt in self.scripts:
-            script = self.scripts[prompt]
-            nxt = script[len(fed)] if len(fed) < len(script) else self.eos
-            row = np.full(self.vocab_size, -10.0, dtype=np.float32)
-            row[nxt] = 10.0
-            return row
-        seed = zlib.crc32(np.asarray(prompt + tuple(fed), dtype=np.int64).tobytes())
-        row = np.random.default_rng(seed).normal(0, 3, self.vocab_size).astype(np.float32)
-        row[self.eos] = -30.0  # unscripted sequences run to their length limit
-        return row
-
-    def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
-        assert slot not in self.slots, f"slot {slot} prefilled while in use"
-        assert 0 <= slot < self.max_slots
-        self.calls.append(("prefill", (slot,)))
-        if tuple(token_ids) == self.fail_prompt:
-            raise RuntimeError("prefill exploded at /secret/path")
-        self.slots[slot] = (tuple(token_ids), [])
-        return self._logits(slot)
-
-    def decode(self, slots: Sequence[int], last_tokens: Sequence[int]) -> np.ndarray:
-        self.gate.wait(10)
-        self.calls.append(("decode", tuple(slots)))
-        if self.fail_decodes:
-            self.fail_decodes -= 1
-            raise RuntimeError("decode exploded at /secret/path")
-        for slot, token in zip(slots, last_tokens, strict=True):
-            self.slots[slot][1].append(token)
-            assert len(self.slots[slot][0]) + len(self.slots[slot][1]) <= self.max_context
-        return np.stack([self._logits(s) for s in slots])
-
-    def sample(self, logits: Any, params: Any, generators: Any, histories: Any) -> list[int]:
-        picks = sample_numpy(logits, params, generators, histories)
-        if self.short_samples and len(picks) > 1:
-            self.short_samples -= 1
-            return picks[:-1]
-        return picks
-
-    def release(self, slot: int) -> None:
-        self.calls.append(("release", (slot,)))
-        self.slots.pop(slot, None)
-
-    def close(self) -> None:
-        pass
-
-    def decode_sizes(self) -> list[int]:
-        return [len(s) for kind, s in self.calls if kind == "decode"]
+    return byte_level_bpe(CORPUS)
 
 
 def make_model(
@@ -146,14 +58,10 @@ def make_model(
 def params_for(
     model: GeneratorModel, prompt: str, n: int = 8, stop: Sequence[str] = (), **sampling: Any
 ) -> GenerateParams:
-    params, _ = model.prepare(
-        prompt,
-        max_new_tokens=n,
-        sampling=SamplingParams(**sampling),
-        stop=stop,
-        reject_overlong=False,
+    call = GenerateCall(
+        prompt=prompt, max_new_tokens=n, sampling=SamplingParams(**sampling), stop=tuple(stop)
     )
-    return params
+    return model.prepare(call)[0]
 
 
 async def until(condition: Callable[[], bool]) -> None:
@@ -329,12 +237,14 @@ def test_full_queue_is_refused_at_once(tokenizer: Tokenizer) -> None:
     async def main() -> None:
         await model.start()
         backend.calls.clear()  # forget the warm-up
+        backend.gate.clear()  # a cannot finish (and free slot 0) before b is cancelled
         a = model.scheduler.submit(params_for(model, "the fox", 3))
         b = model.scheduler.submit(params_for(model, "the dog", 3))  # slot 0 is a's, b waits
         with pytest.raises(QueueFull):
             await anext(model.generate(params_for(model, "a story", 3)))
-        model.scheduler.cancel(b)
-        assert model.queue_depth == 1
+        model.scheduler.cancel(b)  # leaves the queue at once
+        await until(lambda: model.queue_depth == 0)  # a was admitted, b is gone
+        backend.gate.set()
         while (await a.next_event()).finish_reason is None:
             pass
         await model.stop()
@@ -445,27 +355,20 @@ def test_stop_without_drain_fails_in_flight_work(tokenizer: Tokenizer) -> None:
 def test_prepare_checks_and_truncates(tokenizer: Tokenizer) -> None:
     model, _ = make_model(tokenizer, context=16)
     long_prompt = "the quick brown fox jumps over the lazy dog " * 4
-    params, truncated = model.prepare(
-        long_prompt, max_new_tokens=0, sampling=SamplingParams(), stop=(), reject_overlong=False
-    )
+    params, truncated = model.prepare(GenerateCall(prompt=long_prompt))
     ids = tokenizer.encode(long_prompt).ids
     assert truncated and params.prompt_ids == tuple(ids[-15:])  # keeps the end
     assert params.max_new_tokens == 8  # the manifest's default
-    with pytest.raises(InvalidInput) as err:
-        model.prepare(
-            long_prompt, max_new_tokens=0, sampling=SamplingParams(), stop=(), reject_overlong=True
-        )
-    assert err.value.field == "prompt"
-    with pytest.raises(InvalidInput) as err:
-        model.prepare(
-            "x", max_new_tokens=65, sampling=SamplingParams(), stop=(), reject_overlong=False
-        )
-    assert err.value.field == "max_new_tokens"
-    with pytest.raises(InvalidInput) as err:
-        model.prepare(
-            "x", max_new_tokens=1, sampling=SamplingParams(), stop=["ok", ""], reject_overlong=False
-        )
-    assert err.value.field == "stop[1]"
+    for call, field in [
+        (GenerateCall(prompt=long_prompt, reject_overlong=True), "prompt"),
+        (GenerateCall(prompt="x", max_new_tokens=65), "max_new_tokens"),
+        (GenerateCall(prompt="x", max_new_tokens=-1), "max_new_tokens"),
+        (GenerateCall(prompt="x", stop=("ok", "")), "stop[1]"),
+        (GenerateCall(prompt="x", sampling=SamplingParams(top_k=10**6)), "sampling.top_k"),
+    ]:
+        with pytest.raises(InvalidArgument) as err:
+            model.prepare(call)
+        assert err.value.field == field, call
 
 
 def test_an_inconsistent_backend_fails_running_work_and_the_engine_recovers(

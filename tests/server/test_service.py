@@ -1,4 +1,5 @@
-"""The service's pure parts: proto -> types validation and error -> status mapping.
+"""The gRPC front's pure parts: proto -> typed calls, the checks every front shares
+(server/calls.py), and error -> status mapping.
 
 The servicer itself runs over real sockets in tests/e2e/test_server.py.
 """
@@ -10,10 +11,9 @@ import math
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from headrace.server import convert
+from headrace.server import calls, convert
 from headrace.server.errors import (
     INTERNAL_MESSAGE,
-    InvalidField,
     ModelNotFound,
     ServerDraining,
     rich_status,
@@ -22,10 +22,13 @@ from headrace.server.errors import (
 from headrace.server.manifest import Limits
 from headrace.server.types import (
     BackendFailure,
+    ClassifyCall,
     ClassifyItem,
     FinishReason,
-    InvalidInput,
+    GenerateCall,
+    InvalidArgument,
     QueueFull,
+    SamplingParams,
     ShuttingDown,
     TokenEvent,
 )
@@ -35,15 +38,22 @@ LIMITS = Limits(max_new_tokens=32, max_texts=4, max_stop_strings=2, max_stop_len
 
 
 def test_sampling_defaults_and_mapping() -> None:
-    params = convert.sampling_params(pb.SamplingParams(), vocab_size=100)
+    params = convert.sampling_params(pb.SamplingParams())
     assert (params.temperature, params.top_p, params.top_k, params.repetition_penalty) == (
         0.0, 1.0, 0, 1.0,
     )  # fmt: skip
     assert params.seed is None and params.greedy
     msg = pb.SamplingParams(temperature=0.7, top_p=0.9, top_k=100, repetition_penalty=1.2, seed=0)
-    params = convert.sampling_params(msg, vocab_size=100)
+    params = convert.sampling_params(msg)
     assert params.temperature == pytest.approx(0.7) and params.top_p == pytest.approx(0.9)
     assert (params.top_k, params.seed) == (100, 0)  # seed 0 is a seed, not "unset"
+    calls.check_sampling(params, vocab_size=100)
+
+
+def _generate(request: pb.GenerateRequest, vocab_size: int | None = 100) -> GenerateCall:
+    call = convert.generate_call(request, "r")
+    calls.check_generate(call, LIMITS, vocab_size)
+    return call
 
 
 @pytest.mark.parametrize(
@@ -60,15 +70,16 @@ def test_sampling_defaults_and_mapping() -> None:
     ],
 )
 def test_sampling_rejects(msg: pb.SamplingParams, field: str) -> None:
-    with pytest.raises(InvalidField) as info:
-        convert.sampling_params(msg, vocab_size=100)
+    with pytest.raises(InvalidArgument) as info:
+        _generate(pb.GenerateRequest(prompt="a", sampling=msg))
     assert info.value.field == field
+    assert info.value.message.startswith(field + " must be")
 
 
 def test_top_k_bound_without_vocab() -> None:
-    assert convert.sampling_params(pb.SamplingParams(top_k=5000), None).top_k == 5000
-    with pytest.raises(InvalidField):
-        convert.sampling_params(pb.SamplingParams(top_k=convert.MAX_TOP_K + 1), None)
+    assert _generate(pb.GenerateRequest(prompt="a", sampling=pb.SamplingParams(top_k=5000)), None)
+    with pytest.raises(InvalidArgument):
+        calls.check_sampling(SamplingParams(top_k=calls.MAX_TOP_K + 1), None)
 
 
 @pytest.mark.parametrize(
@@ -81,25 +92,44 @@ def test_top_k_bound_without_vocab() -> None:
         (pb.GenerateRequest(prompt="a", stop=["123456"]), "stop[0]"),
     ],
 )
-def test_generate_args_rejects(request_msg: pb.GenerateRequest, field: str) -> None:
-    with pytest.raises(InvalidField) as info:
-        convert.generate_args(request_msg, LIMITS, vocab_size=100)
-    assert info.value.field == field
+def test_generate_rejects(request_msg: pb.GenerateRequest, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        _generate(request_msg)
+    assert info.value.field == field and info.value.message.startswith(field + " ")
 
 
-def test_generate_args() -> None:
-    msg = pb.GenerateRequest(prompt="hi", max_new_tokens=32, stop=["\n"], reject_overlong=True)
-    args = convert.generate_args(msg, LIMITS, vocab_size=100)
-    assert args["prompt"] == "hi" and args["max_new_tokens"] == 32
-    assert args["stop"] == ("\n",) and args["reject_overlong"] is True
+def test_generate_call() -> None:
+    msg = pb.GenerateRequest(
+        model="m", model_version="2", prompt="hi", max_new_tokens=32, stop=["\n"],
+        reject_overlong=True, sampling=pb.SamplingParams(top_p=0.0, repetition_penalty=0.0),
+    )  # fmt: skip
+    call = _generate(msg)
+    assert (call.model, call.version, call.prompt, call.max_new_tokens) == ("m", "2", "hi", 32)
+    assert call.stop == ("\n",) and call.reject_overlong is True and call.request_id == "r"
+    assert (call.sampling.top_p, call.sampling.repetition_penalty) == (1.0, 1.0)  # 0: off
 
 
-def test_classify_texts() -> None:
-    assert convert.classify_texts(pb.ClassifyRequest(texts=["a", "b"]), LIMITS) == ["a", "b"]
+def test_classify_call_and_checks() -> None:
+    call = convert.classify_call(pb.ClassifyRequest(texts=["a", "b"], top_k=1), "r")
+    assert call == ClassifyCall(texts=("a", "b"), top_k=1, request_id="r")
+    calls.check_classify(call, LIMITS)
     for texts, field in (([], "texts"), (["a"] * 5, "texts"), (["a", ""], "texts[1]")):
-        with pytest.raises(InvalidField) as info:
-            convert.classify_texts(pb.ClassifyRequest(texts=texts), LIMITS)
-        assert info.value.field == field
+        with pytest.raises(InvalidArgument) as info:
+            calls.check_classify(convert.classify_call(pb.ClassifyRequest(texts=texts), ""), LIMITS)
+        assert info.value.field == field and info.value.message.startswith(field + " ")
+
+
+def test_another_front_renames_fields_in_its_own_terms() -> None:
+    names = {"max_new_tokens": "max_tokens", "sampling.temperature": "temperature",
+             "texts": "text_input"}  # fmt: skip
+    with pytest.raises(InvalidArgument) as info:
+        calls.check_generate(GenerateCall(prompt="a", max_new_tokens=99), LIMITS, None)
+    own = info.value.renamed(names)
+    assert own.field == "max_tokens" and own.message.startswith("max_tokens must be in [0, 32]")
+    indexed = InvalidArgument("texts[3]", "texts[3] must not be empty").renamed(names)
+    assert (indexed.field, indexed.message) == ("text_input[3]", "text_input[3] must not be empty")
+    kept = InvalidArgument("stop[1]", "stop[1] must not be empty")
+    assert kept.renamed(names) is kept  # no entry: the canonical name is the front's
 
 
 def test_results_to_proto() -> None:
@@ -117,8 +147,7 @@ def test_results_to_proto() -> None:
 @pytest.mark.parametrize(
     ("exc", "code"),
     [
-        (InvalidField("texts", "empty"), grpc.StatusCode.INVALID_ARGUMENT),
-        (InvalidInput("prompt", "too long"), grpc.StatusCode.INVALID_ARGUMENT),
+        (InvalidArgument("texts", "texts must hold a text"), grpc.StatusCode.INVALID_ARGUMENT),
         (ModelNotFound("model 'x' is not served"), grpc.StatusCode.NOT_FOUND),
         (QueueFull("full"), grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ShuttingDown("bye"), grpc.StatusCode.UNAVAILABLE),
@@ -135,7 +164,7 @@ def test_status_for(exc: Exception, code: grpc.StatusCode) -> None:
 
 
 def test_rich_status_carries_bad_request() -> None:
-    status = rich_status(status_for(InvalidInput("texts[3]", "too long")))
+    status = rich_status(status_for(InvalidArgument("texts[3]", "texts[3] has 600 tokens")))
     assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)

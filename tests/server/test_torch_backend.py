@@ -10,11 +10,15 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from headrace.server.backends.base import DecoderBackend, EncoderBackend  # noqa: E402
-from headrace.server.backends.registry import BackendSpec, load_backend  # noqa: E402
+from headrace.server.backends.base import (  # noqa: E402
+    BackendSpec,
+    DecoderBackend,
+    EncoderBackend,
+    make_generator,
+)
+from headrace.server.backends.registry import load_backend  # noqa: E402
 from headrace.server.backends.torch_backend import TorchDecoder, TorchEncoder  # noqa: E402
 from headrace.server.backends.torch_sampling import sample_torch, seeded_uniform  # noqa: E402
-from headrace.server.engine.sampling import make_generator  # noqa: E402
 from headrace.server.manifest import read_manifest  # noqa: E402
 from headrace.server.types import SamplingParams, Task  # noqa: E402
 

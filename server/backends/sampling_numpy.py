@@ -1,4 +1,4 @@
-"""Next-token choice on CPU, per sequence, in numpy.
+"""Next-token choice on CPU, per sequence, in numpy (the CPU backends' `sample`).
 
 Each row of a batch has its own SamplingParams and its own RNG, so a seeded
 sequence gets the same tokens whatever else shares its batch. Greedy rows
@@ -12,13 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from headrace.server.types import SamplingParams
-
-
-def make_generator(params: SamplingParams) -> np.random.Generator | None:
-    """The RNG of one sequence: None when greedy, seeded when a seed is given."""
-    if params.greedy:
-        return None
-    return np.random.default_rng(params.seed)
 
 
 def apply_repetition_penalty(row: np.ndarray, history: Sequence[int], penalty: float) -> None:
