@@ -136,7 +136,14 @@ class ServerConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
 _PATHS = {"models", "port_file", "tls_cert", "tls_key", "tls_client_ca", "api_key_file"}
-_INTS = {"port", "metrics_port", "http_port", "intra_op_threads", "inter_op_threads", "max_message_mb"}
+_INTS = {
+    "port",
+    "metrics_port",
+    "http_port",
+    "intra_op_threads",
+    "inter_op_threads",
+    "max_message_mb",
+}
 _FLOATS = {"grace_period_s", "poll_interval_s"}
 _BOOLS = {"metrics_tls"}
 _LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string

@@ -33,9 +33,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import orjson
 from headrace.server.errors import ServerDraining
-from headrace.server.http_api import openai_wire as wire
+from headrace.server.http_api import openai_write as wire
+from headrace.server.http_api.openai_read import OWN_NAMES, GenerationBody
 from headrace.server.metrics import HTTP_REQUESTS
 from headrace.server.rpc import RpcInfo, mapped_error
+from headrace.server.types import InvalidArgument
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -52,7 +54,13 @@ HTTP_CODE = {
     405: grpc.StatusCode.UNIMPLEMENTED,
     413: grpc.StatusCode.INVALID_ARGUMENT,
 }
-ERROR_CODE = {404: "model_not_found", 429: "queue_full", 503: "unavailable", 500: "internal"}
+ERROR_CODE = {
+    403: "model_not_allowed",
+    404: "model_not_found",
+    429: "queue_full",
+    503: "unavailable",
+    500: "internal",
+}
 
 
 class HttpError(Exception):
@@ -76,7 +84,7 @@ class HttpCall(RpcInfo):
     front: str = "http"
     status: int = 200
     stream: bool = False
-    body: wire.GenerationBody | None = None  # names error fields as OpenAI does
+    body: GenerationBody | None = None  # names error fields as OpenAI does
     path_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -267,15 +275,14 @@ class Endpoint:
             call.status = exc.status
             call.code = HTTP_CODE.get(exc.status, grpc.StatusCode.INVALID_ARGUMENT)
             return wire.error_body(exc.status, exc.message, exc.param, exc.code)
+        if isinstance(exc, InvalidArgument):
+            # a model check's canonical field -> the parameter as the caller wrote it:
+            # ("max_new_tokens", "max_new_tokens must be in [0, 64] ...") -> ("max_tokens", ...)
+            exc = exc.renamed(call.body.own_names() if call.body is not None else OWN_NAMES)
         mapped = mapped_error(call, exc)
         call.status, call.code = mapped.http_status, mapped.code
-        param = wire.param_name(mapped.field, call.body)
-        message = mapped.message
-        if mapped.field and param and param != mapped.field:
-            # "max_new_tokens must be at most 64" -> "max_tokens must be at most 64"
-            message = message.replace(mapped.field.removeprefix("sampling."), param)
-            message = message.replace(mapped.field, param)
-        return wire.error_body(call.status, message, param, ERROR_CODE.get(call.status))
+        code = ERROR_CODE.get(call.status)
+        return wire.error_body(call.status, mapped.message, mapped.field, code)
 
     def _error(self, call: HttpCall, exc: Exception) -> Response:
         body = self._mapped(call, exc)

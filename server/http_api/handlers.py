@@ -1,4 +1,4 @@
-"""The routes of the HTTP front: parse (openai_wire) -> engine (engine.py) -> write (openai_wire).
+"""The routes of the HTTP front: parse (openai_read) -> engine (engine.py) -> write (openai_write).
 
 Each handler is `(front, call, body) -> dict | Response | async iterator of SSE bytes`;
 server/http_api/calls.py does the rest (ids, errors, disconnects, the log line).
@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from headrace.server import auth
 from headrace.server.errors import ModelNotFound
 from headrace.server.http_api import engine
-from headrace.server.http_api import openai_wire as wire
+from headrace.server.http_api import openai_read as read
+from headrace.server.http_api import openai_write as wire
 from headrace.server.http_api.calls import HttpCall, JSONResponse
 from headrace.server.metrics import REGISTRY
 from headrace.server.types import TokenEvent
@@ -43,6 +45,8 @@ async def list_models(front: HttpFront, call: HttpCall, body: None) -> dict[str,
 
 async def get_model(front: HttpFront, call: HttpCall, body: None) -> dict[str, Any]:
     name = call.path_params.get("model", "")
+    if name in front.repository.names():
+        auth.authorize_model(name)  # a key scoped to other models: 403
     for entry, created in engine.models(front.repository):
         if entry.name == name:
             return wire.model_object(entry, created)
@@ -53,31 +57,31 @@ async def get_model(front: HttpFront, call: HttpCall, body: None) -> dict[str, A
 
 
 async def completions(front: HttpFront, call: HttpCall, body: dict[str, Any]) -> Any:
-    return await _generate(front, call, wire.read_completion(body))
+    return await _generate(front, call, read.read_completion(body, call.request_id))
 
 
 async def chat_completions(front: HttpFront, call: HttpCall, body: dict[str, Any]) -> Any:
-    return await _generate(front, call, wire.read_chat(body))
+    return await _generate(front, call, read.read_chat(body, call.request_id))
 
 
 @contextlib.asynccontextmanager
 async def _started(
-    front: HttpFront, call: HttpCall, parsed: wire.GenerationBody
+    front: HttpFront, call: HttpCall, parsed: read.GenerationBody
 ) -> AsyncIterator[tuple[str, engine.Generation]]:
     """The model leased and the generation queued, for the block's duration."""
-    async with engine.generator(front.repository, parsed.model) as loaded:
-        call.model, call.model_version = loaded.name, loaded.version
+    async with engine.generator(front.repository, parsed.call.model) as lease:
+        call.model, call.model_version = lease.name, lease.version
         request = parsed.call
         if parsed.kind == "chat":
-            prompt, turn_stops = engine.chat_prompt(loaded, parsed.messages)
+            prompt, turn_stops = engine.chat_prompt(lease, parsed.messages)
             extra = tuple(s for s in turn_stops if s not in request.stop)
             request = replace(request, prompt=prompt, stop=request.stop + extra)
-        async with engine.generate(loaded, request) as run:
+        async with engine.generate(lease.model, request) as run:
             call.prompt_tokens = run.prompt_tokens
-            yield loaded.name, run
+            yield lease.name, run
 
 
-async def _generate(front: HttpFront, call: HttpCall, parsed: wire.GenerationBody) -> Any:
+async def _generate(front: HttpFront, call: HttpCall, parsed: read.GenerationBody) -> Any:
     call.body = parsed
     if parsed.stream:
         return _stream(front, call, parsed)
@@ -97,7 +101,7 @@ async def _generate(front: HttpFront, call: HttpCall, parsed: wire.GenerationBod
 
 
 async def _stream(
-    front: HttpFront, call: HttpCall, parsed: wire.GenerationBody
+    front: HttpFront, call: HttpCall, parsed: read.GenerationBody
 ) -> AsyncIterator[bytes]:
     async with _started(front, call, parsed) as (model, run):
         chunks = wire.ChunkWriter(
@@ -124,7 +128,7 @@ async def _stream(
 
 
 async def classify(front: HttpFront, call: HttpCall, body: dict[str, Any]) -> dict[str, Any]:
-    request = wire.read_classify(body)
+    request = read.read_classify(body, call.request_id)
     model, version, items = await engine.classify(front.repository, request)
     call.model, call.model_version = model, version
     call.prompt_tokens = sum(i.input_tokens for i in items)

@@ -1,25 +1,28 @@
-"""OpenAI JSON <-> engine types, without a server: parsing, refusals, chunk shapes."""
+"""OpenAI JSON <-> the typed calls, without a server: parsing, refusals, renames, chunk shapes."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-from headrace.server.errors import InvalidField
-from headrace.server.http_api import openai_wire as wire
-from headrace.server.types import FinishReason, TokenEvent
+from headrace.server.calls import check_generate
+from headrace.server.http_api import openai_read as read
+from headrace.server.http_api import openai_write as wire
+from headrace.server.manifest import Limits
+from headrace.server.types import FinishReason, InvalidArgument, TokenEvent
 
 
 def test_defaults_follow_openai() -> None:
-    body = wire.read_completion({"prompt": "hi"})
+    body = read.read_completion({"prompt": "hi"}, "r1")
     call = body.call
-    assert (call.prompt, call.max_new_tokens, call.temperature, call.top_p) == ("hi", 0, 1.0, 1.0)
+    assert (call.prompt, call.max_new_tokens, call.request_id) == ("hi", 0, "r1")
+    assert (call.sampling.temperature, call.sampling.top_p) == (1.0, 1.0)
     assert call.reject_overlong and not body.stream and not body.include_usage
-    assert wire.read_completion({"prompt": ["one"]}).call.prompt == "one"
+    assert read.read_completion({"prompt": ["one"]}).call.prompt == "one"
 
 
 def test_chat_roles_and_content_parts() -> None:
-    body = wire.read_chat({
+    body = read.read_chat({
         "model": "m",
         "messages": [
             {"role": "developer", "content": "Be brief."},
@@ -52,19 +55,34 @@ def test_chat_roles_and_content_parts() -> None:
     ],
 )
 def test_refusals_name_the_parameter(body: dict[str, object], param: str) -> None:
-    with pytest.raises(InvalidField) as info:
-        wire.read_completion(body)
+    with pytest.raises(InvalidArgument) as info:
+        read.read_completion(body)
     assert info.value.field == param
+    assert info.value.message.startswith(param), info.value.message
 
 
-def test_engine_fields_as_openai_names_them() -> None:
-    chat = wire.read_chat({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3})
-    assert wire.param_name("max_new_tokens", chat) == "max_tokens"
-    assert wire.param_name("prompt", chat) == "messages"
-    assert wire.param_name("sampling.top_p", chat) == "top_p"
-    assert wire.param_name("stop[1]", chat) == "stop[1]"
-    completion = wire.read_completion({"prompt": "x"})
-    assert wire.param_name("prompt", completion) == "prompt"
+def _check_error(body: read.GenerationBody, prompt: str = "x") -> InvalidArgument:
+    """The model's check (server/calls.py) of `body`'s call, renamed as the front renames it."""
+    from dataclasses import replace
+
+    with pytest.raises(InvalidArgument) as info:
+        check_generate(replace(body.call, prompt=prompt), Limits(max_new_tokens=64), 100)
+    return info.value.renamed(body.own_names())
+
+
+def test_model_checks_come_back_in_openai_names() -> None:
+    chat = read.read_chat(
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 65}
+    )
+    error = _check_error(chat)
+    assert error.field == "max_completion_tokens"
+    assert error.message.startswith("max_completion_tokens must be in [0, 64]"), error.message
+    assert _check_error(chat, prompt="").field == "messages"
+    error = _check_error(read.read_completion({"prompt": "x", "top_p": 1.5}))
+    assert (error.field, error.message.split(" ")[0]) == ("top_p", "top_p")
+    error = _check_error(read.read_completion({"prompt": "x", "stop": ["a", ""]}))
+    assert (error.field, error.message) == ("stop[1]", "stop[1] must not be empty")
+    assert _check_error(read.read_completion({"prompt": "x"}), prompt="").field == "prompt"
 
 
 def _chunk(data: bytes | None) -> dict[str, object]:
