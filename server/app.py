@@ -94,7 +94,7 @@ class Server:
         if config.http_port:
             from headrace.server.http_api import HttpFront
 
-            self.http = HttpFront(self.repository, config, self.gate)
+            self.http = HttpFront(self.repository, config, self.gate, self.auth, self.tls)
         self.health = HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._model_names: set[str] = set()

@@ -55,7 +55,7 @@ HTTP_CODE = {
     413: grpc.StatusCode.INVALID_ARGUMENT,
 }
 ERROR_CODE = {
-    403: "model_not_allowed",
+    403: "permission_denied",
     404: "model_not_found",
     429: "queue_full",
     503: "unavailable",

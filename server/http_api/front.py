@@ -1,6 +1,6 @@
 """The HTTP front on uvicorn, on the event loop of the gRPC server (no thread, no process).
 
-    front = HttpFront(repository, config, gate)  # config.http_port, host, max_message_mb
+    front = HttpFront(repository, config, gate, auth, tls)  # config.http_port, host, max_message_mb
     await front.start()                          # binds; /health/live answers from here
     front.loading = False                        # models loaded: inference routes open
     gate.draining = True                         # the server drains: new inference calls get 503
@@ -9,6 +9,13 @@
 
 The drain flag, the count of running calls, the log line and the error
 classification are the server's, shared with the gRPC fronts (server/rpc.py).
+So are the door's checks: with an API key file every request but health (as
+`auth_exempt` says), `/metrics` (likewise) and the static page needs
+`Authorization: Bearer KEY` (BearerAuth, server/http_auth.py: 401 in OpenAI's
+shape), a key scoped to some models gets 403 on another and sees only its own in
+`/v1/models`; with a certificate the port speaks TLS only, from the same reloading
+SSLContext as the metrics port (server/tls.py), client certificates required
+with `tls_client_ca`.
 
 uvicorn is driven through its lower-level pieces (startup / main_loop / shutdown)
 on a socket bound here, never `uvicorn.run`: its signal handlers would replace
@@ -26,14 +33,18 @@ import socket
 from importlib import resources
 
 import uvicorn
+from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
 from headrace.server.errors import ServerDraining
 from headrace.server.http_api import handlers
 from headrace.server.http_api.calls import Endpoint, Handler, not_found
+from headrace.server.http_auth import BearerAuth
 from headrace.server.logs import get_logger
 from headrace.server.repository import ModelRepository
 from headrace.server.rpc import Gate
+from headrace.server.tls import ServerTls
 from starlette.routing import Route, Router
+from starlette.types import ASGIApp
 
 log = get_logger("headrace.http")
 
@@ -57,7 +68,14 @@ def _bind(host: str, port: int) -> socket.socket:
 class HttpFront:
     """The OpenAI-compatible HTTP API, health, metrics and the chat page on one port."""
 
-    def __init__(self, repository: ModelRepository, config: ServerConfig, gate: Gate) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        config: ServerConfig,
+        gate: Gate,
+        authenticator: Authenticator | None = None,
+        tls: ServerTls | None = None,
+    ) -> None:
         self.repository = repository
         self.gate = gate  # the server's: one drain and one count of running calls for every front
         self.host = config.host
@@ -67,7 +85,10 @@ class HttpFront:
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.page = resources.files(__package__).joinpath("static/index.html").read_bytes()
-        self.app = self._router(serve_metrics=config.metrics_port == 0)
+        self.app: ASGIApp = self._router(serve_metrics=config.metrics_port == 0)
+        if authenticator is not None:
+            self.app = BearerAuth(self.app, authenticator)
+        self.tls = tls
         self._sock: socket.socket | None = None
         self._uvicorn: uvicorn.Server | None = None
         self._main: asyncio.Task[None] | None = None
@@ -135,6 +156,8 @@ class HttpFront:
             timeout_graceful_shutdown=SHUTDOWN_WAIT_S,
         )
         config.load()
+        if self.tls is not None:
+            config.ssl = self.tls.ssl_context()  # follows certificate rotation
         for name in ("uvicorn", "uvicorn.error"):
             logging.getLogger(name).setLevel(logging.WARNING)
         server = uvicorn.Server(config)
@@ -142,7 +165,7 @@ class HttpFront:
         await server.startup(sockets=[self._sock])
         self._uvicorn = server
         self._main = asyncio.create_task(server.main_loop(), name="http-front")
-        log.info("http_serving", host=self.host, port=self.port)
+        log.info("http_serving", host=self.host, port=self.port, tls=self.tls is not None)
 
     async def stop(self) -> None:
         """Cancel what still runs (its caller gets a 503), then close every connection."""
@@ -161,5 +184,15 @@ class HttpFront:
         if self._main is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
+        # Our requests are done by now; what is left is idle keep-alive connections. Over TLS
+        # a close waits for the peer's close_notify, which an idle client never sends, and
+        # uvicorn's shutdown would wait out its timeout for them: end them here.
+        for connection in list(server.server_state.connections):
+            connection.shutdown()
+        await asyncio.sleep(0.05)
+        for connection in list(server.server_state.connections):
+            transport = getattr(connection, "transport", None)
+            if transport is not None:
+                transport.abort()
         await server.shutdown(sockets=[self._sock] if self._sock else None)
         self._uvicorn = None
