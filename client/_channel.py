@@ -14,9 +14,14 @@ import grpc
 __all__ = ["Metadata", "RetryPolicy"]
 
 SERVICE = "headrace.v1.Inference"
-# Retried by the channel: idempotent calls only. Generate is idempotent only with a
-# seed and GenerateStream may have sent text already, so neither is retried.
-RETRIED_METHODS = ("Classify", "ListModels")
+# Retried by the channel. gRPC retries an attempt only while the server has sent no
+# response headers, and a headrace server sends them with the first response: a retried
+# attempt was refused before it ran (full queue, drain, model loading) or its answer never
+# reached the caller. Nothing here changes server state, so a second attempt is as good
+# as the first; a seeded Generate gives the same text, an unseeded one another sample the
+# caller could not tell apart. A stream that has delivered text is never retried.
+# ClassifyStream (requests streamed by the caller) is not retried.
+RETRIED_METHODS = ("Classify", "ListModels", "Generate", "GenerateStream")
 
 # Per-call metadata: a mapping or (key, value) pairs; keys are lower case ASCII,
 # values str (or bytes for keys ending in "-bin").
@@ -26,14 +31,16 @@ PemSource = bytes | str | Path
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """gRPC's own retry policy (service config `retryPolicy`) for Classify and ListModels.
+    """gRPC's own retry policy (service config `retryPolicy`) for the calls of
+    RETRIED_METHODS (every call but ClassifyStream).
 
     gRPC retries an attempt only before the server has sent response headers, with
     exponential backoff and jitter, within the call's deadline. `max_attempts` counts the
-    first attempt; gRPC caps it at 5. RESOURCE_EXHAUSTED (a full queue) is not retried by
-    default: retrying into an overloaded server makes the overload worse; add it here
-    when the server runs behind several replicas. Retry throttling (gRPC's token
-    bucket): each failed attempt takes a token, each success returns
+    first attempt; gRPC caps it at 5. UNAVAILABLE (draining, not reachable) usually
+    lands on another replica. RESOURCE_EXHAUSTED (a full queue) waits the server's hint
+    (`grpc-retry-pushback-ms`, which replaces the backoff for that attempt) before the
+    next attempt. Retry throttling (gRPC's token bucket) keeps retries from piling onto an
+    overloaded server: each failed attempt takes a token, each success returns
     `throttle_token_ratio`, and retries pause while fewer than half of
     `throttle_max_tokens` are left.
     """
@@ -42,7 +49,10 @@ class RetryPolicy:
     initial_backoff: float = 0.1  # seconds
     max_backoff: float = 2.0  # seconds
     backoff_multiplier: float = 2.0
-    retryable_codes: tuple[grpc.StatusCode, ...] = (grpc.StatusCode.UNAVAILABLE,)
+    retryable_codes: tuple[grpc.StatusCode, ...] = (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
     throttle_max_tokens: int = 100
     throttle_token_ratio: float = 0.1
 

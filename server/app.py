@@ -49,6 +49,7 @@ from headrace.server.repository import ModelRepository
 from headrace.server.rpc import AuthInterceptor, Gate
 from headrace.server.service import InferenceService
 from headrace.server.tls import ServerTls, TlsFiles
+from headrace.server.transport import server_options
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
@@ -137,14 +138,13 @@ class Server:
 
     async def _start_grpc(self) -> None:
         await self.repository.start()
-        mb = self.config.max_message_mb * 1024 * 1024
         server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.auth)] if self.auth is not None else None,
-            options=[
-                ("grpc.max_receive_message_length", mb),
-                ("grpc.max_send_message_length", mb),
-                ("grpc.so_reuseport", 0),
-            ],
+            options=server_options(  # limits that never fire before a model's queue does
+                self.config.max_message_mb * 1024 * 1024,
+                max_connection_age_s=self.config.max_connection_age_s,
+                grace_period_s=self.config.grace_period_s,
+            ),
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)
         kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, server)

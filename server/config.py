@@ -63,6 +63,9 @@ class ServerConfig:
     log_level: str = "info"  # debug | info | warning | error
     port_file: Path | None = None  # write the bound port here once serving
     max_message_mb: int = 16  # largest request or response message
+    # close connections after about this long (0: never), so L4 balancers spread clients
+    # over new replicas; running calls get grace_period_s first (server/transport.py)
+    max_connection_age_s: float = 0.0
     extra_backend_options: dict[str, Any] = field(default_factory=dict)
     # Security (docs/serving.md#security). TLS files are re-read when they change.
     tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and HTTP ports
@@ -101,6 +104,8 @@ class ServerConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1")
+        if self.max_connection_age_s < 0:
+            raise ConfigError("max_connection_age_s must be >= 0")
         if self.max_message_mb < 1:
             raise ConfigError("max_message_mb must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -144,7 +149,7 @@ _INTS = {
     "inter_op_threads",
     "max_message_mb",
 }
-_FLOATS = {"grace_period_s", "poll_interval_s"}
+_FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s"}
 _BOOLS = {"metrics_tls"}
 _LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
 

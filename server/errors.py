@@ -8,7 +8,7 @@ with a `google.rpc.BadRequest` naming the field for INVALID_ARGUMENT.
     InvalidArgument                  INVALID_ARGUMENT (+ BadRequest field)
     ModelNotFound                    NOT_FOUND
     ModelForbidden                   PERMISSION_DENIED (an API key scoped to other models)
-    QueueFull                        RESOURCE_EXHAUSTED
+    QueueFull                        RESOURCE_EXHAUSTED (+ RetryInfo: when to retry)
     ShuttingDown / ServerDraining    UNAVAILABLE
     BackendFailure / anything else   INTERNAL (generic message)
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from headrace.server.types import BackendFailure, InvalidArgument, QueueFull, ShuttingDown
 
@@ -61,6 +61,7 @@ class MappedError:
     message: str
     field: str | None = None  # set for INVALID_ARGUMENT
     internal: bool = False  # True when the cause must be logged, not shown
+    retry_after_s: float | None = None  # set for RESOURCE_EXHAUSTED: the caller's retry hint
 
     @property
     def http_status(self) -> int:
@@ -77,7 +78,9 @@ def status_for(exc: BaseException) -> MappedError:
         return MappedError(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, QueueFull):
         return MappedError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "the model's queue is full; retry later"
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            str(exc) or "the model's queue is full; retry later",
+            retry_after_s=exc.retry_after_s,
         )
     if isinstance(exc, ShuttingDown | ServerDraining):
         return MappedError(
@@ -104,4 +107,14 @@ def rich_status(err: MappedError) -> status_pb2.Status:
         detail = any_pb2.Any()
         detail.Pack(bad)
         status.details.append(detail)
+    if err.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(retry_after_ms(err))
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        status.details.append(detail)
     return status
+
+
+def retry_after_ms(err: MappedError) -> int:
+    return max(1, round((err.retry_after_s or 0.0) * 1000))

@@ -37,7 +37,13 @@ from typing import Any, NoReturn, TypeAlias
 import grpc
 from grpc_status import rpc_status
 from headrace.server import auth
-from headrace.server.errors import MappedError, ServerDraining, rich_status, status_for
+from headrace.server.errors import (
+    MappedError,
+    ServerDraining,
+    retry_after_ms,
+    rich_status,
+    status_for,
+)
 from headrace.server.logs import get_logger
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
 
@@ -46,6 +52,9 @@ log = get_logger("headrace.service")
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 REQUEST_ID_KEY = "x-request-id"
+RETRY_AFTER_KEY = "retry-after-ms"  # RESOURCE_EXHAUSTED: milliseconds to wait before a retry
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # the same, read by gRPC's own retry policy
+Metadata: TypeAlias = tuple[tuple[str, str | bytes], ...]
 
 
 @dataclass
@@ -164,9 +173,24 @@ async def abort_for(
         raise exc
     mapped = mapped or mapped_error(info, exc)
     info.code = mapped.code
-    abort: Any = getattr(context, "abort_with_status")  # noqa: B009 (missing from the aio stubs)
-    await abort(rpc_status.to_status(rich_status(mapped)))
-    raise AssertionError("abort_with_status returned")  # it raises AbortError
+    status = rpc_status.to_status(rich_status(mapped))
+    await context.abort(status.code, status.details, error_trailers(info, mapped, status))
+    raise AssertionError("abort returned")  # it raises AbortError
+
+
+def error_trailers(info: RpcInfo, mapped: MappedError, status: grpc.Status) -> Metadata:
+    """The trailing metadata of an error: the rich status, the request id, a retry hint.
+
+    A refused call sends no headers before its trailers (handlers send their initial
+    metadata with the first response), so the client's gRPC retry policy may retry it:
+    `grpc-retry-pushback-ms` is gRPC's own retry delay (A6), `retry-after-ms` the same
+    figure for clients that retry by hand."""
+    trailers: list[tuple[str, str | bytes]] = [*status.trailing_metadata]
+    trailers.append((REQUEST_ID_KEY, info.request_id))
+    if mapped.retry_after_s is not None:
+        ms = str(retry_after_ms(mapped))
+        trailers += [(RETRY_AFTER_KEY, ms), (RETRY_PUSHBACK_KEY, ms)]
+    return tuple(trailers)
 
 
 # -- API keys ---------------------------------------------------------------------------------

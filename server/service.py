@@ -1,7 +1,8 @@
 """The `headrace.v1.Inference` servicer on grpc.aio: convert -> model (checks, runs) -> convert.
 
 One decorator, `rpc`, wraps every method, unary and streaming alike: it
-assigns the request id, refuses calls while the server drains, maps errors
+assigns the request id (sent in the headers of the first response, or in the
+trailers of an error), refuses calls while the server drains, maps errors
 to status codes (server/errors.py), writes the one log line per RPC and the
 request metrics (the pieces every front shares are in server/rpc.py). Cancellation (client gone, deadline passed) is re-raised,
 never swallowed, and every generation stream is closed in a `finally` so the
@@ -48,9 +49,13 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             ) -> AsyncIterator[Any]:
                 info = self._begin(name, request, context)
                 try:
-                    await self._open(info, context)
+                    self.gate.refuse_if_draining()
                     async with contextlib.aclosing(fn(self, request, context, info)) as messages:
+                        first = True
                         async for message in messages:
+                            if first:
+                                await self._headers(info, context)
+                                first = False
                             yield message
                 except BaseException as exc:
                     await abort_for(info, context, exc)
@@ -63,8 +68,10 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         async def unary_handler(self: InferenceService, request: Any, context: Context) -> Any:
             info = self._begin(name, request, context)
             try:
-                await self._open(info, context)
-                return await fn(self, request, context, info)
+                self.gate.refuse_if_draining()
+                response = await fn(self, request, context, info)
+                await self._headers(info, context)
+                return response
             except BaseException as exc:
                 await abort_for(info, context, exc)
             finally:
@@ -90,8 +97,9 @@ class InferenceService(pb_grpc.InferenceServicer):
         own = getattr(request, "request_id", "")  # "" for ClassifyStream's request iterator
         return self.gate.begin(name, own, context, front="native")
 
-    async def _open(self, info: RpcInfo, context: Context) -> None:
-        self.gate.refuse_if_draining()
+    async def _headers(self, info: RpcInfo, context: Context) -> None:
+        # Sent with the first response, not before: a call refused before it (a full queue,
+        # a drain) ends trailers-only, which the client's gRPC retry policy may retry.
         await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
 
     # -- classify ----------------------------------------------------------------------------

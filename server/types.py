@@ -114,7 +114,14 @@ class EngineError(Exception):
 
 
 class QueueFull(EngineError):
-    """The model's queue (or its KV slots and queue) is full: RESOURCE_EXHAUSTED."""
+    """The model's queue (or its KV slots and queue) is full: RESOURCE_EXHAUSTED.
+
+    `retry_after_s` is the engine's estimate of when a slot frees up (what it takes to
+    work through the queue ahead), sent to the caller as a retry hint."""
+
+    def __init__(self, message: str = "", retry_after_s: float = 0.1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ShuttingDown(EngineError):

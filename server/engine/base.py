@@ -30,6 +30,17 @@ class Engine:
         self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._unit_s: float | None = None  # running mean of one unit (a batch; a sequence)
+
+    def _observe_unit(self, seconds: float) -> None:
+        u = self._unit_s
+        self._unit_s = seconds if u is None else u + 0.1 * (seconds - u)
+
+    def retry_after_s(self, units_ahead: float) -> float:
+        """The retry hint of a QueueFull: the time to work through `units_ahead` units,
+        within [10 ms, 10 s] (a jittered client retry spreads around it)."""
+        unit = 0.1 if self._unit_s is None else self._unit_s  # nothing measured yet
+        return min(10.0, max(0.01, units_ahead * unit))
 
     async def start(self) -> None:
         if self._task is not None:

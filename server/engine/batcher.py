@@ -131,7 +131,10 @@ class EncoderBatcher(Engine):
         """
         self._check_open()
         if len(self._queue) >= self.max_queue:
-            raise QueueFull(f"model {self.name!r} has {self.max_queue} requests waiting")
+            raise QueueFull(
+                f"model {self.name!r} has {self.max_queue} requests waiting; retry later",
+                self.retry_after_s(self._rows_waiting / self.max_batch + 1),
+            )
         loop = asyncio.get_running_loop()
         req = _Request(rows=list(rows), future=loop.create_future(), arrival=loop.time())
         self._queue.append(req)
@@ -232,6 +235,7 @@ class EncoderBatcher(Engine):
             return
         self._batch_hist.observe(len(batch.rows))
         self._forward_hist.observe(seconds)
+        self._observe_unit(seconds)
         at = 0
         for req, start, end in batch.parts:
             part = logits[at : at + end - start]

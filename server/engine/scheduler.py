@@ -231,7 +231,11 @@ class DecoderScheduler(Engine):
                 f"prompt of {len(params.prompt_ids)} tokens, context {self.max_context}"
             )
         if len(self._live) >= self.num_slots + self.max_queue:
-            raise QueueFull(f"model {self.name!r}: every slot is busy and the queue is full")
+            raise QueueFull(
+                f"model {self.name!r}: every slot is busy and the queue is full; retry later",
+                # one unit = one sequence's life; the queue ahead shares the slots
+                self.retry_after_s(len(self._inbox) / self.num_slots + 1),
+            )
         stream = Stream(seq_id=next(self._ids), params=params, arrival=time.perf_counter())
         self._live[stream.seq_id] = stream
         self._inbox.join(stream.seq_id, params)
@@ -311,6 +315,7 @@ class DecoderScheduler(Engine):
             stream.push(t.text, t.token, t.finish)
             if t.finish is not None:
                 del self._live[t.seq_id]
+                self._observe_unit(out.at - stream.arrival)
         for seq_id, exc in out.failed:
             log.error("generation failed", model=self.name, exc_info=exc)
             failed = self._live.pop(seq_id, None)

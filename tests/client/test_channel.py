@@ -48,19 +48,24 @@ def test_bad_targets_are_rejected(target: str | list[str]) -> None:
         normalize_target(target)
 
 
-def test_service_config_retries_only_idempotent_calls() -> None:
+def test_service_config_retries_every_call_but_classify_stream() -> None:
     policy = RetryPolicy(max_attempts=4, initial_backoff=0.05, max_backoff=1.5)
     config = json.loads(service_config(policy, "round_robin"))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
     (method,) = config["methodConfig"]
-    assert [n["method"] for n in method["name"]] == ["Classify", "ListModels"]
+    assert [n["method"] for n in method["name"]] == [
+        "Classify",
+        "ListModels",
+        "Generate",
+        "GenerateStream",
+    ]
     assert {n["service"] for n in method["name"]} == {"headrace.v1.Inference"}
     assert method["retryPolicy"] == {
         "maxAttempts": 4,
         "initialBackoff": "0.05s",
         "maxBackoff": "1.5s",
         "backoffMultiplier": 2.0,
-        "retryableStatusCodes": ["UNAVAILABLE"],
+        "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"],
     }
     assert "retryThrottling" in config
     bare = json.loads(service_config(None, "pick_first"))

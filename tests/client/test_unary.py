@@ -222,13 +222,23 @@ def test_retry_gives_up_after_max_attempts(fresh_server: ServerThread) -> None:
     assert fresh_server.record.attempts["r-down"] == 4
 
 
-def test_no_retry_without_policy_and_for_generate(fresh_server: ServerThread) -> None:
+def test_no_retry_without_policy(fresh_server: ServerThread) -> None:
     with Client(fresh_server.address, retry=None) as client, pytest.raises(Unavailable):
         client.classify("x", model="flaky", request_id="r-once")
     assert fresh_server.record.attempts["r-once"] == 1
-    with Client(fresh_server.address) as client, pytest.raises(Unavailable):
+    with Client(fresh_server.address, retry=None) as client, pytest.raises(Unavailable):
         client.generate("x", model="flaky", request_id="g-once")
     assert fresh_server.record.attempts["g-once"] == 1
+
+
+def test_generate_refused_before_it_ran_is_retried(fresh_server: ServerThread) -> None:
+    # seeded or not: the refused attempt sent nothing back, so a retry is as good
+    fast = RetryPolicy(max_attempts=3, initial_backoff=0.01, max_backoff=0.05)
+    with Client(fresh_server.address, retry=fast) as client:
+        assert client.generate("ab", model="flaky", request_id="g-retry").text == "AB"
+        assert "".join(c.text for c in client.stream("ab", model="flaky", request_id="s-r"))
+    assert fresh_server.record.attempts["g-retry"] == 2
+    assert fresh_server.record.attempts["s-r"] == 2
 
 
 def test_unreachable_server_is_unavailable() -> None:

@@ -169,4 +169,13 @@ def test_rich_status_carries_bad_request() -> None:
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
     assert bad.field_violations[0].field == "texts[3]"
-    assert not rich_status(status_for(QueueFull("x"))).details
+    assert not rich_status(status_for(ModelNotFound("x"))).details
+
+
+def test_rich_status_of_a_full_queue_carries_retry_info() -> None:
+    status = rich_status(status_for(QueueFull("full", retry_after_s=0.25)))
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    (detail,) = status.details
+    retry = error_details_pb2.RetryInfo()
+    assert detail.Unpack(retry)
+    assert retry.retry_delay.ToMilliseconds() == 250
