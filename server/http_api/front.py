@@ -44,7 +44,6 @@ from headrace.server.repository import ModelRepository
 from headrace.server.rpc import Gate
 from headrace.server.tls import ServerTls
 from starlette.routing import Route, Router
-from starlette.types import ASGIApp
 
 log = get_logger("headrace.http")
 
@@ -85,7 +84,7 @@ class HttpFront:
         self.stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.page = resources.files(__package__).joinpath("static/index.html").read_bytes()
-        self.app: ASGIApp = self._router(serve_metrics=config.metrics_port == 0)
+        self.app: Router | BearerAuth = self._router(serve_metrics=config.metrics_port == 0)
         if authenticator is not None:
             self.app = BearerAuth(self.app, authenticator)
         self.tls = tls
