@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from headrace.server.backends.base import BackendDeclaration, BackendSpec
 from headrace.server.backends.sampling_numpy import sample_numpy
+from headrace.server.threads import named_os_thread
 from headrace.server.types import SamplingParams
 
 NAME = "onnxruntime"
@@ -86,9 +87,11 @@ def open_session(path: Path, options: dict[str, Any]) -> Any:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"no ONNX file at {path}")
-    return ort.InferenceSession(
-        str(path), session_options(options), providers=["CPUExecutionProvider"]
-    )
+    # the session's pool threads are started here and keep this OS name ("ort-pool")
+    with named_os_thread("ort-pool"):
+        return ort.InferenceSession(
+            str(path), session_options(options), providers=["CPUExecutionProvider"]
+        )
 
 
 def metadata(session: Any) -> dict[str, str]:
