@@ -35,16 +35,19 @@ def canned(labels: int) -> pb.ClassifyResponse:
 
 
 class Bare(pbg.InferenceServicer):
-    def __init__(self, labels: int) -> None:
+    def __init__(self, labels: int, initial_metadata: bool) -> None:
         self.response = canned(labels)
+        self.initial_metadata = initial_metadata
 
     async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
+        if self.initial_metadata:  # what one separate initial-metadata send costs
+            await context.send_initial_metadata((("x-request-id", self.response.request_id),))
         return self.response
 
 
-async def serve(port: int, labels: int) -> None:
+async def serve(port: int, labels: int, initial_metadata: bool) -> None:
     server = grpc.aio.server()
-    pbg.add_InferenceServicer_to_server(Bare(labels), server)
+    pbg.add_InferenceServicer_to_server(Bare(labels, initial_metadata), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"bare server on 127.0.0.1:{port}", flush=True)
@@ -55,13 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--labels", type=int, default=3)
+    p.add_argument("--initial-metadata", action="store_true", help="send x-request-id first")
     a = p.parse_args(argv)
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(a.port, a.labels))
+        asyncio.run(serve(a.port, a.labels, a.initial_metadata))
         return
-    uvloop.run(serve(a.port, a.labels))
+    uvloop.run(serve(a.port, a.labels, a.initial_metadata))
 
 
 if __name__ == "__main__":

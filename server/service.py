@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -28,6 +27,7 @@ from headrace.server.rpc import (
     RpcInfo,
     abort_for,
     metadata_request_id,
+    new_request_id,
 )
 from headrace.server.types import Task
 from headrace.v1 import inference_pb2 as pb
@@ -63,7 +63,10 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         async def unary_handler(self: InferenceService, request: Any, context: Context) -> Any:
             info = self._begin(name, request, context)
             try:
-                await self._open(info, context)
+                self.gate.refuse_if_draining()
+                # The id rides in the trailers, sent with the answer: initial metadata of
+                # its own would be one more batch on the transport per call.
+                context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
                 return await fn(self, request, context, info)
             except BaseException as exc:
                 await abort_for(info, context, exc)
@@ -91,6 +94,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self.gate.begin(name, own, context, front="native")
 
     async def _open(self, info: RpcInfo, context: Context) -> None:
+        """A stream's start: its id goes first, before any message."""
         self.gate.refuse_if_draining()
         await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
 
@@ -134,7 +138,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             try:
                 async for request in requests:
                     await window.acquire()
-                    rid = request.request_id or stream_id or uuid.uuid4().hex
+                    rid = request.request_id or stream_id or new_request_id()
                     queue.put_nowait(asyncio.create_task(self._classify_one(request, rid, info)))
             except Exception as exc:
                 queue.put_nowait(exc)
