@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml $(LOCK)
 	# exactly the locked set, every file checked against its hash (torch: the CPU build)
 	$(PY) -m pip install -q --require-hashes --no-deps \
 		$(if $(wildcard $(TORCH_FIND_LINKS)),--find-links $(TORCH_FIND_LINKS)) -r $(LOCK)
+	# an egg-info left in the root by an older layout would shadow the installed metadata
+	rm -rf headrace.egg-info
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	rm -f $(VENV)/.installed-*; touch $@
 

@@ -258,10 +258,14 @@ def _prepare_process() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _overrides(
-    args: argparse.Namespace, keys: tuple[str, ...], quick: dict[str, Any]
+def _config_args(
+    args: argparse.Namespace, keys: tuple[str, ...], quick: dict[str, Any], *shared: str
 ) -> dict[str, Any]:
-    values: dict[str, Any] = dict(quick) if args.quick else {}
+    """A build config's keyword arguments: the flags every build takes, then the --quick
+    values, then the flags given on the command line (`None`: not given)."""
+    common = ("out", "name", "version", "work", "data", "text_column", "seed", "threads", "force")
+    values: dict[str, Any] = {key: getattr(args, key) for key in (*common, *shared)}
+    values.update(quick if args.quick else {})
     for key in keys:
         value = getattr(args, key, None)
         if value is not None:
@@ -286,19 +290,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
         "latency_samples",
         "prune_target",
     )
-    cfg = ClassifierConfig(
-        out=args.out,
-        name=args.name,
-        version=args.version,
-        work=args.work,
-        data=args.data,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        seed=args.seed,
-        threads=args.threads,
-        force=args.force,
-        **_overrides(args, keys, QUICK_CLASSIFIER),
-    )
+    cfg = ClassifierConfig(**_config_args(args, keys, QUICK_CLASSIFIER, "label_column"))
     card = build_classifier(cfg)
     _print_summary(card)
     return 0
@@ -318,18 +310,7 @@ def cmd_generator(args: argparse.Namespace) -> int:
         "student_layers",
         "serve",
     )
-    cfg = GeneratorConfig(
-        out=args.out,
-        name=args.name,
-        version=args.version,
-        work=args.work,
-        data=args.data,
-        text_column=args.text_column,
-        seed=args.seed,
-        threads=args.threads,
-        force=args.force,
-        **_overrides(args, keys, QUICK_GENERATOR),
-    )
+    cfg = GeneratorConfig(**_config_args(args, keys, QUICK_GENERATOR))
     card = build_generator(cfg)
     _print_summary(card)
     return 0
