@@ -89,7 +89,7 @@ def test_chat_page_streams_stops_and_classifies(
     assert "1 generate, 1 classify" in find(By.ID, "status").text
 
     # A long reply streams in: its text grows while the Stop button is live.
-    find(By.CSS_SELECTOR, "details summary").click()  # the settings
+    find(By.CSS_SELECTOR, "#settings summary").click()
     max_tokens = find(By.ID, "max-tokens")
     max_tokens.clear()
     max_tokens.send_keys("1000")
