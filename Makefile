@@ -10,7 +10,7 @@ LOCK := requirements/dev.lock
 TORCH_FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: help venv lock lock-check test lint typestubs typecheck pytest protos protos-check serve demo-models bench clean
+.PHONY: help venv lock lock-check test lint typestubs typecheck pytest protos protos-check serve demo-models bench bench-overhead clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -81,6 +81,9 @@ serve: demo-models ## build the demo models if missing, then serve them on $(POR
 
 bench: demo-models ## load benchmark vs the raw limit and the peers; report in bench/results/
 	$(PY) -m bench.run --models $(MODELS) --out bench/results
+
+bench-overhead: $(STAMP) ## per-request cost: headrace vs the bare grpc.aio floor and the raw backend (tiny models, ~3 min)
+	$(PY) -m bench.overhead --out bench/results/overhead.raw.json
 
 clean: ## remove caches (keeps the virtualenv, the models and the bench peers' virtualenv)
 	rm -rf .cache/setuptools-build .cache/setuptools-bdist .pytest_cache .mypy_cache .ruff_cache

@@ -95,3 +95,54 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text())
+
+
+# -- per-thread CPU of a server (Linux /proc) -----------------------------------------------
+
+
+def thread_group(pid: int, tid: int, comm: str) -> str:
+    """What a server thread is, from its OS name (server/threads.py names ours)."""
+    if tid == pid:
+        return "event_loop"  # the main thread runs the asyncio loop (and grpc.aio's callbacks)
+    for prefix, group in (
+        ("encoder-", "batcher"),
+        ("decoder-", "scheduler"),
+        ("ort-", "backend_pool"),
+        ("grpc", "grpc"),
+    ):
+        if comm.startswith(prefix):
+            return group
+    return "other"
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """tid -> (group, user + system CPU seconds) for every thread of `pid`; {} if it is gone."""
+    import os
+
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    base = Path(f"/proc/{pid}/task")
+    try:
+        tids = [int(t) for t in os.listdir(base)]
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            comm = (base / str(tid) / "comm").read_text().strip()
+            stat = (base / str(tid) / "stat").read_text()
+        except OSError:
+            continue  # the thread ended between listdir and read
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        out[tid] = (thread_group(pid, tid, comm), (int(fields[11]) + int(fields[12])) / ticks)
+    return out
+
+
+def thread_cpu_delta(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds spent between two thread_cpu snapshots, summed per group."""
+    groups: dict[str, float] = {}
+    for tid, (group, seconds) in after.items():
+        spent = seconds - before.get(tid, (group, 0.0))[1]
+        groups[group] = groups.get(group, 0.0) + spent
+    return groups

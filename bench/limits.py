@@ -26,7 +26,18 @@ import numpy as np
 from bench.common import PROMPTS, newest_version, tweets, write_json
 
 
-def _spec(model_dir: Path, profile: str, min_slots: int = 1) -> tuple[Any, Any, Path]:
+def backend_options(settings: Path | None) -> dict[str, Any]:
+    """What `headrace serve --config settings` gives every backend (threads, spinning)."""
+    if settings is None:
+        return {}
+    from headrace.server.config import load_config
+
+    return load_config(settings).backend_options()
+
+
+def _spec(
+    model_dir: Path, profile: str, min_slots: int = 1, options: dict[str, Any] | None = None
+) -> tuple[Any, Any, Path]:
     from headrace.server.backends.base import BackendSpec
     from headrace.server.manifest import read_manifest
     from headrace.server.profiles import choose_artifact
@@ -43,7 +54,7 @@ def _spec(model_dir: Path, profile: str, min_slots: int = 1) -> tuple[Any, Any, 
         manifest=manifest,
         version_dir=version.resolve(),
         max_slots=max(manifest.batching.max_batch, min_slots),
-        options={},
+        options=dict(options or {}),
     )
     return spec, manifest, version
 
@@ -59,11 +70,15 @@ def _tokenizer(version: Path, manifest: Any, max_len: int | None) -> Any:
 
 
 def classify_limit(
-    model_dir: Path, profile: str, batch_sizes: list[int], seconds: float
+    model_dir: Path,
+    profile: str,
+    batch_sizes: list[int],
+    seconds: float,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from headrace.server.backends.registry import load_backend
 
-    spec, manifest, version = _spec(model_dir, profile)
+    spec, manifest, version = _spec(model_dir, profile, options=options)
     tok = _tokenizer(version, manifest, manifest.limits.max_input_tokens)
     pad_id = tok.token_to_id("[PAD]") or 0
     texts = tweets(1024, seed=1)
@@ -126,6 +141,7 @@ def classify_limit(
         "backend": spec.backend,
         "precision": spec.precision,
         "artifact": str(spec.path.relative_to(version.resolve())),
+        "options": spec.options,
         "by_batch": rows,
         "best_batch": best["batch"],
         "limit_texts_per_s": best["texts_per_s"],
@@ -133,12 +149,17 @@ def classify_limit(
 
 
 def generate_limit(
-    model_dir: Path, profile: str, batch_sizes: list[int], new_tokens: int, repeats: int
+    model_dir: Path,
+    profile: str,
+    batch_sizes: list[int],
+    new_tokens: int,
+    repeats: int,
+    options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     from headrace.server.backends.registry import load_backend
     from headrace.server.types import SamplingParams
 
-    spec, manifest, version = _spec(model_dir, profile, min_slots=max(batch_sizes))
+    spec, manifest, version = _spec(model_dir, profile, max(batch_sizes), options)
     tok = _tokenizer(version, manifest, None)
     prompts = [tok.encode(p).ids for p in PROMPTS]
     backend = load_backend(spec)
@@ -148,11 +169,15 @@ def generate_limit(
         for b in batch_sizes:
             slots = list(range(b))
             step_times: list[float] = []
+            prefill_times: list[float] = []  # one prompt into one slot
             for rep in range(repeats + 1):  # the first round warms up and is not counted
                 last = []
                 for s in slots:
                     ids = prompts[(s + rep) % len(prompts)]
+                    t0 = time.perf_counter()
                     logits = backend.prefill(s, ids)
+                    if rep:
+                        prefill_times.append(time.perf_counter() - t0)
                     last.append(backend.sample(logits, [greedy], [None], [ids])[0])
                 histories: list[list[int]] = [[t] for t in last]
                 for _ in range(new_tokens - 1):
@@ -176,6 +201,7 @@ def generate_limit(
                     "tokens_per_s": b / step_s,
                     "mean_tokens_per_s": b * len(step_times) / sum(step_times),
                     "steps": len(step_times),
+                    "prefill_ms": 1e3 * float(np.median(prefill_times)),
                 }
             )
             print(
@@ -208,14 +234,20 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--settings", type=Path, help="a headrace settings TOML: its backend options (threads)"
+    )
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    options = backend_options(a.settings)
     if a.task == "classify":
         batches = [int(x) for x in (a.batches or "1,2,4,8,16,32,64").split(",")]
-        result = classify_limit(a.model_dir, a.profile, batches, a.seconds)
+        result = classify_limit(a.model_dir, a.profile, batches, a.seconds, options)
     else:
         batches = [int(x) for x in (a.batches or "1,16").split(",")]
-        result = generate_limit(a.model_dir, a.profile, batches, a.new_tokens, a.repeats)
+        result = generate_limit(
+            a.model_dir, a.profile, batches, a.new_tokens, a.repeats, options
+        )
     result["pid"] = os.getpid()
     write_json(a.out, result)
 

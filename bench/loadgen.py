@@ -31,7 +31,15 @@ from typing import Any
 import grpc
 import psutil
 
-from bench.common import PROMPTS, latency_summary, pct, tweets, write_json
+from bench.common import (
+    PROMPTS,
+    latency_summary,
+    pct,
+    thread_cpu,
+    thread_cpu_delta,
+    tweets,
+    write_json,
+)
 
 CLASSIFY = "/headrace.v1.Inference/Classify"
 GENERATE_STREAM = "/headrace.v1.Inference/GenerateStream"
@@ -70,7 +78,7 @@ class Window:
         self.end = self.start + duration
         self.duration = duration
         self.server_pid = server_pid
-        self.cpu: dict[str, float | None] = {}
+        self.cpu: dict[str, Any] = {}
 
     def inside(self, t: float) -> bool:
         return self.start <= t <= self.end
@@ -79,8 +87,12 @@ class Window:
         me = psutil.Process(os.getpid())
         await asyncio.sleep(max(0.0, self.start - time.perf_counter()))
         s0, c0 = _cpu_seconds(self.server_pid), sum(me.cpu_times()[:2])
+        t0 = thread_cpu(self.server_pid) if self.server_pid else {}
         await asyncio.sleep(max(0.0, self.end - time.perf_counter()))
         s1, c1 = _cpu_seconds(self.server_pid), sum(me.cpu_times()[:2])
+        t1 = thread_cpu(self.server_pid) if self.server_pid else {}
+        # CPU seconds of the server's main process per thread group (bench/common.thread_group)
+        self.cpu["server_threads_s"] = {g: round(s, 3) for g, s in thread_cpu_delta(t0, t1).items()}
         # Cores busy on average: 1.0 is one core fully used for the whole window.
         self.cpu["server_cores"] = (
             (s1 - s0) / self.duration if s0 is not None and s1 is not None else None
@@ -178,6 +190,7 @@ async def generate_point(
     )
     window = Window(warmup, duration, server_pid)
     tokens_in_window = 0
+    messages_in_window = 0  # token-bearing chunks: several tokens may share one
     ttft: list[float] = []
     gaps: list[float] = []  # seconds per token between consecutive token-bearing chunks
     completions: list[int] = []
@@ -185,7 +198,7 @@ async def generate_point(
     errors: Counter[str] = Counter()
 
     async def caller(k: int) -> None:
-        nonlocal tokens_in_window
+        nonlocal tokens_in_window, messages_in_window
         i = k
         while time.perf_counter() < window.end:
             payload = payloads[i % len(payloads)]
@@ -206,6 +219,7 @@ async def generate_point(
                     n += got
                     if window.inside(t):
                         tokens_in_window += got
+                        messages_in_window += 1
                         if prev is None:
                             ttft.append(t - t0)
                         else:
@@ -230,6 +244,7 @@ async def generate_point(
     return {
         "concurrency": concurrency,
         "tokens_per_s": tokens_in_window / duration,
+        "messages_per_s": messages_in_window / duration,
         "ttft_p50_ms": ttft_s["p50_ms"],
         "ttft_p99_ms": ttft_s["p99_ms"],
         "itl_p50_ms": None if not gaps else round(1e3 * (pct(gaps, 50) or 0.0), 3),

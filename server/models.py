@@ -134,6 +134,7 @@ class ClassifierModel(ServedModel):
         # the same tokenizer truncating to the limit, for the texts that exceed it
         self._truncating = _private_copy(tokenizer)
         self._truncating.enable_truncation(max_length=self.max_tokens)
+        self._prompt_tokens = metrics.PROMPT_TOKENS.labels(name)
         batching = manifest.batching
         self.batcher = EncoderBatcher(
             name,
@@ -154,7 +155,12 @@ class ClassifierModel(ServedModel):
         self, texts: Sequence[str], *, reject_overlong: bool = False
     ) -> list[tuple[list[int], bool]]:
         """texts -> (token ids, truncated) each, special tokens included."""
-        encodings = self.tokenizer.encode_batch(list(texts))
+        # One text (the common call): `encode`, as encode_batch hands even one text to
+        # the tokenizer's thread pool and wakes its threads.
+        if len(texts) == 1:
+            encodings = [self.tokenizer.encode(texts[0])]
+        else:
+            encodings = self.tokenizer.encode_batch(list(texts))
         out: list[tuple[list[int], bool]] = []
         for i, enc in enumerate(encodings):
             ids = enc.ids
@@ -192,7 +198,7 @@ class ClassifierModel(ServedModel):
                     input_tokens=len(ids),
                 )
             )
-        metrics.PROMPT_TOKENS.labels(self.name).inc(sum(len(ids) for ids, _ in encoded))
+        self._prompt_tokens.inc(sum(len(ids) for ids, _ in encoded))
         return items
 
 

@@ -24,8 +24,9 @@ knows the model.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeAlias
 
@@ -39,7 +40,7 @@ from headrace.server.errors import (
     rich_status,
     status_for,
 )
-from headrace.server.logs import get_logger
+from headrace.server.logs import get_logger, rpc_line
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
 
 log = get_logger("headrace.service")
@@ -68,6 +69,16 @@ class RpcInfo:
     code: grpc.StatusCode = grpc.StatusCode.OK
 
 
+# Request ids the server makes: 32 hex digits, a random half per process and a counter
+# (unique as uuid4 hex is, without drawing 16 random bytes per call).
+_ID_PREFIX = os.urandom(8).hex()
+_ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 def metadata_request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
@@ -83,6 +94,9 @@ class Gate:
         self.inflight = 0  # calls between begin and finish
         self._idle = asyncio.Event()
         self._idle.set()
+        # (rpc, model, code) -> the labelled counter and histogram: `labels()` per call
+        # takes a lock and builds a key, a dict lookup does not
+        self._series: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def wait_idle(self, within_s: float) -> bool:
         """Wait until no call is running (True) or `within_s` passed (False)."""
@@ -94,7 +108,7 @@ class Gate:
         return True
 
     def begin(self, name: str, own_id: str, context: Context, *, front: str) -> RpcInfo:
-        request_id = own_id or metadata_request_id(context) or uuid.uuid4().hex
+        request_id = own_id or metadata_request_id(context) or new_request_id()
         self.inflight += 1
         self._idle.clear()
         return RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "", front=front)
@@ -109,13 +123,16 @@ class Gate:
             self._idle.set()
         seconds = time.perf_counter() - info.start
         code = info.code.name
-        REQUESTS.labels(info.rpc, info.model, code).inc()
-        REQUEST_DURATION.labels(info.rpc, info.model).observe(seconds)
+        key = (info.rpc, info.model, code)
+        series = self._series.get(key)
+        if series is None:
+            series = REQUESTS.labels(*key), REQUEST_DURATION.labels(info.rpc, info.model)
+            self._series[key] = series
+        series[0].inc()
+        series[1].observe(seconds)
         caller = auth.current_caller()
-        extra = {"key_id": caller.key_id} if caller.key_id else {}
-        log.info(
-            "rpc",
-            **extra,
+        fields: dict[str, Any] = {"key_id": caller.key_id} if caller.key_id else {}
+        fields.update(
             rpc=info.rpc,
             front=info.front,
             request_id=info.request_id,
@@ -127,6 +144,7 @@ class Gate:
             completion_tokens=info.completion_tokens,
             peer=info.peer,
         )
+        rpc_line(log, fields)
 
 
 def mapped_error(info: RpcInfo, exc: Exception) -> MappedError:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from headrace.server.rpc import (
     RpcInfo,
     abort_for,
     metadata_request_id,
+    new_request_id,
 )
 from headrace.server.types import Task
 from headrace.v1 import inference_pb2 as pb
@@ -69,9 +69,11 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             info = self._begin(name, request, context)
             try:
                 self.gate.refuse_if_draining()
-                response = await fn(self, request, context, info)
-                await self._headers(info, context)
-                return response
+                # The id rides in the trailers, sent with the answer: initial metadata of
+                # its own would be one more batch on the transport per call, and a call
+                # refused before its answer stays trailers-only (retryable by gRPC's policy).
+                context.set_trailing_metadata(((REQUEST_ID_KEY, info.request_id),))
+                return await fn(self, request, context, info)
             except BaseException as exc:
                 await abort_for(info, context, exc)
             finally:
@@ -98,8 +100,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         return self.gate.begin(name, own, context, front="native")
 
     async def _headers(self, info: RpcInfo, context: Context) -> None:
-        # Sent with the first response, not before: a call refused before it (a full queue,
-        # a drain) ends trailers-only, which the client's gRPC retry policy may retry.
+        # A stream's id goes with its first response, not before: a call refused before it
+        # (a full queue, a drain) ends trailers-only, which gRPC's retry policy may retry.
         await context.send_initial_metadata(((REQUEST_ID_KEY, info.request_id),))
 
     # -- classify ----------------------------------------------------------------------------
@@ -142,7 +144,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             try:
                 async for request in requests:
                     await window.acquire()
-                    rid = request.request_id or stream_id or uuid.uuid4().hex
+                    rid = request.request_id or stream_id or new_request_id()
                     queue.put_nowait(asyncio.create_task(self._classify_one(request, rid, info)))
             except Exception as exc:
                 queue.put_nowait(exc)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar, TypeVar
 
+from headrace.server.threads import set_os_thread_name
 from headrace.server.types import ShuttingDown
 
 T = TypeVar("T")
@@ -45,7 +46,10 @@ class Engine:
     async def start(self) -> None:
         if self._task is not None:
             return
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"{self.kind}-{self.name}")
+        thread = f"{self.kind}-{self.name}"
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix=thread, initializer=set_os_thread_name, initargs=(thread,)
+        )
         await self._in_worker(self._warm_up)
         self._task = asyncio.create_task(self._run(), name=f"{self.kind}-engine-{self.name}")
 

@@ -81,10 +81,16 @@ def test_request_id_from_metadata_or_generated(stub) -> None:
         pb.ClassifyRequest(texts=["hello"]), metadata=(("x-request-id", "from-meta"),)
     )
     assert resp.request_id == "from-meta"
-    assert ("x-request-id", "from-meta") in tuple(call.initial_metadata())
+    # unary calls: in the trailers (sent with the answer); streams: initial metadata
+    assert ("x-request-id", "from-meta") in tuple(call.trailing_metadata())
     resp, call = stub.Classify.with_call(pb.ClassifyRequest(texts=["hello"]))
     assert re.fullmatch(r"[0-9a-f]{32}", resp.request_id)
-    assert ("x-request-id", resp.request_id) in tuple(call.initial_metadata())
+    assert ("x-request-id", resp.request_id) in tuple(call.trailing_metadata())
+    other, _ = stub.Classify.with_call(pb.ClassifyRequest(texts=["hello"]))
+    assert other.request_id != resp.request_id
+    chunks = stub.GenerateStream(pb.GenerateRequest(prompt="a", max_new_tokens=2))
+    assert ("x-request-id", next(chunks).request_id) in tuple(chunks.initial_metadata())
+    chunks.cancel()
 
 
 def test_classify_stream_keeps_order_and_ids(stub) -> None:

@@ -133,6 +133,10 @@ def test_session_options_from_spec() -> None:
     defaults = session_options({})
     assert defaults.intra_op_num_threads == default_threads() >= 1
     assert defaults.inter_op_num_threads == 1
+    assert defaults.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    spinning = session_options({"allow_spinning": True})  # ORT's own default: no entry
+    with pytest.raises(RuntimeError, match="allow_spinning"):
+        spinning.get_session_config_entry("session.intra_op.allow_spinning")
     with pytest.raises(ValueError, match="graph_optimization_level"):
         session_options({"graph_optimization_level": "fastest"})
 

@@ -1,0 +1,72 @@
+"""The transport floor: a bare grpc.aio server that answers Classify with a canned response.
+
+    python -m bench.bare_server --port 50090 [--labels 3]
+
+No model, no batching, no logging, no metrics: the request is parsed and one prebuilt
+`ClassifyResponse` (shaped like headrace's answer for one text) is returned. The same
+load generator drives it and headrace, so calls/s and p50 here are what a Python
+grpc.aio server on this box can do at all; headrace's figures are read against it.
+uvloop when installed, as `headrace serve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+import grpc
+from headrace.v1 import inference_pb2 as pb
+from headrace.v1 import inference_pb2_grpc as pbg
+
+
+def canned(labels: int) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        model="sentiment",
+        model_version="1",
+        results=[
+            pb.Classification(
+                labels=[pb.Label(name=f"label{i}", score=1.0 / (i + 2)) for i in range(labels)]
+            )
+        ],
+        request_id="0123456789abcdef0123456789abcdef",
+        usage=pb.Usage(prompt_tokens=16),
+    )
+
+
+class Bare(pbg.InferenceServicer):
+    def __init__(self, labels: int, initial_metadata: bool) -> None:
+        self.response = canned(labels)
+        self.initial_metadata = initial_metadata
+
+    async def Classify(self, request: pb.ClassifyRequest, context: Any) -> pb.ClassifyResponse:
+        if self.initial_metadata:  # what one separate initial-metadata send costs
+            await context.send_initial_metadata((("x-request-id", self.response.request_id),))
+        return self.response
+
+
+async def serve(port: int, labels: int, initial_metadata: bool) -> None:
+    server = grpc.aio.server()
+    pbg.add_InferenceServicer_to_server(Bare(labels, initial_metadata), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"bare server on 127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--labels", type=int, default=3)
+    p.add_argument("--initial-metadata", action="store_true", help="send x-request-id first")
+    a = p.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(a.port, a.labels, a.initial_metadata))
+        return
+    uvloop.run(serve(a.port, a.labels, a.initial_metadata))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,328 @@
+"""Per-request cost: headrace next to the transport floor and the raw backend, in one run.
+
+    python -m bench.overhead --models models                      # demo sentiment + tweetgpt
+    python -m bench.overhead --models models --baseline /src/old  # + another checkout's server
+    python -m bench.overhead --tiny                               # tiny models built here
+
+One after another, each server in its own process and the load generator
+(bench/loadgen.py) in another, so no two measurements share the CPU:
+
+  raw        bench/limits.py: the backend in-process (texts/s at its best batch, batch-1
+             time; decode tokens/s at 16 slots, one prompt's prefill time)
+  floor      bench/bare_server.py: grpc.aio answering Classify with a canned response
+  headrace   `headrace serve` with the edge settings (deploy/edge/headrace-edge.toml:
+             2 intra-op threads, no spinning), the log line per RPC and /metrics on
+  default    the same with no settings file (only at 1 caller: idle spinning shows there)
+  baseline   `--baseline DIR`: headrace from another checkout (DIR/src), same settings
+
+Classify sends one short tweet per call (64 callers, then 1); generation runs 16
+streams and 1 stream of 64 tokens. Server CPU per call comes from /proc/PID/task/*/stat
+over the measured window, split by thread (bench/common.thread_group: the event loop is
+the main thread; the batcher, ORT's pool and gRPC's threads carry OS names). The targets
+of the per-request cost budget are printed at the end:
+
+  L = 1 / (1/floor + 1/raw)           classify calls/s at 64 callers >= 85 % of L
+  p50 at 1 caller                     <= floor p50 + raw batch-1 time + 0.3 ms
+  server CPU per call at 64 callers   <= 1.3 x (floor's CPU per call + 1/raw)
+  generate, 16 streams                >= 80 % of the raw decode tokens/s at 16 slots
+  TTFT p50 at 1 stream                <= raw prefill + 1 ms
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import newest_version, read_json, write_json
+from bench.servers import (
+    ROOT,
+    ServerProcess,
+    channel_ready,
+    free_port,
+    headrace_cmd,
+    models_ready,
+    single_model_repo,
+)
+
+EDGE_CONFIG = ROOT / "deploy" / "edge" / "headrace-edge.toml"
+
+
+class Run:
+    def __init__(self, a: argparse.Namespace, models: Path, work: Path) -> None:
+        self.a = a
+        self.models = models
+        self.work = work
+        self.results: dict[str, Any] = {"settings": {k: str(v) for k, v in vars(a).items()}}
+
+    def child(self, args: list[str], tag: str) -> Any:
+        out = self.work / f"{tag}-{time.monotonic_ns()}.json"
+        subprocess.run([sys.executable, *args, "--out", str(out)], check=True, cwd=ROOT)
+        return read_json(out)
+
+    def loadgen(self, mode: str, target: str, pid: int, concurrency: str, **kw: Any) -> Any:
+        args = ["-m", "bench.loadgen", mode, "--target", target, "--server-pid", str(pid),
+                "--concurrency", concurrency, "--warmup", str(self.a.warmup),
+                "--duration", str(self.a.duration)]  # fmt: skip
+        for k, v in kw.items():
+            args += [f"--{k.replace('_', '-')}", str(v)]
+        points = self.child(args, f"loadgen-{mode}")["points"]
+        return {p["concurrency"]: p for p in points}
+
+    # -- phases -------------------------------------------------------------------------
+
+    def raw(self) -> None:
+        # the server's session options (threads, spinning), so raw and served run alike
+        opts = ["--settings", str(self.a.settings)] if self.a.settings else []
+        cls = self.models / self.a.classify_model
+        self.results["raw_classify"] = self.child(
+            ["-m", "bench.limits", "classify", "--model-dir", str(cls), "--profile", "edge",
+             "--seconds", str(self.a.raw_seconds), "--batches", "1,4,16,32,64", *opts],
+            "raw-classify",
+        )  # fmt: skip
+        if self.a.generate_model:
+            gen = self.models / self.a.generate_model
+            self.results["raw_generate"] = self.child(
+                ["-m", "bench.limits", "generate", "--model-dir", str(gen), "--profile", "edge",
+                 "--batches", "1,16", "--new-tokens", "64", "--repeats", "1", *opts],
+                "raw-generate",
+            )  # fmt: skip
+
+    def floor(self) -> None:
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.bare_server", "--port", str(port)]
+        with ServerProcess("bare", cmd, self.work / "bare.log") as server:
+            target = f"127.0.0.1:{port}"
+            server.wait_ready(lambda: channel_ready(target), timeout=60)
+            self.results["floor"] = self.loadgen(
+                "classify", target, server.pid, "64,1", model=self.a.classify_model
+            )
+
+    def headrace(self, tag: str, settings: Path | None, src: Path | None, full: bool) -> None:
+        names = [n for n in (self.a.classify_model, self.a.generate_model) if n]
+        repo = single_model_repo(self.models, names, self.work / f"repo-{tag}")
+        port, metrics_port = free_port(), free_port()
+        cmd = headrace_cmd(repo, port, metrics_port, "edge")
+        # the per-RPC log line stays on (info), as in production; poll off: no rescans mid-run
+        cmd = [c for c in cmd if c not in ("--log-level", "warning")]
+        cmd += ["--log-level", "info", "--poll-interval", "0", "--host", "127.0.0.1"]
+        if settings is not None:
+            cmd += ["--config", str(settings)]
+        env = {"PYTHONPATH": str(src / "src")} if src is not None else None
+        with ServerProcess(tag, cmd, self.work / f"{tag}.log", env=env) as server:
+            target = f"127.0.0.1:{port}"
+            server.wait_ready(lambda: models_ready(target, names), timeout=300)
+            out: dict[str, Any] = {}
+            out["classify"] = self.loadgen(
+                "classify", target, server.pid, "64,1" if full else "1", model=names[0]
+            )
+            if full and self.a.generate_model:
+                out["generate"] = self.loadgen(
+                    "generate", target, server.pid, "16,1", model=self.a.generate_model,
+                    new_tokens=64,
+                )  # fmt: skip
+            if self.a.py_spy and tag == "headrace":
+                self.profile(server.pid, target, names[0])
+            self.results[tag] = out
+
+    def profile(self, pid: int, target: str, model: str) -> None:
+        """py-spy over a further classify point at 64 callers (not one of the measured ones)."""
+        out = self.a.py_spy
+        cmd = [self.a.py_spy_bin, "record", "-p", str(pid), "-d", str(self.a.duration + 1),
+               "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking", "--threads"]  # fmt: skip
+        if self.a.native:
+            cmd.append("--native")
+        spy = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.loadgen("classify", target, pid, "64", model=model)
+        spy.wait(60)
+        print(f"py-spy profile (collapsed stacks) in {out}", flush=True)
+
+
+# -- the figures -------------------------------------------------------------------------
+
+
+def per_call_us(point: dict[str, Any], window_s: float) -> dict[str, float]:
+    """Server CPU µs per completed call in the window: all, and per thread group."""
+    calls = point["throughput"] * window_s
+    out = {"total": 1e6 * point["server_cores"] * window_s / calls}
+    for group, seconds in sorted(point.get("server_threads_s", {}).items()):
+        out[group] = 1e6 * seconds / calls
+    return out
+
+
+def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
+    raw = r["raw_classify"]
+    raw_tps = raw["limit_texts_per_s"]
+    raw_b1_ms = next(row["ms_per_call"] for row in raw["by_batch"] if row["batch"] == 1)
+    floor64, floor1 = r["floor"][64], r["floor"][1]
+    limit = 1.0 / (1.0 / floor64["throughput"] + 1.0 / raw_tps)
+    floor_cpu = per_call_us(floor64, duration)["total"]
+    f: dict[str, Any] = {
+        "floor_calls_per_s": floor64["throughput"],
+        "floor_p50_ms_1": floor1["p50_ms"],
+        "floor_cpu_us_per_call": floor_cpu,
+        "raw_texts_per_s": raw_tps,
+        "raw_best_batch": raw["best_batch"],
+        "raw_batch1_ms": raw_b1_ms,
+        "L_calls_per_s": limit,
+        "servers": {},
+    }
+    gen = r.get("raw_generate")
+    if gen:
+        rows = {row["batch"]: row for row in gen["by_batch"]}
+        f["raw_decode_tokens_per_s_16"] = rows[16]["tokens_per_s"]
+        f["raw_prefill_ms"] = rows[1].get("prefill_ms")
+    for tag in ("headrace", "baseline", "default"):
+        if tag not in r:
+            continue
+        cls = r[tag]["classify"]
+        s: dict[str, Any] = {}
+        if 64 in cls:
+            p64 = cls[64]
+            cpu = per_call_us(p64, duration)
+            s |= {
+                "calls_per_s_64": p64["throughput"],
+                "pct_of_L": 100.0 * p64["throughput"] / limit,
+                "cpu_us_per_call_64": cpu,
+                "cpu_budget_us": 1.3 * (floor_cpu + 1e6 / raw_tps),
+            }
+        p1 = cls[1]
+        s |= {
+            "p50_ms_1": p1["p50_ms"],
+            "p50_budget_ms": floor1["p50_ms"] + raw_b1_ms + 0.3,
+            "cpu_us_per_call_1": per_call_us(p1, duration),
+        }
+        g = r[tag].get("generate")
+        if g and gen:
+            s |= {
+                "gen_tokens_per_s_16": g[16]["tokens_per_s"],
+                "gen_messages_per_s_16": g[16].get("messages_per_s"),
+                "gen_pct_of_raw_16": 100.0 * g[16]["tokens_per_s"] / f["raw_decode_tokens_per_s_16"],
+                "ttft_p50_ms_1": g[1]["ttft_p50_ms"],
+                "ttft_budget_ms": (f["raw_prefill_ms"] or 0.0) + 1.0,
+            }
+        f["servers"][tag] = s
+    return f
+
+
+def report(f: dict[str, Any]) -> str:
+    lines = [
+        f"floor (bare grpc.aio): {f['floor_calls_per_s']:.0f} calls/s at 64, "
+        f"p50 {f['floor_p50_ms_1']:.3f} ms at 1, {f['floor_cpu_us_per_call']:.0f} µs CPU/call",
+        f"raw backend: {f['raw_texts_per_s']:.0f} texts/s at batch {f['raw_best_batch']}, "
+        f"batch 1 {f['raw_batch1_ms']:.3f} ms",
+        f"L = 1/(1/floor + 1/raw) = {f['L_calls_per_s']:.0f} calls/s",
+    ]
+    if "raw_decode_tokens_per_s_16" in f:
+        lines.append(
+            f"raw decode: {f['raw_decode_tokens_per_s_16']:.0f} tokens/s at 16 slots, "
+            f"prefill {f['raw_prefill_ms']:.3f} ms"
+        )
+    for tag, s in f["servers"].items():
+        lines.append(f"-- {tag}")
+        if "calls_per_s_64" in s:
+            ok = s["pct_of_L"] >= 85
+            lines.append(
+                f"  classify 64 callers: {s['calls_per_s_64']:.0f} calls/s = "
+                f"{s['pct_of_L']:.1f} % of L (target 85 %) {'MET' if ok else 'not met'}"
+            )
+            cpu = s["cpu_us_per_call_64"]
+            parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k != "total")
+            ok = cpu["total"] <= s["cpu_budget_us"]
+            lines.append(
+                f"  CPU/call at 64: {cpu['total']:.0f} µs ({parts}); budget "
+                f"{s['cpu_budget_us']:.0f} µs {'MET' if ok else 'not met'}"
+            )
+        ok = s["p50_ms_1"] <= s["p50_budget_ms"]
+        lines.append(
+            f"  classify 1 caller: p50 {s['p50_ms_1']:.3f} ms; budget {s['p50_budget_ms']:.3f} ms "
+            f"(+{s['p50_ms_1'] - s['p50_budget_ms'] + 0.3:.3f} ms over floor + raw) "
+            f"{'MET' if ok else 'not met'}; CPU/call {s['cpu_us_per_call_1']['total']:.0f} µs"
+        )
+        if "gen_tokens_per_s_16" in s:
+            ok = s["gen_pct_of_raw_16"] >= 80
+            lines.append(
+                f"  generate 16 streams: {s['gen_tokens_per_s_16']:.0f} tokens/s in "
+                f"{s['gen_messages_per_s_16'] or 0:.0f} messages/s = "
+                f"{s['gen_pct_of_raw_16']:.1f} % of raw (target 80 %) {'MET' if ok else 'not met'}"
+            )
+            ok = s["ttft_p50_ms_1"] <= s["ttft_budget_ms"]
+            lines.append(
+                f"  TTFT p50 1 stream: {s['ttft_p50_ms_1']:.3f} ms; budget "
+                f"{s['ttft_budget_ms']:.3f} ms {'MET' if ok else 'not met'}"
+            )
+    return "\n".join(lines)
+
+
+TINY = ROOT / ".cache" / "bench" / "tiny-onnx"
+
+
+def tiny_models() -> Path:
+    """The tiny random models with ONNX artifacts, built once into .cache/bench/tiny-onnx."""
+    from bench.edge_overhead import tiny_repo
+
+    if not (TINY / "tiny-generator" / "1" / "headrace.json").exists():
+        tmp = TINY.with_name(TINY.name + ".tmp")
+        subprocess.run(["rm", "-rf", str(tmp)], check=True)
+        tiny_repo(tmp)
+        # 16 KV slots, so that 16 streams decode together as the raw limit's 16 slots do
+        manifest = tmp / "tiny-generator" / "1" / "headrace.json"
+        data = read_json(manifest)
+        data["batching"]["max_batch"] = 16
+        write_json(manifest, data)
+        tmp.replace(TINY)
+    return TINY
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--models", type=Path, help="model repository (default: tiny models)")
+    p.add_argument("--classify-model", default=None, help="default sentiment (tiny-classifier)")
+    p.add_argument("--generate-model", default=None, help="default tweetgpt (tiny-generator)")
+    p.add_argument("--settings", type=Path, default=EDGE_CONFIG, help="headrace settings TOML")
+    p.add_argument("--baseline", type=Path, help="another checkout: its server, same load")
+    p.add_argument("--no-default", action="store_true", help="skip the no-settings server")
+    p.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=1.5)
+    p.add_argument("--raw-seconds", type=float, default=1.0, help="raw: seconds per batch size")
+    p.add_argument("--py-spy", type=Path, metavar="FILE", help="profile headrace at 64 callers")
+    p.add_argument("--py-spy-bin", default="py-spy", help="the py-spy executable")
+    p.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    p.add_argument("--out", type=Path, default=ROOT / ".cache" / "bench" / "overhead.json")
+    a = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        models = a.models.resolve() if a.models else tiny_models()
+        tiny = a.models is None
+        a.classify_model = a.classify_model or ("tiny-classifier" if tiny else "sentiment")
+        a.generate_model = a.generate_model or ("tiny-generator" if tiny else "tweetgpt")
+        for name in (a.classify_model, a.generate_model):
+            newest_version(models / name)  # fails early on a missing model
+        run = Run(a, models, work)
+        t0 = time.monotonic()
+        run.raw()
+        run.floor()
+        run.headrace("headrace", a.settings, None, full=True)
+        if a.baseline:
+            run.headrace("baseline", a.settings, a.baseline.resolve(), full=True)
+        if not a.no_default:
+            run.headrace("default", None, None, full=False)
+        r = run.results
+        r["figures"] = figures(r, a.duration)
+        r["machine"] = {"cpus": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg()}
+        r["seconds"] = round(time.monotonic() - t0, 1)
+    text = report(r["figures"])
+    r["report"] = text.splitlines()
+    write_json(a.out, r)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
