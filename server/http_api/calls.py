@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ from headrace.server.errors import ServerDraining
 from headrace.server.http_api import openai_write as wire
 from headrace.server.http_api.openai_read import OWN_NAMES, GenerationBody
 from headrace.server.metrics import HTTP_REQUESTS
-from headrace.server.rpc import RpcInfo, mapped_error
+from headrace.server.rpc import RpcInfo, mapped_error, new_request_id
 from headrace.server.types import InvalidArgument
 from starlette.requests import Request
 from starlette.responses import Response
@@ -168,7 +167,7 @@ class Endpoint:
         client = scope.get("client")
         call = HttpCall(
             rpc=self.route,
-            request_id=(request.headers.get(REQUEST_ID) or "")[:128] or uuid.uuid4().hex,
+            request_id=(request.headers.get(REQUEST_ID) or "")[:128] or new_request_id(),
             peer=f"{client[0]}:{client[1]}" if client else "",
         )
         if not self.inference:
