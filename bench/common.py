@@ -146,3 +146,20 @@ def thread_cpu_delta(
         spent = seconds - before.get(tid, (group, 0.0))[1]
         groups[group] = groups.get(group, 0.0) + spent
     return groups
+
+
+def run_and_write(main: Any, out: Path) -> None:
+    """Run the coroutine `main` on uvloop when installed (else asyncio), write its result
+    dict with the loop's name to `out`."""
+    try:
+        import uvloop
+
+        loop = "uvloop"
+        result = uvloop.run(main)
+    except ImportError:
+        import asyncio
+
+        loop = "asyncio"
+        result = asyncio.run(main)
+    result["event_loop"] = loop
+    write_json(out, result)

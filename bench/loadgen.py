@@ -35,10 +35,10 @@ from bench.common import (
     PROMPTS,
     latency_summary,
     pct,
+    run_and_write,
     thread_cpu,
     thread_cpu_delta,
     tweets,
-    write_json,
 )
 
 CLASSIFY = "/headrace.v1.Inference/Classify"
@@ -402,16 +402,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-pid", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    try:
-        import uvloop
-
-        loop = "uvloop"
-        result = uvloop.run(_main(a))
-    except ImportError:
-        loop = "asyncio"
-        result = asyncio.run(_main(a))
-    result["event_loop"] = loop
-    write_json(a.out, result)
+    run_and_write(_main(a), a.out)
 
 
 if __name__ == "__main__":

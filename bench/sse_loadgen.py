@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from bench.common import PROMPTS, write_json
+from bench.common import PROMPTS, run_and_write
 from bench.loadgen import StreamStats, Window
 
 
@@ -160,16 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--server-pid", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
-    try:
-        import uvloop
-
-        loop = "uvloop"
-        result = uvloop.run(_main(a))
-    except ImportError:
-        loop = "asyncio"
-        result = asyncio.run(_main(a))
-    result["event_loop"] = loop
-    write_json(a.out, result)
+    run_and_write(_main(a), a.out)
 
 
 if __name__ == "__main__":

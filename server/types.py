@@ -136,6 +136,17 @@ class BackendFailure(EngineError):
     """
 
 
+# canonical field -> the name OpenAI's API and the KServe front's parameters give it
+SAMPLING_NAMES = {
+    "max_new_tokens": "max_tokens",
+    "sampling.temperature": "temperature",
+    "sampling.top_p": "top_p",
+    "sampling.top_k": "top_k",
+    "sampling.repetition_penalty": "repetition_penalty",
+    "sampling.seed": "seed",
+}
+
+
 class InvalidArgument(EngineError):
     """A request field is wrong: INVALID_ARGUMENT (gRPC) with a BadRequest naming `field`.
 

@@ -23,7 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from headrace.server.types import ClassifyCall, GenerateCall, InvalidArgument, SamplingParams
+from headrace.server.types import (
+    SAMPLING_NAMES,
+    ClassifyCall,
+    GenerateCall,
+    InvalidArgument,
+    SamplingParams,
+)
 
 Kind = Literal["chat", "completion"]
 OPENAI_TEMPERATURE = 1.0  # OpenAI's default when a request leaves temperature out
@@ -87,14 +93,7 @@ class GenerationBody:
 
 
 # canonical field (server/calls.py) -> OpenAI's parameter; an index is kept (stop[1])
-OWN_NAMES = {
-    "max_new_tokens": "max_tokens",
-    "sampling.temperature": "temperature",
-    "sampling.top_p": "top_p",
-    "sampling.top_k": "top_k",
-    "sampling.repetition_penalty": "repetition_penalty",
-    "sampling.seed": "seed",
-}
+OWN_NAMES = SAMPLING_NAMES
 
 
 # -- reading ------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from headrace.server.kserve.pb import grpc_service_pb2 as pb
 from headrace.server.kserve.tensors import Tensor, bad, set_param
 from headrace.server.repository import LoadedVersion
 from headrace.server.types import (
+    SAMPLING_NAMES,
     ClassifyCall,
     ClassifyItem,
     GenerateCall,
@@ -67,12 +68,7 @@ OWN_NAMES = {
     "texts[]": "element {}",
     "texts": "text",
     "prompt": "text_input",
-    "max_new_tokens": "max_tokens",
-    "sampling.temperature": "temperature",
-    "sampling.top_p": "top_p",
-    "sampling.top_k": "top_k",
-    "sampling.repetition_penalty": "repetition_penalty",
-    "sampling.seed": "seed",
+    **SAMPLING_NAMES,
     "stop": "stop",
 }
 
