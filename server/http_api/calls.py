@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -84,6 +85,7 @@ class HttpCall(RpcInfo):
     status: int = 200
     stream: bool = False
     body: GenerationBody | None = None  # names error fields as OpenAI does
+    retry_after_s: float | None = None  # a 429's hint from the queue: when a retry may succeed
     path_params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -280,6 +282,7 @@ class Endpoint:
             exc = exc.renamed(call.body.own_names() if call.body is not None else OWN_NAMES)
         mapped = mapped_error(call, exc)
         call.status, call.code = mapped.http_status, mapped.code
+        call.retry_after_s = mapped.retry_after_s
         code = ERROR_CODE.get(call.status)
         return wire.error_body(call.status, mapped.message, mapped.field, code)
 
@@ -287,7 +290,11 @@ class Endpoint:
         body = self._mapped(call, exc)
         headers = {}
         if call.status in (429, 503):
-            headers["retry-after"] = "1"
+            # Retry-After is whole seconds; `retry-after-ms` (read first by the openai SDKs)
+            # carries the queue's own estimate, as `retry-after-ms` does on the gRPC fronts.
+            hint = call.retry_after_s if call.retry_after_s is not None else 1.0
+            headers["retry-after"] = str(max(1, math.ceil(hint)))
+            headers["retry-after-ms"] = str(max(1, round(hint * 1000)))
         # A 413 keeps the connection: uvicorn reads and drops the rest of the body after the
         # response, where closing at once would reset the socket under the caller's upload.
         if call.status == 503 and self.front.draining:
