@@ -145,7 +145,9 @@ def test_sigterm_drains_stream_then_exits_zero(long_models: Path, tmp_path: Path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    events = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+    lines = [line for line in proc.stderr.read().splitlines() if line.strip()]
+    assert all(line.startswith("{") for line in lines), lines  # JSON lines only: no tqdm bars
+    events = [json.loads(line) for line in lines]
     names = [e["event"] for e in events]
     assert names.index("serving") < names.index("draining") < names.index("stopped")
     serving = next(e for e in events if e["event"] == "serving")
