@@ -72,7 +72,8 @@ def _load(auto_cls: Any, spec: BackendSpec, dtype: torch.dtype, device: torch.de
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only, never the hub
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # a server's log is lines one can grep, not tqdm bars
+    # a server's log is lines one can grep, not tqdm bars
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     model = auto_cls.from_pretrained(
         str(spec.path), dtype=dtype, local_files_only=True, attn_implementation="sdpa"
     )
