@@ -35,6 +35,8 @@ from ._types import (
     Label,
     ModelInfo,
     ModelLimits,
+    ModelState,
+    ModelVersionStatus,
     Task,
     Usage,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "Metadata",
     "ModelInfo",
     "ModelLimits",
+    "ModelState",
+    "ModelVersionStatus",
     "NotFound",
     "PermissionDenied",
     "ResourceExhausted",

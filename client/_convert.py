@@ -16,6 +16,8 @@ from ._types import (
     Label,
     ModelInfo,
     ModelLimits,
+    ModelState,
+    ModelVersionStatus,
     Task,
     Usage,
 )
@@ -30,6 +32,12 @@ _TASK_FROM_PB: dict[int, Task | None] = {
     pb.TASK_UNSPECIFIED: None,
     pb.TASK_CLASSIFY: Task.CLASSIFY,
     pb.TASK_GENERATE: Task.GENERATE,
+}
+_STATE_FROM_PB: dict[int, ModelState] = {
+    pb.MODEL_STATE_LOADING: ModelState.LOADING,
+    pb.MODEL_STATE_READY: ModelState.READY,
+    pb.MODEL_STATE_FAILED: ModelState.FAILED,
+    pb.MODEL_STATE_RETIRING: ModelState.RETIRING,
 }
 _TASK_TO_PB: dict[Task, pb.Task.ValueType] = {
     Task.CLASSIFY: pb.TASK_CLASSIFY,
@@ -212,6 +220,18 @@ def model_info(msg: pb.ModelInfo) -> ModelInfo:
         precision=msg.precision,
         device=msg.device,
         is_default=msg.is_default,
+        version_status=tuple(
+            ModelVersionStatus(
+                version=s.version,
+                state=_STATE_FROM_PB.get(s.state, ModelState.UNKNOWN),
+                reason=s.reason,
+            )
+            for s in msg.version_status
+        ),
+        # a server from before model states sends none: what it lists is ready
+        state=_STATE_FROM_PB.get(msg.state, ModelState.UNKNOWN)
+        if msg.state != pb.MODEL_STATE_UNKNOWN
+        else ModelState.READY,
     )
 
 

@@ -17,6 +17,8 @@ __all__ = [
     "Label",
     "ModelInfo",
     "ModelLimits",
+    "ModelState",
+    "ModelVersionStatus",
     "Task",
     "Usage",
 ]
@@ -35,6 +37,16 @@ class Task(enum.StrEnum):
 
     CLASSIFY = "classify"
     GENERATE = "generate"
+
+
+class ModelState(enum.StrEnum):
+    """Where a model version is in its life in the server."""
+
+    UNKNOWN = "unknown"  # a server newer than this SDK sent a state it does not know
+    LOADING = "loading"  # found, being loaded and started
+    READY = "ready"  # serving calls
+    FAILED = "failed"  # could not be loaded; `ModelVersionStatus.reason` says why
+    RETIRING = "retiring"  # removed from the repository, finishing its calls
 
 
 class HealthStatus(enum.StrEnum):
@@ -161,8 +173,22 @@ class ModelLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelVersionStatus:
+    """One version of a model and its state; `reason` is set for FAILED."""
+
+    version: str
+    state: ModelState
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
-    """A served model: its ready versions (newest first), task and limits."""
+    """A model the server knows: its ready versions (newest first), task and limits.
+
+    A model with no ready version (all loading or failed) has `state` other than READY,
+    no `versions`, and `version_status` saying why; calls to it raise an
+    `Unavailable` error.
+    """
 
     name: str
     versions: tuple[str, ...]
@@ -174,7 +200,18 @@ class ModelInfo:
     precision: str = ""
     device: str = ""
     is_default: bool = False
+    version_status: tuple[ModelVersionStatus, ...] = ()  # every known version, newest first
+    state: ModelState = ModelState.READY
 
     @property
     def latest_version(self) -> str | None:
         return self.versions[0] if self.versions else None
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ModelState.READY
+
+    @property
+    def failed(self) -> tuple[ModelVersionStatus, ...]:
+        """The versions that failed to load."""
+        return tuple(s for s in self.version_status if s.state is ModelState.FAILED)

@@ -8,8 +8,9 @@ server reflection on one port; the OpenAI-compatible HTTP front on another.
 
 Health names: "" (the whole server), "headrace.v1.Inference",
 "inference.GRPCInferenceService", and one per model name. Each is SERVING
-while it can answer, NOT_SERVING while the server drains (or after a model's
-last version was removed).
+while it can answer, NOT_SERVING while the server drains (a model's: while
+none of its versions is ready, loading or failed, or after its last version
+was removed).
 
 With `http_port`, the HTTP front (server/http_api) serves the same models on
 the same event loop; it binds before the models load, so `/health/live`
@@ -87,6 +88,7 @@ class Server:
             poll_interval_s=config.poll_interval_s,
             backend_options=config.backend_options(),
             defaults=config.defaults(),
+            load_timeout_s=config.load_timeout_s,
         )
         self.gate = Gate()  # drain flag and running calls of every front
         self.service = InferenceService(self.repository, self.gate)
@@ -173,12 +175,13 @@ class Server:
             log.warning("no_models", models=str(self.config.models))
 
     async def _sync_health(self) -> None:
-        names = set(self.repository.names())
-        for name in sorted(names):
-            await self.health.set(name, SERVING)
-        for name in sorted(self._model_names - names):
-            await self.health.set(name, NOT_SERVING)
-        self._model_names |= names
+        if self.gate.draining:
+            return  # everything is NOT_SERVING now
+        serving = set(self.repository.names())
+        known = serving | set(self.repository.states.names())  # loading or failed: NOT_SERVING
+        for name in sorted(known | self._model_names):
+            await self.health.set(name, SERVING if name in serving else NOT_SERVING)
+        self._model_names |= known
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain and stop; concurrent calls share one shutdown."""

@@ -2,6 +2,7 @@
 
     headrace serve --models ./models [--port 50051] [--profile auto] [--config server.toml]
     headrace models --models ./models [--json]
+    headrace models --server HOST:PORT [--json]      (a live server: every version's state)
     headrace build ...          (with the `build` extra installed)
 
 Only argparse is imported at module level; each command imports what it needs.
@@ -20,7 +21,8 @@ from typing import Any
 SERVE_FIELDS = (
     "models", "host", "port", "profile", "device", "backend", "metrics_port", "http_port",
     "grace_period_s",
-    "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
+    "poll_interval_s", "load_timeout_s", "intra_op_threads", "inter_op_threads",
+    "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
 )  # fmt: skip
@@ -72,6 +74,11 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument(
         "--poll-interval", dest="poll_interval_s", type=float, metavar="SECONDS",
         help="rescan the repository for new/removed versions this often (default 2; 0: never)",
+    )  # fmt: skip
+    p.add_argument(
+        "--load-timeout", dest="load_timeout_s", type=float, metavar="SECONDS",
+        help="a model version whose load takes longer is marked failed and skipped; the "
+        "others keep serving (default 300; 0: no limit)",
     )  # fmt: skip
     p.add_argument("--intra-op-threads", type=int, help="threads inside one backend op")
     p.add_argument("--inter-op-threads", type=int, help="threads across backend ops")
@@ -164,16 +171,69 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def _add_models(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "models",
-        help="list the models of a local repository (no server needed)",
-        description="List NAME/VERSION folders of a model repository with task and artifacts.",
+        help="list the models of a local repository, or of a running server (--server)",
+        description="List NAME/VERSION folders of a model repository with task and artifacts; "
+        "with --server, the models a running server knows, every version with its state "
+        "(loading, ready, failed and why, retiring).",
     )
     p.add_argument("--models", type=Path, metavar="DIR", help="model repository folder")
+    p.add_argument(
+        "--server", metavar="HOST:PORT",
+        help="ask this running server (plaintext gRPC; the key from $HEADRACE_API_KEY if set)",
+    )  # fmt: skip
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML file naming `models`")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
 
 
+def _server_models(address: str, as_json: bool) -> int:
+    import os
+
+    from headrace.client import Client, HeadraceError
+
+    try:
+        with Client(address, api_key=os.environ.get("HEADRACE_API_KEY") or None) as client:
+            models = client.models(timeout=10)
+    except HeadraceError as exc:
+        print(f"headrace models: {address}: {exc}", file=sys.stderr)
+        return 1
+    rows: list[dict[str, Any]] = []
+    for m in models:
+        statuses = m.version_status or tuple(_ready_status(v) for v in m.versions)
+        for s in statuses:
+            rows.append({
+                "name": m.name,
+                "version": s.version,
+                "state": s.state.value,
+                "task": m.task.value if m.task is not None else None,
+                "reason": s.reason,
+                "backend": m.backend if s.version in m.versions else "",
+            })  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models on {address}")
+        return 0
+    print(f"{'NAME':<24} {'VERSION':>7}  {'STATE':<9} {'TASK':<9} DETAIL")
+    for r in rows:
+        detail = r["reason"] or r["backend"]
+        print(f"{r['name']:<24} {r['version']:>7}  {r['state']:<9} {r['task'] or '-':<9} {detail}")
+    return 0
+
+
+def _ready_status(version: str) -> Any:
+    from headrace.client import ModelState, ModelVersionStatus
+
+    return ModelVersionStatus(version=version, state=ModelState.READY)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.server:
+        if args.models is not None or args.config is not None:
+            print("headrace models: --server or --models/--config, not both", file=sys.stderr)
+            return 2
+        return _server_models(args.server, args.json)
     from headrace.server.config import ConfigError, load_config
     from headrace.server.manifest import ManifestError, read_manifest
     from headrace.server.repository import scan

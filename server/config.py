@@ -8,6 +8,7 @@
     metrics_port = 9464
     http_port = 8000
     grace_period_s = 15
+    load_timeout_s = 120                        # a version loading longer is marked failed
     intra_op_threads = 2
     default_classify_model = "sentiment"
     tls_cert = "/etc/headrace/tls/tls.crt"      # TLS on every port (metrics: with metrics_tls)
@@ -55,6 +56,9 @@ class ServerConfig:
     http_port: int = 0  # the OpenAI-compatible HTTP API, health and chat page; 0 turns it off
     grace_period_s: float = 10.0  # in-flight calls get this long to finish on shutdown
     poll_interval_s: float = 2.0  # model repository rescan period; 0 turns hot reload off
+    # a version whose load (manifest, tokenizer, backend, warm-up) takes longer is marked
+    # failed ("load timed out after N s") and the others keep serving; 0: no limit
+    load_timeout_s: float = 300.0
     intra_op_threads: int | None = None  # threads inside one backend op (ORT / torch)
     inter_op_threads: int | None = None  # threads across ops (ORT / torch)
     default_classify_model: str | None = None  # model for a ClassifyRequest with no `model`
@@ -100,6 +104,8 @@ class ServerConfig:
             raise ConfigError("grace_period_s must be >= 0")
         if self.poll_interval_s < 0:
             raise ConfigError("poll_interval_s must be >= 0")
+        if self.load_timeout_s < 0:
+            raise ConfigError("load_timeout_s must be >= 0 (0: no limit)")
         for name in ("intra_op_threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -149,7 +155,7 @@ _INTS = {
     "inter_op_threads",
     "max_message_mb",
 }
-_FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s"}
+_FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s", "load_timeout_s"}
 _BOOLS = {"metrics_tls"}
 _LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from headrace.server.model_state import ModelState
 from headrace.server.repository import ModelEntry
 from headrace.server.types import (
     ClassifyCall,
@@ -32,6 +33,12 @@ FINISH_TO_PB = {
 }
 TASK_TO_PB = {Task.CLASSIFY: pb.TASK_CLASSIFY, Task.GENERATE: pb.TASK_GENERATE}
 TASK_FROM_PB = {pb.TASK_CLASSIFY: Task.CLASSIFY, pb.TASK_GENERATE: Task.GENERATE}
+STATE_TO_PB = {
+    ModelState.LOADING: pb.MODEL_STATE_LOADING,
+    ModelState.READY: pb.MODEL_STATE_READY,
+    ModelState.FAILED: pb.MODEL_STATE_FAILED,
+    ModelState.RETIRING: pb.MODEL_STATE_RETIRING,
+}
 
 
 # -- classify ---------------------------------------------------------------------------------
@@ -109,12 +116,25 @@ def generate_chunk(event: TokenEvent, request_id: str) -> pb.GenerateChunk:
 
 
 def model_info(entry: ModelEntry, profile: str) -> pb.ModelInfo:
+    statuses = [
+        pb.ModelVersionStatus(version=s.version, state=STATE_TO_PB[s.state], reason=s.reason)
+        for s in entry.statuses
+    ]
+    task = TASK_TO_PB[entry.task] if entry.task is not None else pb.TASK_UNSPECIFIED
+    if not entry.ready:  # nothing loaded: no backend, labels or limits to tell
+        return pb.ModelInfo(
+            name=entry.name,
+            task=task,
+            profile=profile,
+            version_status=statuses,
+            state=STATE_TO_PB[entry.state],
+        )
     lim = entry.limits
     generate = entry.task is Task.GENERATE
     return pb.ModelInfo(
         name=entry.name,
         versions=list(entry.versions),
-        task=TASK_TO_PB[entry.task],
+        task=task,
         labels=list(entry.labels),
         backend=entry.backend,
         profile=profile,
@@ -129,4 +149,6 @@ def model_info(entry: ModelEntry, profile: str) -> pb.ModelInfo:
         precision=entry.precision,
         device=entry.device,
         is_default=entry.is_default,
+        version_status=statuses,
+        state=STATE_TO_PB[entry.state],
     )

@@ -7,6 +7,7 @@ with a `google.rpc.BadRequest` naming the field for INVALID_ARGUMENT.
 
     InvalidArgument                  INVALID_ARGUMENT (+ BadRequest field)
     ModelNotFound                    NOT_FOUND
+    ModelUnavailable                 UNAVAILABLE (the model's versions are loading or failed)
     ModelForbidden                   PERMISSION_DENIED (an API key scoped to other models)
     QueueFull                        RESOURCE_EXHAUSTED (+ RetryInfo: when to retry)
     ShuttingDown / ServerDraining    UNAVAILABLE
@@ -34,6 +35,11 @@ class ServiceError(Exception):
 
 class ModelNotFound(ServiceError):
     """Unknown model, unknown version, or a model of the other task: NOT_FOUND."""
+
+
+class ModelUnavailable(ServiceError):
+    """A known model (or version) that is not ready: loading, failed to load, or
+    retiring (server/model_state.py). UNAVAILABLE, naming the state."""
 
 
 class ModelForbidden(ServiceError):
@@ -74,6 +80,8 @@ def status_for(exc: BaseException) -> MappedError:
         return MappedError(grpc.StatusCode.INVALID_ARGUMENT, exc.message, field=exc.field)
     if isinstance(exc, ModelNotFound):
         return MappedError(grpc.StatusCode.NOT_FOUND, str(exc))
+    if isinstance(exc, ModelUnavailable):
+        return MappedError(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, ModelForbidden):
         return MappedError(grpc.StatusCode.PERMISSION_DENIED, str(exc))
     if isinstance(exc, QueueFull):

@@ -6,9 +6,12 @@ each version the server's profile picks one artifact of the manifest
 lease to calls, retire.
 
 A background task rescans every `poll_interval_s`: a new version is loaded
-and started before it becomes the newest served; a removed version leaves the
-served set at once and is stopped once its in-flight calls are done. A
-version that fails to load is logged in one line and skipped.
+(server/loader.py) and started before it becomes the newest served; a removed
+version leaves the served set at once and is stopped once its in-flight calls
+are done. A version that fails to load (or takes longer than `load_timeout_s`)
+is logged in one line and skipped; every version's state (loading, ready,
+failed with its reason, retiring) is kept in `states` (server/model_state.py)
+for ListModels, health and the errors callers get.
 """
 
 from __future__ import annotations
@@ -16,18 +19,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
-from headrace.server.backends.base import BackendSpec
-from headrace.server.backends.registry import load_decoder, load_encoder
 from headrace.server.errors import ModelNotFound
+from headrace.server.loader import LoadedVersion, LoadFailed, VersionLoader
 from headrace.server.logs import get_logger
-from headrace.server.manifest import MANIFEST_NAME, Limits, Manifest, read_manifest
-from headrace.server.models import ClassifierModel, GeneratorModel, ServedModel, load_tokenizer
-from headrace.server.profiles import Choice, choose_artifact, resolve_profile
+from headrace.server.manifest import MANIFEST_NAME, Limits, Manifest
+from headrace.server.model_state import ModelState, ModelStates, VersionStatus
+from headrace.server.models import ServedModel
+from headrace.server.profiles import resolve_profile
 from headrace.server.types import Task
+
+__all__ = ["Lease", "LoadedVersion", "ModelEntry", "ModelRepository", "scan"]
 
 log = get_logger("headrace.repository")
 
@@ -35,24 +40,6 @@ Listener = Callable[[], Awaitable[None]]
 
 
 M = TypeVar("M", bound=ServedModel)
-
-
-@dataclass
-class LoadedVersion:
-    """One started model version and the calls it is serving."""
-
-    name: str
-    version: str
-    path: Path
-    manifest: Manifest
-    choice: Choice
-    model: ServedModel
-    inflight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def number(self) -> int:
-        return int(self.version)
 
 
 @dataclass(frozen=True)
@@ -67,11 +54,14 @@ class Lease(Generic[M]):
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """What ListModels and `headrace models` show for one model name."""
+    """What ListModels and `headrace models` show for one model name.
+
+    A model with no ready version has only `name`, `statuses` and (when its manifest
+    could be read) `task`; the rest is that of its newest ready version."""
 
     name: str
-    versions: tuple[str, ...]  # newest first
-    task: Task
+    versions: tuple[str, ...]  # ready versions, newest first
+    task: Task | None
     labels: tuple[str, ...]
     backend: str
     precision: str
@@ -79,6 +69,18 @@ class ModelEntry:
     limits: Limits
     max_batch: int
     is_default: bool
+    statuses: tuple[VersionStatus, ...] = ()  # every known version, newest first
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.versions)
+
+    @property
+    def state(self) -> ModelState:
+        """READY with a ready version, else the state of the newest version."""
+        if self.versions or not self.statuses:
+            return ModelState.READY
+        return self.statuses[0].state
 
 
 def scan(root: Path) -> dict[tuple[str, str], Path]:
@@ -114,6 +116,7 @@ class ModelRepository:
         poll_interval_s: float = 2.0,
         backend_options: Mapping[str, object] | None = None,
         defaults: dict[Task, str] | None = None,
+        load_timeout_s: float = 300.0,
     ) -> None:
         self.root = Path(root)
         self.requested_profile = profile
@@ -123,6 +126,8 @@ class ModelRepository:
         self.poll_interval_s = poll_interval_s
         self.backend_options = dict(backend_options or {})
         self.defaults = dict(defaults or {})
+        self.load_timeout_s = load_timeout_s  # 0: no limit
+        self.states = ModelStates()
         self._served: dict[str, dict[str, LoadedVersion]] = {}
         self._failed: dict[tuple[str, str], float] = {}  # (name, version) -> manifest mtime
         self._listeners: list[Listener] = []
@@ -160,6 +165,8 @@ class ModelRepository:
                 versions.append(version)
         if self._retiring:
             await asyncio.gather(*self._retiring, return_exceptions=True)
+        for v in versions:
+            self.states.set(v.name, v.version, ModelState.RETIRING)
         await asyncio.gather(*(v.model.stop(drain=drain) for v in versions), return_exceptions=True)
         for v in versions:
             await asyncio.to_thread(v.model.close)
@@ -175,12 +182,21 @@ class ModelRepository:
                 log.exception("repository_scan_failed", root=str(self.root))
 
     async def refresh(self) -> bool:
-        """Load new versions, retire removed ones. True when the served set changed."""
+        """Load new versions, retire removed ones. True when the served set changed.
+
+        Listeners are told of every change, of the served set or of a version's state."""
+        changes = self.states.changes
         async with self._lock:
             found = await asyncio.to_thread(scan, self.root)
             loaded = {(n, v) for n, vs in self._served.items() for v in vs}
+            new = sorted(set(found) - loaded, key=lambda k: (k[0], int(k[1])))
+            for name, ver in new:
+                if self._failed.get((name, ver)) != _mtime(found[(name, ver)]):
+                    self.states.set(name, ver, ModelState.LOADING)
+            if self.states.changes != changes:  # health: a new model is NOT_SERVING while it loads
+                await self._notify()
             changed = False
-            for key in sorted(set(found) - loaded, key=lambda k: (k[0], int(k[1]))):
+            for key in new:
                 mtime = _mtime(found[key])
                 if self._failed.get(key) == mtime:
                     continue  # failed before and unchanged since
@@ -190,78 +206,51 @@ class ModelRepository:
                     continue
                 self._failed.pop(key, None)
                 self._served.setdefault(key[0], {})[key[1]] = version
+                self.states.set(key[0], key[1], ModelState.READY, task=version.manifest.task)
                 changed = True
             for name, ver in loaded - set(found):
                 retired = self._served[name].pop(ver)
                 if not self._served[name]:
                     del self._served[name]
                 log.info("model_version_removed", model=name, model_version=ver)
+                self.states.set(name, ver, ModelState.RETIRING)
                 task = asyncio.create_task(self._retire(retired))
                 self._retiring[task] = retired
                 task.add_done_callback(self._forget_retired)
                 changed = True
             for key in set(self._failed) - set(found):
                 del self._failed[key]
-        if changed:
-            for listener in self._listeners:
-                await listener()
+                self.states.forget(*key)
+        if changed or self.states.changes != changes:
+            await self._notify()
         return changed
 
-    async def _load(self, name: str, version: str, path: Path) -> LoadedVersion | None:
-        try:
-            manifest = await asyncio.to_thread(read_manifest, path)
-            choice = choose_artifact(manifest, self.profile, self.device, self.backend)
-            model = await asyncio.to_thread(
-                self._build_model, name, version, path, manifest, choice
-            )
-            try:
-                await model.start()
-            except BaseException:
-                await asyncio.to_thread(model.close)
-                raise
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            reason = str(exc).replace(str(path), f"{name}/{version}") or type(exc).__name__
-            log.warning(
-                "model_version_skipped",
-                model=name,
-                model_version=version,
-                reason=f"{type(exc).__name__}: {reason}",
-            )
-            return None
-        log.info(
-            "model_version_ready",
-            model=name,
-            model_version=version,
-            task=manifest.task.value,
-            backend=choice.backend,
-            precision=choice.artifact.precision,
-            device=choice.device,
-        )
-        return LoadedVersion(name, version, path, manifest, choice, model)
+    async def _notify(self) -> None:
+        for listener in self._listeners:
+            await listener()
 
-    def _build_model(
-        self, name: str, version: str, path: Path, manifest: Manifest, choice: Choice
-    ) -> ServedModel:
-        spec = BackendSpec(
-            task=manifest.task,
-            backend=choice.backend,
-            path=(path / choice.artifact.path).resolve(),
-            precision=choice.artifact.precision,
-            device=choice.device,
-            manifest=manifest,
-            version_dir=path.resolve(),
-            max_slots=manifest.batching.max_batch,
-            options=dict(self.backend_options),
+    async def _load(self, name: str, version: str, path: Path) -> LoadedVersion | None:
+        loader = VersionLoader(
+            profile=self.profile,
+            device=self.device,
+            backend=self.backend,
+            options=self.backend_options,
+            timeout_s=self.load_timeout_s,
         )
-        tokenizer = load_tokenizer(path / manifest.tokenizer)
-        if manifest.task is Task.CLASSIFY:
-            return ClassifierModel(name, version, manifest, load_encoder(spec), tokenizer)
-        return GeneratorModel(name, version, manifest, load_decoder(spec), tokenizer)
+
+        def known_task(task: Task) -> None:
+            self.states.set(name, version, ModelState.LOADING, task=task)
+
+        try:
+            return await loader.load(name, version, path, on_task=known_task)
+        except LoadFailed as exc:
+            self.states.set(name, version, ModelState.FAILED, reason=exc.reason, task=exc.task)
+            return None
 
     def _forget_retired(self, task: asyncio.Task[None]) -> None:
-        self._retiring.pop(task, None)
+        retired = self._retiring.pop(task, None)
+        if retired is not None and retired.version not in self._served.get(retired.name, {}):
+            self.states.forget(retired.name, retired.version)
 
     async def _retire(self, version: LoadedVersion) -> None:
         if version.inflight:
@@ -286,18 +275,40 @@ class ModelRepository:
         if not name:
             name = self.default_name(task)
             if name is None:
-                raise ModelNotFound(f"no {task.value} model is loaded")
+                raise self.states.not_ready_for_task(task) or ModelNotFound(
+                    f"no {task.value} model is loaded"
+                )
         versions = self._served.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not served")
+            raise self.states.not_ready(name) or ModelNotFound(f"model {name!r} is not served")
         if _task_of(versions) is not task:
             raise ModelNotFound(f"model {name!r} does not serve {task.value} requests")
         if not version:
             return versions[max(versions, key=int)]
         key = str(int(version)) if version.isdigit() else version
         if key not in versions:
-            raise ModelNotFound(f"model {name!r} has no version {version!r}")
+            raise self.states.not_ready(name, key) or ModelNotFound(
+                f"model {name!r} has no version {version!r}"
+            )
         return versions[key]
+
+    def served_versions(self, name: str, version: str = "") -> list[LoadedVersion]:
+        """Served versions of `name`, newest first (the asked one first when given).
+
+        Raises ModelNotFound for a name or version never seen, ModelUnavailable for
+        one that is loading, failed or retiring."""
+        versions = self.versions(name)
+        if not versions:
+            raise self.states.not_ready(name) or ModelNotFound(f"model {name!r} is not served")
+        if version:
+            key = str(int(version)) if version.isdigit() else version
+            asked = [v for v in versions if v.version == key]
+            if not asked:
+                raise self.states.not_ready(name, key) or ModelNotFound(
+                    f"model {name!r} has no version {version!r}"
+                )
+            versions = asked + [v for v in versions if v.version != key]
+        return versions
 
     def _find_as(
         self, name: str | None, version: str | None, kind: type[M]
@@ -334,10 +345,24 @@ class ModelRepository:
         """Served versions of `name`, newest first."""
         return sorted(self._served.get(name, {}).values(), key=lambda v: -v.number)
 
-    def list_models(self, task: Task | None = None) -> list[ModelEntry]:
+    def list_models(self, task: Task | None = None, *, ready_only: bool = False) -> list[ModelEntry]:
+        """Every model the repository knows (`ready_only`: those with a ready version)."""
         entries = []
-        for name in self.names():
+        for name in sorted(set(self._served) | set(self.states.names())):
+            statuses = tuple(self.states.of(name))
             versions = self.versions(name)
+            if not versions:
+                known = next((s.task for s in statuses if s.task is not None), None)
+                if ready_only or (task is not None and known is not task):
+                    continue
+                entries.append(
+                    ModelEntry(
+                        name=name, versions=(), task=known, labels=(), backend="",
+                        precision="", device="", limits=Limits(), max_batch=0,
+                        is_default=False, statuses=statuses,
+                    )
+                )  # fmt: skip
+                continue
             newest = versions[0]
             if task is not None and newest.manifest.task is not task:
                 continue
@@ -353,6 +378,7 @@ class ModelRepository:
                     limits=newest.manifest.limits,
                     max_batch=newest.manifest.batching.max_batch,
                     is_default=self.default_name(newest.manifest.task) == name,
+                    statuses=statuses,
                 )
             )
         return entries

@@ -76,7 +76,7 @@ async def classify(
 
 def models(repository: ModelRepository) -> list[tuple[ModelEntry, int]]:
     """Every model the caller may use, with the time its newest version was written."""
-    entries = repository.list_models()
+    entries = repository.list_models(ready_only=True)  # OpenAI's list has no state field
     visible = set(auth.allowed_models(e.name for e in entries))
     out = []
     for entry in entries:

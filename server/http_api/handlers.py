@@ -45,12 +45,13 @@ async def list_models(front: HttpFront, call: HttpCall, body: None) -> dict[str,
 
 async def get_model(front: HttpFront, call: HttpCall, body: None) -> dict[str, Any]:
     name = call.path_params.get("model", "")
-    if name in front.repository.names():
+    if name in front.repository.names() or front.repository.states.of(name):
         auth.authorize_model(name)  # a key scoped to other models: 403
     for entry, created in engine.models(front.repository):
         if entry.name == name:
             return wire.model_object(entry, created)
-    raise ModelNotFound(f"model {name!r} is not served")
+    # a model whose versions are loading or failed: 503 naming their states
+    raise front.repository.states.not_ready(name) or ModelNotFound(f"model {name!r} is not served")
 
 
 # -- generation ---------------------------------------------------------------------------------

@@ -140,13 +140,14 @@ def classify_response(
 
 def model_object(entry: ModelEntry, created: int) -> dict[str, Any]:
     """OpenAI's model object, plus what a headrace caller needs (task, labels, limits)."""
-    generate = entry.task.value == "generate"
+    task = entry.task.value if entry.task is not None else ""  # listed entries are ready
+    generate = task == "generate"
     return {
         "id": entry.name,
         "object": "model",
         "created": created,
         "owned_by": "headrace",
-        "task": entry.task.value,
+        "task": task,
         "versions": list(entry.versions),
         "labels": list(entry.labels),
         "backend": entry.backend,

@@ -27,11 +27,12 @@ from typing import Any
 
 import grpc
 from headrace.server import auth
-from headrace.server.errors import MappedError, ModelNotFound
+from headrace.server.errors import MappedError
 from headrace.server.kserve import convert
 from headrace.server.kserve.pb import grpc_service_pb2 as pb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as pb_grpc
 from headrace.server.kserve.tensors import bad, read_inputs, set_param, wants_raw, write_outputs
+from headrace.server.model_state import ModelState
 from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import LoadedVersion, ModelRepository
 from headrace.server.rpc import Context, Gate, RpcInfo, abort_for, mapped_error
@@ -81,6 +82,14 @@ def _status_of(info: RpcInfo, exc: BaseException) -> MappedError | None:
     return None
 
 
+# Triton's repository index states for ours
+TRITON_STATE = {
+    ModelState.LOADING: "LOADING",
+    ModelState.READY: "READY",
+    ModelState.FAILED: "UNAVAILABLE",
+    ModelState.RETIRING: "UNLOADING",
+}
+
 class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, gate: Gate) -> None:
         self.repository = repository
@@ -99,6 +108,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED, auth.forbidden_message(request.name)
             )
+        # False for a model whose versions are loading or failed (ModelMetadata says why)
         versions = {v.version for v in self.repository.versions(request.name)}
         version = request.version
         if version.isdigit():
@@ -113,16 +123,8 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not name:
             raise InvalidArgument("model_name", "model_name must name a served model")
         auth.authorize_model(name)  # before the lookup: a scoped key learns no other names
-        versions = self.repository.versions(name)
-        if not versions:
-            raise ModelNotFound(f"model {name!r} is not served")
-        if version:
-            key = str(int(version)) if version.isdigit() else version
-            asked = [v for v in versions if v.version == key]
-            if not asked:
-                raise ModelNotFound(f"model {name!r} has no version {version!r}")
-            versions = asked + [v for v in versions if v.version != key]
-        return versions
+        # NOT_FOUND for a name never seen, UNAVAILABLE for one loading or failed
+        return self.repository.served_versions(name, version)
 
     def _backend(self, loaded: LoadedVersion) -> str:
         return loaded.choice.backend
@@ -156,9 +158,16 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: Context, info: RpcInfo
     ) -> pb.RepositoryIndexResponse:
         index = pb.RepositoryIndexResponse()
-        for name in auth.allowed_models(self.repository.names()):
-            for v in self.repository.versions(name):
-                index.models.add(name=name, version=v.version, state="READY")
+        entries = self.repository.list_models()
+        visible = set(auth.allowed_models(e.name for e in entries))
+        for entry in (e for e in entries if e.name in visible):
+            for s in entry.statuses:
+                index.models.add(
+                    name=entry.name,
+                    version=s.version,
+                    state=TRITON_STATE[s.state],
+                    reason=s.reason,
+                )
         return index
 
     @unary("RepositoryModelLoad")

@@ -39,7 +39,8 @@ def test_help_lists_commands_and_every_serve_flag() -> None:
     serve = headrace("serve", "--help")
     assert serve.returncode == 0
     for flag in ("--config", "--models", "--host", "--port", "--profile", "--device",
-                 "--metrics-port", "--http-port", "--grace-period", "--poll-interval", "--intra-op-threads",
+                 "--metrics-port", "--http-port", "--grace-period", "--poll-interval", "--load-timeout",
+                 "--intra-op-threads",
                  "--inter-op-threads", "--default-classify-model", "--default-generate-model",
                  "--log-format", "--log-level", "--port-file", "--max-message-mb",
                  "--tls-cert", "--tls-key", "--tls-client-ca", "--metrics-tls",

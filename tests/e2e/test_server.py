@@ -406,7 +406,12 @@ def test_hot_reload_new_and_removed_versions(start_server, model_repo: Path) -> 
         assert stub.Classify(C(texts=["hi"])).model_version == "2"
         # a new model name gets its own health entry
         shutil.copytree(model_repo / "tiny-classifier" / "2", model_repo / "second" / "1")
-        wait_for(lambda: len(stub.ListModels(pb.ListModelsRequest()).models) == 3)
+        wait_for(
+            lambda: any(
+                m.name == "second" and m.versions
+                for m in stub.ListModels(pb.ListModelsRequest()).models
+            )
+        )
         assert _health(running.address, "second") == health_pb2.HealthCheckResponse.SERVING
         shutil.rmtree(model_repo / "second")
         wait_for(

@@ -14,6 +14,7 @@ def test_defaults() -> None:
     assert config == ServerConfig()
     assert (config.host, config.port, config.profile) == ("127.0.0.1", 50051, "auto")
     assert config.metrics_port == 0 and config.grace_period_s == 10.0
+    assert config.load_timeout_s == 300.0
     assert config.backend_options() == {} and config.defaults() == {}
 
 
@@ -43,6 +44,8 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ('profile = "gpu"', "profile"),
         ("port = 70000", "port"),
         ("grace_period_s = -1", "grace_period_s"),
+        ("load_timeout_s = -1", "load_timeout_s"),
+        ('load_timeout_s = "soon"', "load_timeout_s"),
         ("intra_op_threads = 0", "intra_op_threads"),
         ('log_level = "loud"', "log_level"),
         ("port = [", "TOML"),

@@ -82,6 +82,40 @@ TASK_GENERATE: Task.ValueType  # 2
 """Text generation: Generate, GenerateStream."""
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
+class _ModelState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ModelStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ModelState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MODEL_STATE_UNKNOWN: _ModelState.ValueType  # 0
+    MODEL_STATE_LOADING: _ModelState.ValueType  # 1
+    """Its folder was found; the server is loading and starting it."""
+    MODEL_STATE_READY: _ModelState.ValueType  # 2
+    """Loaded and serving calls."""
+    MODEL_STATE_FAILED: _ModelState.ValueType  # 3
+    """Could not be loaded (or took longer than the server's load timeout); `reason`
+    says why. Loaded again when its manifest changes.
+    """
+    MODEL_STATE_RETIRING: _ModelState.ValueType  # 4
+    """Removed from the repository; finishing its in-flight calls."""
+
+class ModelState(_ModelState, metaclass=_ModelStateEnumTypeWrapper):
+    """Where one model version is in its life in the server."""
+
+MODEL_STATE_UNKNOWN: ModelState.ValueType  # 0
+MODEL_STATE_LOADING: ModelState.ValueType  # 1
+"""Its folder was found; the server is loading and starting it."""
+MODEL_STATE_READY: ModelState.ValueType  # 2
+"""Loaded and serving calls."""
+MODEL_STATE_FAILED: ModelState.ValueType  # 3
+"""Could not be loaded (or took longer than the server's load timeout); `reason`
+says why. Loaded again when its manifest changes.
+"""
+MODEL_STATE_RETIRING: ModelState.ValueType  # 4
+"""Removed from the repository; finishing its in-flight calls."""
+Global___ModelState: _TypeAlias = ModelState  # noqa: Y015
+
 @_typing.final
 class Usage(_message.Message):
     """Token counts of one call."""
@@ -529,7 +563,37 @@ class ModelLimits(_message.Message):
 Global___ModelLimits: _TypeAlias = ModelLimits  # noqa: Y015
 
 @_typing.final
+class ModelVersionStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    state: Global___ModelState.ValueType
+    reason: _builtins.str
+    """Why the version FAILED, in one line without file paths; empty otherwise."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        state: Global___ModelState.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
+
+@_typing.final
 class ModelInfo(_message.Message):
+    """A model the server knows. A model whose versions all failed or are loading is
+    listed too, with `state` and `version_status` only (calls to it get UNAVAILABLE).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
@@ -542,6 +606,8 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     IS_DEFAULT_FIELD_NUMBER: _builtins.int
+    VERSION_STATUS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: Global___Task.ValueType
     backend: _builtins.str
@@ -554,6 +620,8 @@ class ModelInfo(_message.Message):
     """Device the backend runs on: "cpu", "cuda:0", ..."""
     is_default: _builtins.bool
     """True when this is the default model for its task."""
+    state: Global___ModelState.ValueType
+    """READY when some version is ready, else the state of the newest version."""
     @_builtins.property
     def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Every ready version, newest first."""
@@ -564,6 +632,10 @@ class ModelInfo(_message.Message):
 
     @_builtins.property
     def limits(self) -> Global___ModelLimits: ...
+    @_builtins.property
+    def version_status(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelVersionStatus]:
+        """Every version the server knows, newest first, ready or not."""
+
     def __init__(
         self,
         *,
@@ -577,10 +649,12 @@ class ModelInfo(_message.Message):
         precision: _builtins.str = ...,
         device: _builtins.str = ...,
         is_default: _builtins.bool = ...,
+        version_status: _abc.Iterable[Global___ModelVersionStatus] | None = ...,
+        state: Global___ModelState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "is_default", b"is_default", "labels", b"labels", "limits", b"limits", "name", b"name", "precision", b"precision", "profile", b"profile", "task", b"task", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "device", b"device", "is_default", b"is_default", "labels", b"labels", "limits", b"limits", "name", b"name", "precision", b"precision", "profile", b"profile", "state", b"state", "task", b"task", "version_status", b"version_status", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
