@@ -68,8 +68,16 @@ class RetryPolicy:
 def service_config(
     retry: RetryPolicy | None, load_balancing: Literal["round_robin", "pick_first"]
 ) -> str:
-    """The JSON service config of the channel (balancing policy and retry policy)."""
+    """The JSON service config of the channel (balancing policy and retry policy).
+
+    With round_robin the channel also watches each address's grpc.health.v1 status of
+    the Inference service (gRPC's client-side health checking): an address whose server
+    has begun to drain (NOT_SERVING) gets no new call, before its connection closes, so
+    a rolling restart's calls go to the other addresses. A server without the health
+    service (UNIMPLEMENTED) counts as healthy."""
     config: dict[str, Any] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if load_balancing == "round_robin":
+        config["healthCheckConfig"] = {"serviceName": SERVICE}
     if retry is not None:
         config["methodConfig"] = [
             {

@@ -21,9 +21,18 @@ TLS only (`tls_client_ca`: client certificates required), with `api_key_file`
 every call needs a key (server/auth.py), checked by one interceptor before any
 service sees the call; both files are re-read when they change.
 
-Shutdown (SIGTERM / SIGINT, or `stop()`): health goes NOT_SERVING, new calls
-get UNAVAILABLE (HTTP: 503), in-flight calls (streams too) get `grace_period_s`
-to finish, then the models stop and the process exits 0.
+Shutdown (SIGTERM / SIGINT, or `stop()`), in this order, so a rolling restart
+loses no call:
+1. health goes NOT_SERVING (every name, Watch streams told) and a call that still
+   arrives gets UNAVAILABLE before it runs (HTTP: 503), which retry policies retry;
+2. a graceful GOAWAY (grpc's `server.stop(grace)`): clients send new calls to their
+   other addresses, and the port takes no new connection; the HTTP front stops
+   accepting connections too;
+3. in-flight calls of every front (streams too) get `grace_period_s` to finish;
+4. health Watch streams end (OK), what is left is cancelled, the models stop and the
+   process exits 0.
+In Kubernetes a preStop sleep comes before the SIGTERM, so the endpoint is gone from
+the Service before the drain starts (docs/datacenter.md).
 """
 
 from __future__ import annotations
@@ -32,16 +41,17 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
+from headrace.server.health import DrainingHealthServicer
 from headrace.server.kserve.pb import grpc_service_pb2 as kserve_pb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as kserve_grpc
 from headrace.server.kserve.service import OpenInferenceService
@@ -64,6 +74,13 @@ KSERVE_SERVICE = kserve_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].f
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# Between NOT_SERVING and the GOAWAY: clients that watch health (the SDK's round_robin)
+# leave within a round trip; the GOAWAY waits until no call was refused for QUIET_S,
+# at most SETTLE_MAX_S. grpc cancels (CANCELLED, not retried) a call that reaches a
+# server already shutting down before its GOAWAY reached the client: 1 of 2,972 calls
+# in tests/e2e/test_rolling_restart.py when the GOAWAY came first.
+QUIET_S = 0.25
+SETTLE_MAX_S = 2.0
 
 
 class Server:
@@ -98,7 +115,7 @@ class Server:
             from headrace.server.http_api import HttpFront
 
             self.http = HttpFront(self.repository, config, self.gate, self.auth, self.tls)
-        self.health = HealthServicer()
+        self.health = DrainingHealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._model_names: set[str] = set()
         self._stopped = asyncio.Event()
@@ -204,20 +221,44 @@ class Server:
     async def _stop(self, grace: float | None) -> None:
         grace = self.config.grace_period_s if grace is None else grace
         log.info("draining", grace_period_s=grace)
-        # New Inference calls get UNAVAILABLE from here on, while health checks still
-        # answer NOT_SERVING so load balancers see the drain.
+        # 1. Stop being chosen: NOT_SERVING to probes and watchers; a call that still
+        # arrives is refused before it runs (UNAVAILABLE, trailers only: retryable).
         self.gate.draining = True
         await self.health.enter_graceful_shutdown()
+        start = time.monotonic()
+        await self._settle(min(grace, SETTLE_MAX_S))
+        # 2. GOAWAY now, not at the end: clients move new calls to other addresses while
+        # the calls already here run on. (Closing only after the drain cancelled the
+        # calls that reached the port between the last in-flight call and the close.)
+        grace = max(0.0, grace - (time.monotonic() - start))
+        closing = asyncio.create_task(self._grpc.stop(grace)) if self._grpc is not None else None
+        if self.http is not None:
+            self.http.stop_accepting()
+        # 3. In-flight calls of every front finish.
         if not await self._drained(grace):
             log.warning("grace_period_over", cancelled_calls=self.gate.inflight)
-        if self._grpc is not None:
-            # Cancels what is still running (health watches, calls past the grace period).
+        # 4. Watch streams end; anything else still open (a reflection stream, calls past
+        # the grace period) is cancelled.
+        await self.health.end_watches()
+        if closing is not None and self._grpc is not None:
+            await asyncio.wait((closing,), timeout=0.5)
             await self._grpc.stop(0)
+            await closing
         if self.http is not None:
             await self.http.stop()
         await self.repository.stop(drain=False)
         log.info("stopped")
         self._stopped.set()
+
+    async def _settle(self, within_s: float) -> None:
+        """Wait until no call was refused for QUIET_S (clients have moved), at most `within_s`."""
+        end = time.monotonic() + within_s
+        quiet_since = time.monotonic()
+        while not self._hurry.is_set():
+            now = time.monotonic()
+            if now >= end or now - max(quiet_since, self.gate.last_refused) >= QUIET_S:
+                return
+            await asyncio.sleep(0.05)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -186,7 +186,9 @@ async def _in_thread(
             if ok and discard is not None:
                 discard(value)
             elif not ok:
-                log.warning("model_version_load_ended_late", thread=name, error=type(value).__name__)
+                log.warning(
+                    "model_version_load_ended_late", thread=name, error=type(value).__name__
+                )
             return
         try:
             loop.call_soon_threadsafe(deliver, ok, value)

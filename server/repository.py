@@ -345,7 +345,9 @@ class ModelRepository:
         """Served versions of `name`, newest first."""
         return sorted(self._served.get(name, {}).values(), key=lambda v: -v.number)
 
-    def list_models(self, task: Task | None = None, *, ready_only: bool = False) -> list[ModelEntry]:
+    def list_models(
+        self, task: Task | None = None, *, ready_only: bool = False
+    ) -> list[ModelEntry]:
         """Every model the repository knows (`ready_only`: those with a ready version)."""
         entries = []
         for name in sorted(set(self._served) | set(self.states.names())):

@@ -99,6 +99,7 @@ class Gate:
     def __init__(self) -> None:
         self.draining = False
         self.inflight = 0  # calls between begin and finish
+        self.last_refused = 0.0  # time.monotonic() of the last call refused while draining
         self._idle = asyncio.Event()
         self._idle.set()
         # (rpc, model, code) -> the labelled counter and histogram: `labels()` per call
@@ -127,6 +128,7 @@ class Gate:
 
     def refuse_if_draining(self) -> None:
         if self.draining:
+            self.last_refused = time.monotonic()
             raise ServerDraining("the server is shutting down; retry elsewhere")
 
     def finish(self, info: RpcInfo) -> None:

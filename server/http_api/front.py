@@ -166,6 +166,12 @@ class HttpFront:
         self._main = asyncio.create_task(server.main_loop(), name="http-front")
         log.info("http_serving", host=self.host, port=self.port, tls=self.tls is not None)
 
+    def stop_accepting(self) -> None:
+        """Take no new connection (the drain's start); requests on open ones carry on."""
+        if self._uvicorn is not None:
+            for listener in self._uvicorn.servers:
+                listener.close()
+
     async def stop(self) -> None:
         """Cancel what still runs (its caller gets a 503), then close every connection."""
         self.stopping = True

@@ -90,6 +90,7 @@ TRITON_STATE = {
     ModelState.RETIRING: "UNLOADING",
 }
 
+
 class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, gate: Gate) -> None:
         self.repository = repository

@@ -52,6 +52,8 @@ def test_service_config_retries_every_call_but_classify_stream() -> None:
     policy = RetryPolicy(max_attempts=4, initial_backoff=0.05, max_backoff=1.5)
     config = json.loads(service_config(policy, "round_robin"))
     assert config["loadBalancingConfig"] == [{"round_robin": {}}]
+    # round_robin skips an address whose server drains (client-side health checking)
+    assert config["healthCheckConfig"] == {"serviceName": "headrace.v1.Inference"}
     (method,) = config["methodConfig"]
     assert [n["method"] for n in method["name"]] == [
         "Classify",

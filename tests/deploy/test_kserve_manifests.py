@@ -112,6 +112,7 @@ PREDICTOR_SPEC = {
         "labels": _STRINGS,
         "annotations": _STRINGS,
         "serviceAccountName": {"type": "string"},
+        "terminationGracePeriodSeconds": {"type": "integer", "minimum": 0},  # a PodSpec field
         "nodeSelector": _STRINGS,
         "tolerations": {"type": "array"},
         "model": {
@@ -255,3 +256,15 @@ def test_inference_services_use_the_runtime(
         assert model["protocolVersion"] in runtime["spec"]["protocolVersions"]
         # the repository under storageUri holds the model named like the InferenceService
         assert model["storageUri"].rstrip("/").endswith("/" + isvc["metadata"]["name"])
+
+
+def test_a_rolling_restart_has_time_to_drain(
+    docs: list[dict[str, Any]], runtime: dict[str, Any]
+) -> None:
+    (container,) = runtime["spec"]["containers"]
+    grace = make_parser().parse_args(container["args"]).grace_period_s
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[:1] == ["sleep"] and int(pre_stop[-1]) > 0
+    for isvc in (d for d in docs if d["kind"] == "InferenceService"):
+        period = isvc["spec"]["predictor"]["terminationGracePeriodSeconds"]
+        assert period > grace + int(pre_stop[-1]), isvc["metadata"]["name"]
