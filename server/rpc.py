@@ -97,9 +97,13 @@ class Gate:
     """The drain flag and the count of running calls, shared by every front of one server."""
 
     def __init__(self) -> None:
+        # Shutdown, in two steps (server/app.py): `stopping` first (health NOT_SERVING,
+        # readiness false, calls still served while clients move away), then `draining`
+        # (new calls refused with UNAVAILABLE before they run).
+        self.stopping = False
         self.draining = False
         self.inflight = 0  # calls between begin and finish
-        self.last_refused = 0.0  # time.monotonic() of the last call refused while draining
+        self.last_call = 0.0  # time.perf_counter() when the newest call came in
         self._idle = asyncio.Event()
         self._idle.set()
         # (rpc, model, code) -> the labelled counter and histogram: `labels()` per call
@@ -124,11 +128,11 @@ class Gate:
         """Count `info`'s call in (`finish` counts it out): for a front without a gRPC context."""
         self.inflight += 1
         self._idle.clear()
+        self.last_call = info.start
         return info
 
     def refuse_if_draining(self) -> None:
         if self.draining:
-            self.last_refused = time.monotonic()
             raise ServerDraining("the server is shutting down; retry elsewhere")
 
     def finish(self, info: RpcInfo) -> None:

@@ -120,10 +120,11 @@ class HttpFront:
 
     @property
     def draining(self) -> bool:
-        return self.gate.draining
+        """The server is shutting down (readiness 503; requests refused a moment later)."""
+        return self.gate.stopping or self.gate.draining
 
     def accepting(self) -> bool:
-        return not (self.loading or self.gate.draining)
+        return not (self.loading or self.draining)
 
     def refuse_if_closed(self) -> None:
         """ServerDraining (503) while the models load or the server drains."""

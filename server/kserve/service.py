@@ -102,7 +102,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Context) -> Any:
-        return pb.ServerReadyResponse(ready=not self.gate.draining)
+        return pb.ServerReadyResponse(ready=not self.gate.stopping)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Context) -> Any:
         if not auth.current_caller().may_use(request.name):
@@ -115,7 +115,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if version.isdigit():
             version = str(int(version))
         ready = bool(versions) and (not version or version in versions)
-        return pb.ModelReadyResponse(ready=ready and not self.gate.draining)
+        return pb.ModelReadyResponse(ready=ready and not self.gate.stopping)
 
     # -- metadata ----------------------------------------------------------------------------
 

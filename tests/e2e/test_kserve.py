@@ -194,10 +194,12 @@ def test_drain_refuses_new_calls_and_reports_not_ready(start_server, long_models
         call = stub.ModelStreamInfer(iter([request]))
         next(call)
         stopping = running.submit(lambda: running.server.stop())
-        wait_for(lambda: running.server.gate.draining)
+        # not ready at once, while calls are still served for a moment (clients move away)
+        while stub.ServerReady(pb.ServerReadyRequest()).ready:
+            pass
         assert stub.ServerLive(pb.ServerLiveRequest()).live is True
-        assert stub.ServerReady(pb.ServerReadyRequest()).ready is False
         assert stub.ModelReady(pb.ModelReadyRequest(name="long-generator")).ready is False
+        wait_for(lambda: running.server.gate.draining)  # then the GOAWAY: new calls refused
         with pytest.raises(grpc.RpcError) as info:
             stub.ModelInfer(classify("tiny-classifier", ["new call"]))
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

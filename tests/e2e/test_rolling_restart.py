@@ -129,3 +129,27 @@ def test_sigterm_to_one_replica_under_load_fails_no_call(replicas) -> None:
     served_by_a = log_a.read_text().count('"rpc":"Classify"')
     assert served_by_a > 0  # A took its share before the signal
     assert b.poll() is None
+
+
+def test_a_call_refused_by_a_draining_replica_is_retried_on_the_other(
+    start_server, onnx_models: Path, tmp_path: Path
+) -> None:
+    """The SDK's retry policy with round_robin: a call that a replica refused before it
+    ran (UNAVAILABLE, trailers only) goes to the other address, and the caller sees OK.
+    Replica A is made to refuse while its health still says SERVING, so round_robin keeps
+    choosing it: every call A refuses must come back OK from B."""
+    models = tmp_path / "models"
+    shutil.copytree(onnx_models / MODEL, models / MODEL)
+    a = start_server(models, profile="cpu", backend="onnxruntime")
+    b = start_server(models, profile="cpu", backend="onnxruntime")
+    with Client([a.address, b.address], load_balancing="round_robin", timeout=10) as client:
+        client.wait_ready(timeout=30)
+        a.server.gate.draining = True  # refuses every call with UNAVAILABLE before it runs
+        refusing_since = time.perf_counter()
+        try:
+            results = [client.classify(f"text {i}") for i in range(40)]
+        finally:
+            a.server.gate.draining = False
+    assert len(results) == 40 and all(r.results for r in results)
+    # A was chosen (and refused) after it began to refuse: those calls were retried on B
+    assert a.server.gate.last_call > refusing_since

@@ -325,18 +325,26 @@ def test_drain_finishes_stream_and_refuses_new_calls(start_server, long_models: 
         stub = pb_grpc.InferenceStub(channel)
         call = stub.GenerateStream(G(model="long-generator", prompt="the", max_new_tokens=300))
         next(call)
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [
+            health.Watch(health_pb2.HealthCheckRequest(service=name))
+            for name in ("", "long-generator")
+        ]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
         stopping = running.submit(lambda: running.server.stop())
-        wait_for(lambda: running.server.service.draining)
-        assert _health(running.address, "") == health_pb2.HealthCheckResponse.NOT_SERVING
-        assert (
-            _health(running.address, "long-generator") == health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+        # health says NOT_SERVING at once; the Watch streams end once the drain is over
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        wait_for(lambda: running.server.service.draining)  # after the GOAWAY
         err = error_of(lambda: stub.Classify(C(texts=["new call"])))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
         rest = list(call)  # the stream in flight runs to its end
         assert rest[-1].finish_reason != pb.FINISH_REASON_UNSPECIFIED
         assert rest[-1].usage.completion_tokens == 300 or rest[-1].finish_reason == pb.EOS
         stopping.result(15)
+        for watch in watches:
+            assert list(watch) == [] and watch.code() == grpc.StatusCode.OK
 
 
 def _stream_until_stopped(running: RunningServer, stop: Callable[[], None]) -> grpc.RpcError:
