@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -218,6 +219,9 @@ def test_drain_refuses_new_requests_and_finishes_streams(start_server, long_mode
                     c.models.list()
             assert info.value.status_code == 503
             assert info.value.response.headers["connection"] == "close"
+            # and the port takes no new connection (open ones finish their requests)
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", running.server.http.port), timeout=2)
             chunks.extend(stream)  # the stream in flight runs to its end
         finally:
             stopping.join(60)
