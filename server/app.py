@@ -87,6 +87,7 @@ class Server:
             poll_interval_s=config.poll_interval_s,
             backend_options=config.backend_options(),
             defaults=config.defaults(),
+            stream=config.stream_defaults(),
         )
         self.gate = Gate()  # drain flag and running calls of every front
         self.service = InferenceService(self.repository, self.gate)

@@ -23,6 +23,7 @@ SERVE_FIELDS = (
     "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
+    "stream_interval", "stream_interval_ms",
 )  # fmt: skip
 
 
@@ -98,6 +99,15 @@ def _add_serve(subparsers: Any) -> None:
         help="write the bound port to FILE once serving (useful with --port 0)",
     )
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message (default 16)")
+    p.add_argument(
+        "--stream-interval", type=int, metavar="TOKENS",
+        help="GenerateStream: tokens per message unless a request sets its own (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stream-interval-ms", type=int, metavar="MS",
+        help="GenerateStream: at most one message per MS per stream after the first, each "
+        "with every token made meanwhile, unless a request sets its own (default 0: off)",
+    )  # fmt: skip
     _add_security(p)
     p.set_defaults(func=cmd_serve)
 
