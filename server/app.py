@@ -145,6 +145,7 @@ class Server:
                 self.config.max_message_mb * 1024 * 1024,
                 max_connection_age_s=self.config.max_connection_age_s,
                 grace_period_s=self.config.grace_period_s,
+                reuse_port=self.config.reuse_port,  # --workers: one port, N processes
             ),
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)

@@ -76,6 +76,10 @@ class ServerConfig:
     # waits for this many tokens and this many ms since the previous one (docs/serving.md)
     stream_interval: int = 1
     stream_interval_ms: int = 0
+    # front-end processes on the one port (server/workers.py); None: one per 2 cores (capped),
+    # 1 on the datacenter profile
+    workers: int | None = None
+    reuse_port: bool = False  # share the ports with other processes (set for each worker)
     # Security (docs/serving.md#security). TLS files are re-read when they change.
     tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and HTTP ports
     tls_key: Path | None = None  # PEM private key of tls_cert (unencrypted)
@@ -119,6 +123,8 @@ class ServerConfig:
             raise ConfigError(f"stream_interval must be in [1, {MAX_STREAM_INTERVAL}]")
         if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
             raise ConfigError(f"stream_interval_ms must be in [0, {MAX_STREAM_INTERVAL_MS}]")
+        if self.workers is not None and not 1 <= self.workers <= 256:
+            raise ConfigError("workers must be in [1, 256]")
         if self.max_message_mb < 1:
             raise ConfigError("max_message_mb must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -166,9 +172,10 @@ _INTS = {
     "max_message_mb",
     "stream_interval",
     "stream_interval_ms",
+    "workers",
 }
 _FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s"}
-_BOOLS = {"metrics_tls"}
+_BOOLS = {"metrics_tls", "reuse_port"}
 _LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
 
 
