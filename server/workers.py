@@ -211,9 +211,8 @@ class Supervisor:
                     continue
                 if self._stop.is_set():
                     break
-                if not w.serving:
+                if not w.serving:  # the same error would come again: give up the start
                     log.error("worker_failed_to_start", worker=w.index, code=rc)
-                    self._stop.set()
                     self._on_signal(signal.SIGTERM, None)
                     self._drain()
                     return 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -120,6 +121,12 @@ def test_every_rpc_on_the_shared_port(workers: Workers) -> None:
         kserve = kgrpc.GRPCInferenceServiceStub(channel)
         assert kserve.ServerLive(kpb.ServerLiveRequest()).live
         assert kserve.ModelReady(kpb.ModelReadyRequest(name="tiny-classifier")).ready
+        text = kpb.ModelInferRequest.InferInputTensor(
+            name="text", datatype="BYTES", shape=[1],
+            contents=kpb.InferTensorContents(bytes_contents=[b"good"]),
+        )  # fmt: skip
+        out = kserve.ModelInfer(kpb.ModelInferRequest(model_name="tiny-classifier", inputs=[text]))
+        assert out.model_name == "tiny-classifier" and out.outputs
     with urllib.request.urlopen(f"http://127.0.0.1:{workers.http_port}/v1/models", timeout=10) as r:
         assert {m["id"] for m in json.loads(r.read())["data"]} == {"tiny-classifier", GEN}
 
@@ -195,6 +202,20 @@ def test_killed_worker_is_replaced_and_no_call_is_lost(workers: Workers) -> None
         t.join(60)
     assert not errors, errors[:3]
     assert calls[0] > 40
+
+
+def test_a_worker_that_cannot_start_stops_the_start(tiny_models: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:  # a port held without SO_REUSEPORT: no worker can bind
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        proc = subprocess.run(
+            [sys.executable, "-m", "headrace.server", "serve", "--models", str(tiny_models),
+             "--workers", "2", "--port", port, "--poll-interval", "0"],
+            capture_output=True, text=True, timeout=START_TIMEOUT_S,
+        )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "worker_failed_to_start" in proc.stderr
 
 
 def test_sigterm_drains_every_worker(long_models: Path, tmp_path: Path) -> None:
