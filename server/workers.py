@@ -121,6 +121,7 @@ class _Worker:
     port_file: Path
     serving: bool = False
     failures: int = 0  # deaths in a row without STABLE_S of service
+    signalled: int = 0  # SIGTERMs forwarded to it
 
 
 class Supervisor:
@@ -160,8 +161,13 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signals += 1
         self._stop.set()
+        self._forward()
+
+    def _forward(self) -> None:
+        """Every worker gets one SIGTERM per signal the supervisor got (a late one too)."""
         for w in self.workers:
-            if w.proc.poll() is None:
+            while w.signalled < self._signals and w.proc.poll() is None:
+                w.signalled += 1
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(signal.SIGTERM)
 
@@ -236,14 +242,17 @@ class Supervisor:
     def _drain(self) -> int:
         """Wait for every worker's drain; the grace period plus a margin, then kill."""
         deadline = time.monotonic() + self.config.grace_period_s + 15.0
+        while any(w.proc.poll() is None for w in self.workers):
+            self._forward()  # a worker spawned while the signal came
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         codes = []
         for w in self.workers:
-            try:
-                codes.append(w.proc.wait(max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
+            if w.proc.poll() is None:
                 log.warning("worker_killed", worker=w.index, worker_pid=w.proc.pid)
                 w.proc.kill()
-                codes.append(w.proc.wait())
+            codes.append(w.proc.wait())
         log.info("stopped", workers=self.n, codes=codes)
         return 0 if all(c == 0 for c in codes) else 1
 
