@@ -110,6 +110,7 @@ class Server:
             backend_options=config.backend_options(),
             defaults=config.defaults(),
             load_timeout_s=config.load_timeout_s,
+            stream=config.stream_defaults(),
         )
         self.gate = Gate()  # drain flag and running calls of every front
         self.service = InferenceService(self.repository, self.gate)
@@ -167,6 +168,7 @@ class Server:
                 self.config.max_message_mb * 1024 * 1024,
                 max_connection_age_s=self.config.max_connection_age_s,
                 grace_period_s=self.config.grace_period_s,
+                reuse_port=self.config.reuse_port,  # --workers: one port, N processes
             ),
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)

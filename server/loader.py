@@ -26,7 +26,7 @@ from headrace.server.manifest import Manifest, read_manifest
 from headrace.server.model_state import safe_reason
 from headrace.server.models import ClassifierModel, GeneratorModel, ServedModel, load_tokenizer
 from headrace.server.profiles import Choice, choose_artifact
-from headrace.server.types import Task
+from headrace.server.types import StreamInterval, Task
 
 log = get_logger("headrace.repository")
 
@@ -69,12 +69,14 @@ class VersionLoader:
         backend: str | None,
         options: Mapping[str, object],
         timeout_s: float,
+        stream: StreamInterval | None = None,
     ) -> None:
         self.profile = profile
         self.device = device
         self.backend = backend
         self.options = dict(options)
         self.timeout_s = timeout_s  # 0: no limit
+        self.stream = stream or StreamInterval()  # a generator stream's default message rule
 
     async def load(
         self, name: str, version: str, path: Path, *, on_task: Callable[[Task], None] | None = None
@@ -143,7 +145,9 @@ class VersionLoader:
         tokenizer = load_tokenizer(path / manifest.tokenizer)
         if manifest.task is Task.CLASSIFY:
             return ClassifierModel(name, version, manifest, load_encoder(spec), tokenizer)
-        return GeneratorModel(name, version, manifest, load_decoder(spec), tokenizer)
+        model = GeneratorModel(name, version, manifest, load_decoder(spec), tokenizer)
+        model.stream = self.stream
+        return model
 
 
 def _close_late(model: Any) -> None:

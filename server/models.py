@@ -38,6 +38,7 @@ from headrace.server.types import (
     GenerateCall,
     GenerateParams,
     InvalidArgument,
+    StreamInterval,
     Task,
     TokenEvent,
 )
@@ -217,6 +218,7 @@ class GeneratorModel(ServedModel):
     ) -> None:
         super().__init__(name, version, manifest, tokenizer)
         self.backend: DecoderBackend = backend
+        self.stream = StreamInterval()  # what a call leaving stream_interval* unset gets
         gen = manifest.generation
         self.max_context = min(gen.max_context, backend.max_context)
         self.scheduler = DecoderScheduler(
@@ -262,6 +264,10 @@ class GeneratorModel(ServedModel):
             max_new_tokens=call.max_new_tokens or limits.default_new_tokens,
             sampling=call.sampling,
             stop=call.stop,
+            stream=StreamInterval(
+                call.stream_interval or self.stream.tokens,
+                self.stream.ms if call.stream_interval_ms is None else call.stream_interval_ms,
+            ),
         )
         return params, truncated
 

@@ -30,7 +30,7 @@ from headrace.server.manifest import MANIFEST_NAME, Limits, Manifest
 from headrace.server.model_state import ModelState, ModelStates, VersionStatus
 from headrace.server.models import ServedModel
 from headrace.server.profiles import resolve_profile
-from headrace.server.types import Task
+from headrace.server.types import StreamInterval, Task
 
 __all__ = ["Lease", "LoadedVersion", "ModelEntry", "ModelRepository", "scan"]
 
@@ -117,6 +117,7 @@ class ModelRepository:
         backend_options: Mapping[str, object] | None = None,
         defaults: dict[Task, str] | None = None,
         load_timeout_s: float = 300.0,
+        stream: StreamInterval | None = None,
     ) -> None:
         self.root = Path(root)
         self.requested_profile = profile
@@ -128,6 +129,7 @@ class ModelRepository:
         self.defaults = dict(defaults or {})
         self.load_timeout_s = load_timeout_s  # 0: no limit
         self.states = ModelStates()
+        self.stream = stream or StreamInterval()  # a stream's default message rule
         self._served: dict[str, dict[str, LoadedVersion]] = {}
         self._failed: dict[tuple[str, str], float] = {}  # (name, version) -> manifest mtime
         self._listeners: list[Listener] = []
@@ -236,6 +238,7 @@ class ModelRepository:
             backend=self.backend,
             options=self.backend_options,
             timeout_s=self.load_timeout_s,
+            stream=self.stream,
         )
 
         def known_task(task: Task) -> None:
