@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,7 @@ from headrace.server.manifest import MANIFEST_NAME
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
-from tests.e2e.conftest import RunningServer
+from tests.e2e.conftest import RunningServer, free_port
 
 GOOD = "tiny-classifier"
 BROKEN = "broken"
@@ -56,7 +58,9 @@ def broken_repo(onnx_models: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def running(start_server, broken_repo: Path) -> RunningServer:
-    server: RunningServer = start_server(broken_repo, profile="cpu", backend="onnxruntime")
+    server: RunningServer = start_server(
+        broken_repo, profile="cpu", backend="onnxruntime", http_port=free_port()
+    )
     return server
 
 
@@ -142,6 +146,19 @@ def test_health_and_kserve_say_not_ready(running: RunningServer) -> None:
             (GOOD, "1"): ("READY", False),
             (BROKEN, "1"): ("UNAVAILABLE", True),
         }
+
+
+def test_http_front_lists_ready_models_and_says_why_not(running: RunningServer) -> None:
+    with urllib.request.urlopen(f"{running.http_url}/v1/models", timeout=10) as response:
+        listed = json.loads(response.read())
+    assert [m["id"] for m in listed["data"]] == [GOOD]  # OpenAI's list has no state field
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{running.http_url}/v1/models/{BROKEN}", timeout=10)
+    assert info.value.code == 503
+    assert "failed to load" in json.loads(info.value.read())["error"]["message"]
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"{running.http_url}/v1/models/nope", timeout=10)
+    assert info.value.code == 404
 
 
 def test_sdk_and_cli_carry_the_states(running: RunningServer) -> None:
