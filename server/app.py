@@ -49,7 +49,7 @@ from headrace.server.repository import ModelRepository
 from headrace.server.rpc import AuthInterceptor, Gate
 from headrace.server.service import InferenceService
 from headrace.server.tls import ServerTls, TlsFiles
-from headrace.server.transport import server_options
+from headrace.server.transport import DecodeGuard, server_options
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
@@ -139,7 +139,11 @@ class Server:
     async def _start_grpc(self) -> None:
         await self.repository.start()
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.auth)] if self.auth is not None else None,
+            # keys first: nothing unauthenticated is parsed; then bytes that do not parse
+            interceptors=[
+                *([AuthInterceptor(self.auth)] if self.auth is not None else []),
+                DecodeGuard(),
+            ],
             options=server_options(  # limits that never fire before a model's queue does
                 self.config.max_message_mb * 1024 * 1024,
                 max_connection_age_s=self.config.max_connection_age_s,

@@ -3,9 +3,9 @@
 Both servicers (headrace.v1.Inference in server/service.py and the Open
 Inference Protocol in server/kserve/) wrap each call the same way:
 
-    info = gate.begin("ModelInfer", request_id, context, front="kserve")
+    info = gate.begin("ModelInfer", request_id, context, front="kserve", id_field="id")
     try:
-        gate.refuse_if_draining()           # UNAVAILABLE while the server drains
+        gate.admit(info)                    # UNAVAILABLE while the server drains; a bad id
         ...                                 # the handler
     except BaseException as exc:
         await abort_for(info, context, exc) # cancellation re-raised; the rest -> a status
@@ -47,6 +47,7 @@ from headrace.server.errors import (
 )
 from headrace.server.logs import get_logger, rpc_line
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
+from headrace.server.types import InvalidArgument
 
 log = get_logger("headrace.service")
 
@@ -74,6 +75,7 @@ class RpcInfo:
     completion_tokens: int = 0
     code: grpc.StatusCode = grpc.StatusCode.OK
     extra: dict[str, Any] = field(default_factory=dict)  # a front's own keys for the log line
+    refusal: Exception | None = None  # what `Gate.admit` raises: a caller's id that cannot travel
 
 
 # Request ids the server makes: 32 hex digits, a random half per process and a counter
@@ -84,6 +86,16 @@ _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+MAX_REQUEST_ID = 128
+
+
+def is_sendable_id(request_id: str) -> bool:
+    """True for an id that may travel in `x-request-id` metadata: printable ASCII, bounded.
+
+    gRPC refuses any other metadata value (the call then ends INTERNAL "Invalid metadata")."""
+    return len(request_id) <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in request_id)
 
 
 def metadata_request_id(context: Context) -> str:
@@ -114,9 +126,21 @@ class Gate:
             return False
         return True
 
-    def begin(self, name: str, own_id: str, context: Context, *, front: str) -> RpcInfo:
+    def begin(
+        self, name: str, own_id: str, context: Context, *, front: str, id_field: str = "request_id"
+    ) -> RpcInfo:
+        """Count a call in. `own_id` is the request's own id field (`id_field` names it); one
+        that cannot travel in metadata is refused by `admit`, the call gets an id of ours."""
+        refusal = None
+        if own_id and not is_sendable_id(own_id):
+            refusal = InvalidArgument(
+                id_field,
+                f"{id_field} must be at most {MAX_REQUEST_ID} printable ASCII characters",
+            )
+            own_id = ""
         request_id = own_id or metadata_request_id(context) or new_request_id()
         info = RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "", front=front)
+        info.refusal = refusal
         return self.enter(info)
 
     def enter(self, info: RpcInfo) -> RpcInfo:
@@ -128,6 +152,12 @@ class Gate:
     def refuse_if_draining(self) -> None:
         if self.draining:
             raise ServerDraining("the server is shutting down; retry elsewhere")
+
+    def admit(self, info: RpcInfo) -> None:
+        """`refuse_if_draining`, then the refusal `begin` found in the request."""
+        self.refuse_if_draining()
+        if info.refusal is not None:
+            raise info.refusal
 
     def finish(self, info: RpcInfo) -> None:
         self.inflight -= 1

@@ -49,7 +49,7 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             ) -> AsyncIterator[Any]:
                 info = self._begin(name, request, context)
                 try:
-                    self.gate.refuse_if_draining()
+                    self.gate.admit(info)
                     async with contextlib.aclosing(fn(self, request, context, info)) as messages:
                         first = True
                         async for message in messages:
@@ -68,7 +68,7 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         async def unary_handler(self: InferenceService, request: Any, context: Context) -> Any:
             info = self._begin(name, request, context)
             try:
-                self.gate.refuse_if_draining()
+                self.gate.admit(info)
                 # The id rides in the trailers, sent with the answer: initial metadata of
                 # its own would be one more batch on the transport per call, and a call
                 # refused before its answer stays trailers-only (retryable by gRPC's policy).

@@ -25,7 +25,11 @@ RESOURCE_EXHAUSTED without a retry hint, before any model's queue is full.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
 
 PENDING_CALLS = 1 << 20  # calls accepted by the transport, not yet by a handler
 MAX_STREAMS_PER_CONNECTION = 16384
@@ -61,3 +65,116 @@ def server_options(
             ("grpc.max_connection_age_grace_ms", int(max(grace_period_s, 1.0) * 1000)),
         ]
     return options
+
+
+# -- requests that do not parse ------------------------------------------------------------------
+
+UNDECODABLE_MESSAGE = (
+    "the request is not a valid {name} message (corrupt protobuf or invalid UTF-8)"
+)
+
+
+class Undecodable:
+    """What a guarded deserializer returns for bytes that do not parse: the handler answers it."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _guarded(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # protobuf's DecodeError, or a UnicodeDecodeError of a string field
+            return Undecodable(name)
+
+    return deserialize
+
+
+async def _refuse(context: Any, request: Undecodable) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE.format(name=request.name)
+    )
+    raise AssertionError("abort returned")  # it raises AbortError
+
+
+async def _checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            await _refuse(context, request)
+        yield request
+
+
+def _guard(handler: Any) -> Any:
+    """`handler` with a deserializer that never raises and a behavior that refuses what it
+    could not parse. grpc's own answer to a deserializer's error is UNKNOWN with the
+    exception's text ("Unexpected <class 'DecodeError'>: ..."), a server error to retry."""
+    guarded = _guarded(handler.request_deserializer)
+    if handler.request_streaming:
+        streaming = handler.stream_stream if handler.response_streaming else handler.stream_unary
+        assert streaming is not None
+
+        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+
+                async def gen(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+                    async for response in behavior(_checked(requests, context), context):
+                        yield response
+
+                return gen
+
+            async def coro(requests: AsyncIterator[Any], context: Any) -> Any:
+                return await behavior(_checked(requests, context), context)
+
+            return coro
+
+        key = "stream_stream" if handler.response_streaming else "stream_unary"
+        return handler._replace(request_deserializer=guarded, **{key: wrap_stream(streaming)})
+
+    unary = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    assert unary is not None
+    if inspect.isasyncgenfunction(unary):
+
+        async def gen_one(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            async for response in unary(request, context):
+                yield response
+
+        behavior: Callable[..., Any] = gen_one
+    else:
+
+        async def one(request: Any, context: Any) -> Any:
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            result = unary(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        behavior = one
+    key = "unary_stream" if handler.response_streaming else "unary_unary"
+    return handler._replace(request_deserializer=guarded, **{key: behavior})
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """INVALID_ARGUMENT for a request whose bytes do not parse, on every service.
+
+    Each method's guarded handler is made once and kept."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[Any, Any]] = {}
+
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        made = self._made.get(details.method)
+        if made is None or made[0] is not handler:
+            made = (handler, _guard(handler))
+            self._made[details.method] = made
+        return made[1]

@@ -33,7 +33,7 @@ from headrace.server.kserve.pb import grpc_service_pb2 as pb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as pb_grpc
 from headrace.server.kserve.tensors import bad, read_inputs, set_param, wants_raw, write_outputs
 from headrace.server.models import ClassifierModel, GeneratorModel
-from headrace.server.repository import LoadedVersion, ModelRepository
+from headrace.server.repository import LoadedVersion, ModelRepository, version_key
 from headrace.server.rpc import Context, Gate, RpcInfo, abort_for, mapped_error
 from headrace.server.types import GenerateCall, InvalidArgument, Task, TokenEvent
 
@@ -60,9 +60,10 @@ def unary(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         async def handler(self: OpenInferenceService, request: Any, context: Context) -> Any:
-            info = self.gate.begin(name, getattr(request, "id", ""), context, front="kserve")
+            own_id = getattr(request, "id", "")
+            info = self.gate.begin(name, own_id, context, front="kserve", id_field="id")
             try:
-                self.gate.refuse_if_draining()
+                self.gate.admit(info)
                 return await fn(self, request, context, info)
             except BaseException as exc:
                 await abort_for(info, context, exc, _status_of(info, exc))
@@ -100,9 +101,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 grpc.StatusCode.PERMISSION_DENIED, auth.forbidden_message(request.name)
             )
         versions = {v.version for v in self.repository.versions(request.name)}
-        version = request.version
-        if version.isdigit():
-            version = str(int(version))
+        version = version_key(request.version)
         ready = bool(versions) and (not version or version in versions)
         return pb.ModelReadyResponse(ready=ready and not self.gate.draining)
 
@@ -117,7 +116,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         if not versions:
             raise ModelNotFound(f"model {name!r} is not served")
         if version:
-            key = str(int(version)) if version.isdigit() else version
+            key = version_key(version)
             asked = [v for v in versions if v.version == key]
             if not asked:
                 raise ModelNotFound(f"model {name!r} has no version {version!r}")
