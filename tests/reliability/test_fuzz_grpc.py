@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
-from hypothesis import example, given
+from hypothesis import event, example, given
 from hypothesis import strategies as st
 
 from tests.reliability.conftest import FUZZ, RunningServer
@@ -34,58 +34,84 @@ text = st.one_of(
     st.text(chars, min_size=200, max_size=2_000),
     st.sampled_from(["", "\x00", "a\x00b", "²", "\U0001f600" * 50, "word " * 400, "\ufeff"]),
 )
-model = st.one_of(
-    st.sampled_from(["", "tiny-classifier", "tiny-generator", "no-such-model", "x" * 100_000]),
-    st.text(chars, max_size=40),
-)
+WEIRD_NAMES = ["no-such-model", "x" * 100_000, "\x00", "tiny-classifier\x00"]
+WEIRD_VERSIONS = ["01", "0", "2", "-1", "²", "٣", "9" * 5_000, " 1", "1.0"]
+
+
+def model_for(*names: str) -> st.SearchStrategy[str]:
+    """A served name (or "" for the default) half the time, else a wrong or odd one."""
+    served = st.sampled_from(["", *names])
+    return st.one_of(served, served, st.sampled_from(WEIRD_NAMES), st.text(chars, max_size=40))
+
+
+model = model_for("tiny-classifier", "tiny-generator")
 version = st.one_of(
-    st.sampled_from(["", "1", "01", "0", "2", "-1", "²", "٣", "9" * 5_000, " 1", "1.0"]),
-    st.text(chars, max_size=12),
+    st.sampled_from(["", "1"]), st.sampled_from(WEIRD_VERSIONS), st.text(chars, max_size=12)
 )
 u32 = st.one_of(st.integers(0, 8), st.integers(0, 200), st.integers(0, U32))
 f32 = st.floats(width=32, allow_nan=True, allow_infinity=True)
 
 
+def fields(draw: st.DrawFn, table: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """One value per field from (valid, anything) strategies: a third of the messages valid
+    throughout, a third with one field off (each check on its own), a third anything."""
+    mode = draw(st.sampled_from(["valid", "one off", "anything"]))
+    odd = draw(st.sampled_from(sorted(table))) if mode == "one off" else None
+    return {
+        name: draw(anything if mode == "anything" or name == odd else valid)
+        for name, (valid, anything) in table.items()
+    }
+
+
+some_text = st.text(chars, min_size=1, max_size=30)
+served_version = st.sampled_from(["", "1"])
+small = st.integers(0, 4)
+unit = st.floats(0.0625, 1.0, width=32)
+
+
 @st.composite
 def classify_request(draw: st.DrawFn) -> pb.ClassifyRequest:
     return pb.ClassifyRequest(
-        model=draw(model),
-        texts=draw(st.lists(text, max_size=40)),
-        top_k=draw(u32),
-        request_id=draw(text),
-        model_version=draw(version),
-        reject_overlong=draw(st.booleans()),
+        **fields(
+            draw,
+            {
+                "model": (st.sampled_from(["", "tiny-classifier"]), model_for("tiny-classifier")),
+                "texts": (st.lists(some_text, min_size=1, max_size=4), st.lists(text, max_size=40)),
+                "top_k": (small, u32),
+                "request_id": (st.sampled_from(["", "id-1"]), text),
+                "model_version": (served_version, version),
+                "reject_overlong": (st.booleans(), st.booleans()),
+            },
+        )
     )
-
-
-@st.composite
-def sampling(draw: st.DrawFn) -> pb.SamplingParams:
-    msg = pb.SamplingParams(
-        temperature=draw(f32),
-        top_p=draw(f32),
-        top_k=draw(u32),
-        repetition_penalty=draw(f32),
-        ignore_eos=draw(st.booleans()),
-    )
-    seed = draw(st.none() | st.integers(0, U64))
-    if seed is not None:
-        msg.seed = seed
-    return msg
 
 
 @st.composite
 def generate_request(draw: st.DrawFn) -> pb.GenerateRequest:
-    msg = pb.GenerateRequest(
-        model=draw(model),
-        prompt=draw(text),
-        max_new_tokens=draw(u32),
-        stop=draw(st.lists(text, max_size=8)),
-        request_id=draw(text),
-        model_version=draw(version),
-        reject_overlong=draw(st.booleans()),
+    f = fields(
+        draw,
+        {
+            "model": (st.sampled_from(["", "tiny-generator"]), model_for("tiny-generator")),
+            "prompt": (some_text, text),
+            "max_new_tokens": (st.integers(0, 6), u32),
+            "stop": (st.lists(some_text, max_size=2), st.lists(text, max_size=8)),
+            "request_id": (st.sampled_from(["", "id-1"]), text),
+            "model_version": (served_version, version),
+            "reject_overlong": (st.booleans(), st.booleans()),
+            "temperature": (st.sampled_from([0.0, 0.7]), f32),
+            "top_p": (st.just(0.0) | unit, f32),
+            "top_k": (small, u32),
+            "repetition_penalty": (st.just(0.0) | unit, f32),
+            "seed": (st.none() | small, st.none() | st.integers(0, U64)),
+            "ignore_eos": (st.booleans(), st.booleans()),
+        },
     )
-    if draw(st.booleans()):
-        msg.sampling.CopyFrom(draw(sampling()))
+    sampling = {k: f.pop(k) for k in ("temperature", "top_p", "top_k", "repetition_penalty",
+                                      "ignore_eos", "seed")}  # fmt: skip
+    msg = pb.GenerateRequest(**f)
+    if sampling["seed"] is None:
+        del sampling["seed"]
+    msg.sampling.CopyFrom(pb.SamplingParams(**sampling))
     return msg
 
 
@@ -149,7 +175,9 @@ def outcome(fn: Callable[[], Any]) -> grpc.StatusCode:
         details = err.details() or ""  # type: ignore[attr-defined]
         assert code in CALLER_CODES, (code, details[:300])
         assert "Traceback" not in details and "Unexpected <class" not in details, details[:300]
+        event(code.name)  # --hypothesis-show-statistics: how often each code came
         return code  # type: ignore[no-any-return]
+    event("OK")
     return grpc.StatusCode.OK
 
 
