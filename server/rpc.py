@@ -98,6 +98,12 @@ def is_sendable_id(request_id: str) -> bool:
     return len(request_id) <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in request_id)
 
 
+def unsendable_id(field: str) -> InvalidArgument:
+    return InvalidArgument(
+        field, f"{field} must be at most {MAX_REQUEST_ID} printable ASCII characters"
+    )
+
+
 def metadata_request_id(context: Context) -> str:
     for key, value in context.invocation_metadata() or ():
         if key == REQUEST_ID_KEY and isinstance(value, str) and value:
@@ -133,10 +139,7 @@ class Gate:
         that cannot travel in metadata is refused by `admit`, the call gets an id of ours."""
         refusal = None
         if own_id and not is_sendable_id(own_id):
-            refusal = InvalidArgument(
-                id_field,
-                f"{id_field} must be at most {MAX_REQUEST_ID} printable ASCII characters",
-            )
+            refusal = unsendable_id(id_field)
             own_id = ""
         request_id = own_id or metadata_request_id(context) or new_request_id()
         info = RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "", front=front)

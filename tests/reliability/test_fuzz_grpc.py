@@ -311,3 +311,37 @@ def test_random_bytes_as_a_request(channel: grpc.Channel, case: tuple, data: byt
         outcome(lambda: list(call(data, timeout=30)))
     else:
         outcome(lambda: call(data, timeout=30))
+
+
+@pytest.mark.parametrize("request_id", ["\x1f", "é", "x" * 129, "a\nb"])
+def test_request_ids_that_cannot_travel_as_metadata_are_refused_by_name(
+    channel: grpc.Channel, request_id: str
+) -> None:
+    from headrace.server.kserve.pb import grpc_service_pb2 as kpb
+    from headrace.server.kserve.pb import grpc_service_pb2_grpc as kpb_grpc
+
+    from tests.e2e.conftest import bad_request_field
+
+    stub = pb_grpc.InferenceStub(channel)
+    calls = {
+        "request_id": [
+            lambda: stub.Classify(pb.ClassifyRequest(texts=["a"], request_id=request_id)),
+            lambda: list(stub.ClassifyStream(iter([pb.ClassifyRequest(texts=["a"])] * 2 + [
+                pb.ClassifyRequest(texts=["a"], request_id=request_id)]))),
+            lambda: list(stub.GenerateStream(pb.GenerateRequest(prompt="a", request_id=request_id))),
+        ],
+        "id": [
+            lambda: kpb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                kpb.ModelInferRequest(model_name="tiny-classifier", id=request_id)
+            )
+        ],
+    }  # fmt: skip
+    for field, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(grpc.RpcError) as err:
+                fn()
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert bad_request_field(err.value) == field
+    assert (
+        stub.Classify(pb.ClassifyRequest(texts=["a"], request_id="ok-id-1")).request_id == "ok-id-1"
+    )
