@@ -23,6 +23,7 @@ SERVE_FIELDS = (
     "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
+    "otlp_endpoint",
 )  # fmt: skip
 
 
@@ -98,6 +99,11 @@ def _add_serve(subparsers: Any) -> None:
         help="write the bound port to FILE once serving (useful with --port 0)",
     )
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message (default 16)")
+    p.add_argument(
+        "--otlp-endpoint", metavar="URL",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://localhost:4317 "
+        "(default: off, or OTEL_EXPORTER_OTLP_ENDPOINT; needs headrace[tracing])",
+    )  # fmt: skip
     _add_security(p)
     p.set_defaults(func=cmd_serve)
 
