@@ -8,6 +8,7 @@ embedder would pass); the caller's spans come from a TracerProvider of the test'
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -227,6 +228,32 @@ def test_http_call_continues_the_callers_trace(
     assert line["front"] == "http" and line["trace_id"] == trace_id
 
 
+def test_kserve_model_infer_continues_the_callers_trace(
+    traced: RunningServer, exporter: InMemorySpanExporter
+) -> None:
+    import grpc
+    from headrace.server.kserve.pb import grpc_service_pb2_grpc as kserve_grpc
+
+    from tests.e2e.test_kserve import classify
+
+    metadata: dict[str, str] = {}
+    with CALLER.start_as_current_span("caller") as caller:
+        propagate.inject(metadata)  # what an instrumented gRPC client sends
+    with grpc.insecure_channel(traced.address) as channel:
+        stub = kserve_grpc.GRPCInferenceServiceStub(channel)
+        response = stub.ModelInfer(
+            classify("tiny-classifier", ["fine"]), metadata=tuple(metadata.items()), timeout=30
+        )
+    assert response.outputs
+    rpc = wait_for_span(
+        exporter,
+        lambda s: s.name == "inference.GRPCInferenceService/ModelInfer"
+        and format(s.context.trace_id, "032x") == hex_trace(caller),
+    )
+    assert rpc.parent is not None and rpc.parent.span_id == caller.get_span_context().span_id
+    assert {"headrace.queue", "headrace.batch"} <= set(tree(exporter, rpc))
+
+
 def test_own_request_id_kept_beside_the_trace_id(
     client: Client, exporter: InMemorySpanExporter, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -269,3 +296,123 @@ def test_tracing_off_creates_no_spans(
     assert result.request_id != hex_trace(caller)
     lines = rpc_lines(capfd.readouterr().err)  # the server stopped: every line is out
     assert len(lines) == 3 and not any("trace_id" in x for x in lines)
+
+
+# -- `headrace serve` in a process of its own ------------------------------------------------
+
+BLOCK_OPENTELEMETRY = """
+import importlib.abc, sys
+class _NoOpenTelemetry(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise ImportError(f"No module named {name!r}")
+sys.meta_path.insert(0, _NoOpenTelemetry())
+"""
+
+
+def _serve(models: Path, tmp_path: Path, *args: str, prelude: str = "") -> tuple[Any, int]:
+    """`headrace serve` in a subprocess (after `prelude`, Python run first) -> (process, port)."""
+    import subprocess
+    import sys
+
+    from tests.e2e.test_cli import _wait_port
+
+    port_file = tmp_path / "port"
+    code = prelude + "import sys\nfrom headrace.server.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "serve", "--models", str(models), "--port", "0",
+         "--port-file", str(port_file), "--poll-interval", "0", "--profile", "cpu", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "50"},
+    )  # fmt: skip
+    return proc, _wait_port(port_file, proc)
+
+
+def _stop(proc: Any) -> list[dict[str, Any]]:
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+
+
+@pytest.mark.timeout(120)
+def test_serve_exports_to_an_otlp_collector(tiny_models: Path, tmp_path: Path) -> None:
+    """--otlp-endpoint: the spans reach a real OTLP/gRPC collector, under the caller's span."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
+
+    received: list[Any] = []  # opentelemetry.proto.trace.v1 Span messages
+
+    class Collector(otlp_grpc.TraceServiceServicer):  # type: ignore[misc]
+        def Export(self, request: Any, context: Any) -> Any:
+            received.extend(
+                span for rs in request.resource_spans for ss in rs.scope_spans for span in ss.spans
+            )
+            return otlp.ExportTraceServiceResponse()
+
+    collector = grpc.server(futures.ThreadPoolExecutor(2))
+    otlp_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
+    collector_port = collector.add_insecure_port("127.0.0.1:0")
+    collector.start()
+    proc, port = _serve(tiny_models, tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{collector_port}")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
+            with CALLER.start_as_current_span("caller") as caller:
+                result = c.classify("fine")
+        caller_ctx = caller.get_span_context()
+        end = time.monotonic() + 20
+        while time.monotonic() < end and not any(
+            s.name == "headrace.v1.Inference/Classify" for s in received
+        ):
+            time.sleep(0.05)
+        [rpc] = [s for s in received if s.name == "headrace.v1.Inference/Classify"]
+        assert rpc.trace_id.hex() == format(caller_ctx.trace_id, "032x") == result.request_id
+        assert rpc.parent_span_id.hex() == format(caller_ctx.span_id, "016x")
+    finally:
+        events = _stop(proc)
+        collector.stop(0)
+    assert any(e["event"] == "tracing" for e in events)
+    assert {"headrace.queue", "headrace.batch", "headrace.backend.forward"} <= {s.name for s in received}
+
+
+@pytest.mark.timeout(120)
+def test_without_the_packages_the_server_runs_untraced(tiny_models: Path, tmp_path: Path) -> None:
+    """opentelemetry missing (an edge install): a warning, and the server serves untraced."""
+    proc, port = _serve(
+        tiny_models, tmp_path, "--otlp-endpoint", "http://127.0.0.1:9", prelude=BLOCK_OPENTELEMETRY
+    )
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=60) as c:
+            with CALLER.start_as_current_span("caller"):
+                assert c.classify("fine").results
+    finally:
+        events = _stop(proc)
+    [warning] = [e for e in events if e["event"] == "tracing_unavailable"]
+    assert "headrace[tracing]" in warning["reason"]
+    [line] = [e for e in events if e["event"] == "rpc"]
+    assert line["code"] == "OK" and "trace_id" not in line
+
+
+def test_the_sdk_without_opentelemetry_sends_no_trace_context() -> None:
+    import subprocess
+    import sys
+
+    code = BLOCK_OPENTELEMETRY + (
+        "from headrace.client._tracing import with_trace_context\n"
+        "pairs = (('x-request-id', 'r'),)\n"
+        "assert with_trace_context(pairs) is pairs\n"
+        "import headrace.client, sys\n"
+        "assert not [m for m in sys.modules if m.startswith('opentelemetry')]\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
