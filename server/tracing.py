@@ -46,8 +46,9 @@ _provider: Any = None
 # Which service each front's calls belong to (the span name is SERVICE/METHOD).
 SERVICES = {"native": "headrace.v1.Inference", "kserve": "inference.GRPCInferenceService"}
 # gRPC codes that are the server's fault (OpenTelemetry's semantic conventions for servers)
-_SERVER_ERRORS = {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE"}
-_SERVER_ERRORS.add("DATA_LOSS")
+_SERVER_ERRORS = frozenset(
+    ("UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS")
+)
 _CARRIER_KEYS = ("traceparent", "tracestate", "baggage")
 MISSING = "tracing needs the opentelemetry packages: pip install 'headrace[tracing]'"
 
@@ -94,7 +95,9 @@ def enable(processor: Any = None, *, endpoint: str | None = None) -> None:
     named = "OTEL_SERVICE_NAME" in os.environ or "service.name=" in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
     )
-    provider = TracerProvider(resource=Resource.create({} if named else {"service.name": "headrace"}))
+    provider = TracerProvider(
+        resource=Resource.create({} if named else {"service.name": "headrace"})
+    )
     provider.add_span_processor(processor)
     disable()
     _provider = provider
@@ -158,7 +161,10 @@ def start_rpc(info: RpcInfo, metadata: Any, method: str = "") -> None:
     service = SERVICES.get(info.front)
     if service is None:  # HTTP: the route is the rpc
         name = f"{method or 'POST'} {info.rpc}"
-        attributes: dict[str, Any] = {"http.request.method": method or "POST", "http.route": info.rpc}
+        attributes: dict[str, Any] = {
+            "http.request.method": method or "POST",
+            "http.route": info.rpc,
+        }
     else:
         name = f"{service}/{info.rpc}"
         attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": info.rpc}
@@ -319,7 +325,10 @@ class GenerationTrace:
             start_time=_ns_ago(now - admitted),
         ).end(end_time=_ns_ago(now - first))
         self.span = TRACER.start_span(
-            "headrace.token_stream", context=self.ctx, attributes=model, start_time=_ns_ago(now - first)
+            "headrace.token_stream",
+            context=self.ctx,
+            attributes=model,
+            start_time=_ns_ago(now - first),
         )
 
     def end(self, exc: BaseException | None) -> None:

@@ -24,4 +24,7 @@ def test_traceparent_of_the_current_span() -> None:
     ctx = span.get_span_context()
     assert pairs is not None and pairs[0] == ("x-request-id", "r1")
     sent = dict(pairs[1:])
-    assert sent["traceparent"] == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    assert (
+        sent["traceparent"]
+        == f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+    )

@@ -161,7 +161,9 @@ def test_batch_links_every_request_in_it(
     for rid in ids:
         span = wait_for_span(
             exporter,
-            lambda s, rid=rid: s.name.endswith("/Classify") and format(s.context.trace_id, "032x") == rid,
+            lambda s, rid=rid: (
+                s.name.endswith("/Classify") and format(s.context.trace_id, "032x") == rid
+            ),
         )
         rpcs[span.context.span_id] = span
     batches = [s for s in exporter.get_finished_spans() if s.name == "headrace.batch"]
@@ -182,8 +184,10 @@ def test_generate_stream_span_tree(
     trace_id = hex_trace(caller)
     rpc = wait_for_span(
         exporter,
-        lambda s: s.name == "headrace.v1.Inference/GenerateStream"
-        and format(s.context.trace_id, "032x") == trace_id,
+        lambda s: (
+            s.name == "headrace.v1.Inference/GenerateStream"
+            and format(s.context.trace_id, "032x") == trace_id
+        ),
     )
     assert rpc.parent is not None and rpc.parent.span_id == caller.get_span_context().span_id
     children = tree(exporter, rpc)
@@ -192,7 +196,9 @@ def test_generate_stream_span_tree(
     [stream] = children["headrace.token_stream"]
     assert queue.end_time is not None and prefill.start_time is not None
     assert prefill.end_time is not None and stream.start_time is not None
-    assert queue.end_time <= prefill.start_time + 1000 and prefill.end_time <= stream.start_time + 1000
+    assert (
+        queue.end_time <= prefill.start_time + 1000 and prefill.end_time <= stream.start_time + 1000
+    )
     events = [e for e in stream.events if e.name == "chunk"]
     assert len(events) == len(chunks)  # one event per chunk sent, not a span per token
     assert sum(int(e.attributes["headrace.tokens"]) for e in events if e.attributes) == sum(
@@ -223,7 +229,9 @@ def test_http_call_continues_the_callers_trace(
     assert rpc.kind is SpanKind.SERVER
     assert rpc.parent is not None and rpc.parent.span_id == caller.get_span_context().span_id
     assert rpc.attributes is not None and rpc.attributes["http.response.status_code"] == 200
-    assert {"headrace.queue", "headrace.prefill", "headrace.token_stream"} <= set(tree(exporter, rpc))
+    assert {"headrace.queue", "headrace.prefill", "headrace.token_stream"} <= set(
+        tree(exporter, rpc)
+    )
     line = wait_for_line(capfd, lambda x: x["request_id"] == trace_id)
     assert line["front"] == "http" and line["trace_id"] == trace_id
 
@@ -247,8 +255,10 @@ def test_kserve_model_infer_continues_the_callers_trace(
     assert response.outputs
     rpc = wait_for_span(
         exporter,
-        lambda s: s.name == "inference.GRPCInferenceService/ModelInfer"
-        and format(s.context.trace_id, "032x") == hex_trace(caller),
+        lambda s: (
+            s.name == "inference.GRPCInferenceService/ModelInfer"
+            and format(s.context.trace_id, "032x") == hex_trace(caller)
+        ),
     )
     assert rpc.parent is not None and rpc.parent.span_id == caller.get_span_context().span_id
     assert {"headrace.queue", "headrace.batch"} <= set(tree(exporter, rpc))
@@ -318,7 +328,9 @@ def _serve(models: Path, tmp_path: Path, *args: str, prelude: str = "") -> tuple
     from tests.e2e.test_cli import _wait_port
 
     port_file = tmp_path / "port"
-    code = prelude + "import sys\nfrom headrace.server.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    code = (
+        prelude + "import sys\nfrom headrace.server.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--models", str(models), "--port", "0",
          "--port-file", str(port_file), "--poll-interval", "0", "--profile", "cpu", *args],
@@ -364,7 +376,9 @@ def test_serve_exports_to_an_otlp_collector(tiny_models: Path, tmp_path: Path) -
     otlp_grpc.add_TraceServiceServicer_to_server(Collector(), collector)
     collector_port = collector.add_insecure_port("127.0.0.1:0")
     collector.start()
-    proc, port = _serve(tiny_models, tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{collector_port}")
+    proc, port = _serve(
+        tiny_models, tmp_path, "--otlp-endpoint", f"http://127.0.0.1:{collector_port}"
+    )
     try:
         with Client(f"127.0.0.1:{port}", timeout=60) as c:
             with CALLER.start_as_current_span("caller") as caller:
@@ -382,7 +396,9 @@ def test_serve_exports_to_an_otlp_collector(tiny_models: Path, tmp_path: Path) -
         events = _stop(proc)
         collector.stop(0)
     assert any(e["event"] == "tracing" for e in events)
-    assert {"headrace.queue", "headrace.batch", "headrace.backend.forward"} <= {s.name for s in received}
+    assert {"headrace.queue", "headrace.batch", "headrace.backend.forward"} <= {
+        s.name for s in received
+    }
 
 
 @pytest.mark.timeout(120)
