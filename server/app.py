@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from headrace.server import tracing
 from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
 from headrace.server.kserve.pb import grpc_service_pb2 as kserve_pb
@@ -76,6 +77,7 @@ class Server:
         self.tls: ServerTls | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             self.tls = ServerTls(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+        tracing.configure(config.otlp_endpoint)  # off unless an OTLP endpoint is set
         self.auth: Authenticator | None = None
         if config.api_key_file is not None:
             self.auth = Authenticator(config.api_key_file, config.auth_exempt)
