@@ -166,20 +166,38 @@ def _guard(handler: Any) -> Any:
     return handler._replace(request_deserializer=guarded, **{key: behavior})
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """INVALID_ARGUMENT for a request whose bytes do not parse, on every service.
+class GuardedRegistry:
+    """What the generated `add_*Servicer_to_server` functions register on: every method's
+    handler refuses bytes that do not parse with INVALID_ARGUMENT, on every service.
 
-    Each method's guarded handler is made once and kept."""
+    The handlers are guarded once, at registration, not by a server interceptor: an
+    interceptor is one more coroutine on the event loop for every call."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server: Any = server  # grpc's stubs lack add_registered_method_handlers
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # the generated code registers the same handlers both ways: the registered ones
+        # (grpc's lookup by method name, guarded below) are what calls reach
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {method: _guard(h) for method, h in handlers.items()}
+        )
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
         self._made: dict[str, tuple[Any, Any]] = {}
 
-    async def intercept_service(self, continuation: Any, details: Any) -> Any:
-        handler = await continuation(details)
+    def service(self, handler_call_details: Any) -> Any:
+        handler = self._inner.service(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        made = self._made.get(details.method)
+        made = self._made.get(handler_call_details.method)
         if made is None or made[0] is not handler:
             made = (handler, _guard(handler))
-            self._made[details.method] = made
+            self._made[handler_call_details.method] = made
         return made[1]
