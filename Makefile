@@ -10,7 +10,7 @@ LOCK := requirements/dev.lock
 TORCH_FIND_LINKS ?= /opt/wheels
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha1sum | cut -c1-12)
 
-.PHONY: help venv lock lock-check test lint typestubs typecheck pytest protos protos-check serve demo-models bench bench-overhead clean
+.PHONY: help venv lock lock-check test lint typestubs typecheck pytest soak protos protos-check serve demo-models bench bench-overhead clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -70,6 +70,9 @@ protos-check: $(STAMP)
 
 pytest: $(STAMP)
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+soak: $(STAMP) ## 100,000 Classify calls from 64 callers against `headrace serve`, 0 errors (minutes)
+	nice $(PY) -m pytest -q -ra -s -m soak tests/reliability $(PYTEST_ARGS)
 
 test: $(STAMP) lock-check protos-check lint typecheck pytest ## install from nothing, then ruff, mypy, pytest
 

@@ -46,11 +46,12 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from headrace.server import tracing
 from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
 from headrace.server.health import DrainingHealthServicer
@@ -62,7 +63,7 @@ from headrace.server.repository import ModelRepository
 from headrace.server.rpc import AuthInterceptor, Gate
 from headrace.server.service import InferenceService
 from headrace.server.tls import ServerTls, TlsFiles
-from headrace.server.transport import server_options
+from headrace.server.transport import GuardedRegistry, server_options
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
@@ -98,6 +99,7 @@ class Server:
         self.tls: ServerTls | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             self.tls = ServerTls(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+        tracing.configure(config.otlp_endpoint)  # off unless an OTLP endpoint is set
         self.auth: Authenticator | None = None
         if config.api_key_file is not None:
             self.auth = Authenticator(config.api_key_file, config.auth_exempt)
@@ -163,7 +165,9 @@ class Server:
     async def _start_grpc(self) -> None:
         await self.repository.start()
         server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.auth)] if self.auth is not None else None,
+            # keys first: nothing unauthenticated is parsed (the handlers refuse bytes that
+            # do not parse: GuardedRegistry below)
+            interceptors=[AuthInterceptor(self.auth)] if self.auth is not None else [],
             options=server_options(  # limits that never fire before a model's queue does
                 self.config.max_message_mb * 1024 * 1024,
                 max_connection_age_s=self.config.max_connection_age_s,
@@ -171,9 +175,10 @@ class Server:
                 reuse_port=self.config.reuse_port,  # --workers: one port, N processes
             ),
         )
-        pb_grpc.add_InferenceServicer_to_server(self.service, server)
-        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        registry: Any = GuardedRegistry(server)
+        pb_grpc.add_InferenceServicer_to_server(self.service, registry)
+        kserve_grpc.add_GRPCInferenceServiceServicer_to_server(self.kserve, registry)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registry)
         reflection.enable_server_reflection(
             (INFERENCE_SERVICE, KSERVE_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME), server
         )

@@ -25,7 +25,7 @@ SERVE_FIELDS = (
     "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
-    "stream_interval", "stream_interval_ms", "workers",
+    "stream_interval", "stream_interval_ms", "workers", "otlp_endpoint",
 )  # fmt: skip
 
 
@@ -120,6 +120,11 @@ def _add_serve(subparsers: Any) -> None:
         "--stream-interval-ms", type=int, metavar="MS",
         help="GenerateStream: at most one message per MS per stream after the first, each "
         "with every token made meanwhile, unless a request sets its own (default 0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--otlp-endpoint", metavar="URL",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://localhost:4317 "
+        "(default: off, or OTEL_EXPORTER_OTLP_ENDPOINT; needs headrace[tracing])",
     )  # fmt: skip
     _add_security(p)
     p.set_defaults(func=cmd_serve)

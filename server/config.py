@@ -16,6 +16,7 @@
     tls_client_ca = "/etc/headrace/tls/ca.crt"  # mTLS: client certificates required
     api_key_file = "/etc/headrace/keys"         # "KEY" or "KEY model1,model2" per line
     auth_exempt = ["health"]                    # of health, reflection, metrics
+    otlp_endpoint = "http://otel-collector:4317"  # OpenTelemetry traces (OTLP/gRPC); off unset
 
 Keys are the field names of `ServerConfig`; an unknown key is an error that
 names it. Relative paths in a file are resolved against the file's folder.
@@ -93,6 +94,9 @@ class ServerConfig:
     auth_exempt: tuple[str, ...] = (
         "health",
     )  # call groups needing no key: health, reflection, metrics
+    # OpenTelemetry traces to this OTLP/gRPC collector (docs/serving.md#tracing); None: off,
+    # unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+    otlp_endpoint: str | None = None
 
     def validate(self) -> ServerConfig:
         if self.profile not in PROFILES:

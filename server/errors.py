@@ -19,7 +19,7 @@ google.rpc.Code to HTTP), so every front answers the same error alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -74,8 +74,27 @@ class MappedError:
         return HTTP_STATUS.get(self.code, 500)
 
 
+# A message quotes what the caller sent (a model name, a version): bounded, so that a
+# 100 kB name cannot make trailers past a client's metadata limit (16 KiB in grpc core,
+# where the call ends RESOURCE_EXHAUSTED "Stream removed" instead of its own status).
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def status_for(exc: BaseException) -> MappedError:
     """The status a caller sees for `exc`. Never leaks paths or tracebacks."""
+    mapped = _status_for(exc)
+    if len(mapped.message) > MAX_MESSAGE_CHARS:
+        mapped = replace(mapped, message=bounded(mapped.message))
+    return mapped
+
+
+def _status_for(exc: BaseException) -> MappedError:
     if isinstance(exc, InvalidArgument):
         return MappedError(grpc.StatusCode.INVALID_ARGUMENT, exc.message, field=exc.field)
     if isinstance(exc, ModelNotFound):

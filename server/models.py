@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from headrace.server import metrics
+from headrace.server import metrics, tracing
 from headrace.server.backends.base import DecoderBackend, EncoderBackend
 from headrace.server.calls import check_classify, check_generate, overlong
 from headrace.server.engine.base import Engine
@@ -279,11 +279,20 @@ class GeneratorModel(ServedModel):
         BackendFailure (at the first iteration for the first two).
         """
         stream = self.scheduler.submit(params)
+        trace = tracing.generation(self.name, stream)  # None: tracing off
+        failure: BaseException | None = None
         try:
             while True:
                 event = await stream.next_event()
+                if trace is not None:
+                    trace.chunk(event)
                 yield event
                 if event.finish_reason is not None:
                     return
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             self.scheduler.cancel(stream)
+            if trace is not None:
+                trace.end(failure)

@@ -92,10 +92,24 @@ def scan(root: Path) -> dict[tuple[str, str], Path]:
         if model_dir.name.startswith("."):
             continue
         for version_dir in model_dir.iterdir():
-            if version_dir.is_dir() and version_dir.name.isdigit():
+            if version_dir.is_dir() and is_version_number(version_dir.name):
                 if (version_dir / MANIFEST_NAME).is_file():
-                    found[(model_dir.name, str(int(version_dir.name)))] = version_dir
+                    found[(model_dir.name, version_key(version_dir.name))] = version_dir
     return found
+
+
+def is_version_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() is true of "²" too, which int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
+def version_key(version: str) -> str:
+    """A caller's version as the repository keys it: "007" -> "7"; anything else as given.
+
+    No int(): a caller's 5,000-digit version is past int()'s digit limit."""
+    if is_version_number(version):
+        return version.lstrip("0") or "0"
+    return version
 
 
 def _mtime(version_dir: Path) -> float:
@@ -288,7 +302,7 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} does not serve {task.value} requests")
         if not version:
             return versions[max(versions, key=int)]
-        key = str(int(version)) if version.isdigit() else version
+        key = version_key(version)
         if key not in versions:
             raise self.states.not_ready(name, key) or ModelNotFound(
                 f"model {name!r} has no version {version!r}"
@@ -304,7 +318,7 @@ class ModelRepository:
         if not versions:
             raise self.states.not_ready(name) or ModelNotFound(f"model {name!r} is not served")
         if version:
-            key = str(int(version)) if version.isdigit() else version
+            key = version_key(version)
             asked = [v for v in versions if v.version == key]
             if not asked:
                 raise self.states.not_ready(name, key) or ModelNotFound(

@@ -3,9 +3,9 @@
 Both servicers (headrace.v1.Inference in server/service.py and the Open
 Inference Protocol in server/kserve/) wrap each call the same way:
 
-    info = gate.begin("ModelInfer", request_id, context, front="kserve")
+    info = gate.begin("ModelInfer", request_id, context, front="kserve", id_field="id")
     try:
-        gate.refuse_if_draining()           # UNAVAILABLE while the server drains
+        gate.admit(info)                    # UNAVAILABLE while the server drains; a bad id
         ...                                 # the handler
     except BaseException as exc:
         await abort_for(info, context, exc) # cancellation re-raised; the rest -> a status
@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_status import rpc_status
-from headrace.server import auth
+from headrace.server import auth, tracing
 from headrace.server.errors import (
     MappedError,
     ServerDraining,
@@ -47,6 +47,7 @@ from headrace.server.errors import (
 )
 from headrace.server.logs import get_logger, rpc_line
 from headrace.server.metrics import REQUEST_DURATION, REQUESTS
+from headrace.server.types import InvalidArgument
 
 log = get_logger("headrace.service")
 
@@ -74,6 +75,8 @@ class RpcInfo:
     completion_tokens: int = 0
     code: grpc.StatusCode = grpc.StatusCode.OK
     extra: dict[str, Any] = field(default_factory=dict)  # a front's own keys for the log line
+    trace: Any = None  # server/tracing.py's RpcTrace while tracing is on
+    refusal: Exception | None = None  # what `Gate.admit` raises: a caller's id that cannot travel
 
 
 # Request ids the server makes: 32 hex digits, a random half per process and a counter
@@ -84,6 +87,22 @@ _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(4)))
 
 def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+MAX_REQUEST_ID = 128
+
+
+def is_sendable_id(request_id: str) -> bool:
+    """True for an id that may travel in `x-request-id` metadata: printable ASCII, bounded.
+
+    gRPC refuses any other metadata value (the call then ends INTERNAL "Invalid metadata")."""
+    return len(request_id) <= MAX_REQUEST_ID and all(" " <= c <= "~" for c in request_id)
+
+
+def unsendable_id(field: str) -> InvalidArgument:
+    return InvalidArgument(
+        field, f"{field} must be at most {MAX_REQUEST_ID} printable ASCII characters"
+    )
 
 
 def metadata_request_id(context: Context) -> str:
@@ -119,13 +138,29 @@ class Gate:
             return False
         return True
 
-    def begin(self, name: str, own_id: str, context: Context, *, front: str) -> RpcInfo:
-        request_id = own_id or metadata_request_id(context) or new_request_id()
+    def begin(
+        self, name: str, own_id: str, context: Context, *, front: str, id_field: str = "request_id"
+    ) -> RpcInfo:
+        """Count a call in. `own_id` is the request's own id field (`id_field` names it); one
+        that cannot travel in metadata is refused by `admit`, the call gets an id of ours."""
+        refusal = None
+        if own_id and not is_sendable_id(own_id):
+            refusal = unsendable_id(id_field)
+            own_id = ""
+        request_id = own_id or metadata_request_id(context)
         info = RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "", front=front)
+        info.refusal = refusal
+        if tracing.TRACER is not None:  # the span; no own id: the trace id is the request id
+            tracing.start_rpc(info, context.invocation_metadata())
         return self.enter(info)
 
-    def enter(self, info: RpcInfo) -> RpcInfo:
-        """Count `info`'s call in (`finish` counts it out): for a front without a gRPC context."""
+    def enter(self, info: RpcInfo, headers: Any = None, method: str = "") -> RpcInfo:
+        """Count `info`'s call in (`finish` counts it out): for a front without a gRPC context,
+        which passes its `headers` (for the caller's trace context) and HTTP `method`."""
+        if headers is not None and tracing.TRACER is not None:
+            tracing.start_rpc(info, headers, method)
+        if not info.request_id:
+            info.request_id = new_request_id()
         self.inflight += 1
         self._idle.clear()
         self.last_call = info.start
@@ -134,6 +169,12 @@ class Gate:
     def refuse_if_draining(self) -> None:
         if self.draining:
             raise ServerDraining("the server is shutting down; retry elsewhere")
+
+    def admit(self, info: RpcInfo) -> None:
+        """`refuse_if_draining`, then the refusal `begin` found in the request."""
+        self.refuse_if_draining()
+        if info.refusal is not None:
+            raise info.refusal
 
     def finish(self, info: RpcInfo) -> None:
         self.inflight -= 1
@@ -163,6 +204,8 @@ class Gate:
             peer=info.peer,
             **info.extra,
         )
+        if info.trace is not None:
+            tracing.end_rpc(info, fields)  # the span ends; the line gets trace_id and span_id
         rpc_line(log, fields)
 
 

@@ -27,8 +27,10 @@ from headrace.server.rpc import (
     Gate,
     RpcInfo,
     abort_for,
+    is_sendable_id,
     metadata_request_id,
     new_request_id,
+    unsendable_id,
 )
 from headrace.server.types import Task
 from headrace.v1 import inference_pb2 as pb
@@ -49,7 +51,7 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             ) -> AsyncIterator[Any]:
                 info = self._begin(name, request, context)
                 try:
-                    self.gate.refuse_if_draining()
+                    self.gate.admit(info)
                     async with contextlib.aclosing(fn(self, request, context, info)) as messages:
                         first = True
                         async for message in messages:
@@ -68,7 +70,7 @@ def rpc(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         async def unary_handler(self: InferenceService, request: Any, context: Context) -> Any:
             info = self._begin(name, request, context)
             try:
-                self.gate.refuse_if_draining()
+                self.gate.admit(info)
                 # The id rides in the trailers, sent with the answer: initial metadata of
                 # its own would be one more batch on the transport per call, and a call
                 # refused before its answer stays trailers-only (retryable by gRPC's policy).
@@ -144,6 +146,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             try:
                 async for request in requests:
                     await window.acquire()
+                    if request.request_id and not is_sendable_id(request.request_id):
+                        raise unsendable_id("request_id")  # as on Classify: one rule
                     rid = request.request_id or stream_id or new_request_id()
                     queue.put_nowait(asyncio.create_task(self._classify_one(request, rid, info)))
             except Exception as exc:

@@ -25,7 +25,11 @@ RESOURCE_EXHAUSTED without a retry hint, before any model's queue is full.
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any, NoReturn
+
+import grpc
 
 PENDING_CALLS = 1 << 20  # calls accepted by the transport, not yet by a handler
 MAX_STREAMS_PER_CONNECTION = 16384
@@ -66,3 +70,134 @@ def server_options(
             ("grpc.max_connection_age_grace_ms", int(max(grace_period_s, 1.0) * 1000)),
         ]
     return options
+
+
+# -- requests that do not parse ------------------------------------------------------------------
+
+UNDECODABLE_MESSAGE = (
+    "the request is not a valid {name} message (corrupt protobuf or invalid UTF-8)"
+)
+
+
+class Undecodable:
+    """What a guarded deserializer returns for bytes that do not parse: the handler answers it."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _guarded(deserializer: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    owner = getattr(deserializer, "__self__", None)
+    descriptor = getattr(owner, "DESCRIPTOR", None)
+    name = getattr(descriptor, "full_name", "") or "request"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # protobuf's DecodeError, or a UnicodeDecodeError of a string field
+            return Undecodable(name)
+
+    return deserialize
+
+
+async def _refuse(context: Any, request: Undecodable) -> NoReturn:
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, UNDECODABLE_MESSAGE.format(name=request.name)
+    )
+    raise AssertionError("abort returned")  # it raises AbortError
+
+
+async def _checked(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Undecodable):
+            await _refuse(context, request)
+        yield request
+
+
+def _guard(handler: Any) -> Any:
+    """`handler` with a deserializer that never raises and a behavior that refuses what it
+    could not parse. grpc's own answer to a deserializer's error is UNKNOWN with the
+    exception's text ("Unexpected <class 'DecodeError'>: ..."), a server error to retry."""
+    guarded = _guarded(handler.request_deserializer)
+    if handler.request_streaming:
+        streaming = handler.stream_stream if handler.response_streaming else handler.stream_unary
+        assert streaming is not None
+
+        def wrap_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behavior):
+
+                async def gen(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+                    async for response in behavior(_checked(requests, context), context):
+                        yield response
+
+                return gen
+
+            async def coro(requests: AsyncIterator[Any], context: Any) -> Any:
+                return await behavior(_checked(requests, context), context)
+
+            return coro
+
+        key = "stream_stream" if handler.response_streaming else "stream_unary"
+        return handler._replace(request_deserializer=guarded, **{key: wrap_stream(streaming)})
+
+    unary = handler.unary_stream if handler.response_streaming else handler.unary_unary
+    assert unary is not None
+    if inspect.isasyncgenfunction(unary):
+
+        async def gen_one(request: Any, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            async for response in unary(request, context):
+                yield response
+
+        behavior: Callable[..., Any] = gen_one
+    else:
+
+        async def one(request: Any, context: Any) -> Any:
+            if isinstance(request, Undecodable):
+                await _refuse(context, request)
+            result = unary(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        behavior = one
+    key = "unary_stream" if handler.response_streaming else "unary_unary"
+    return handler._replace(request_deserializer=guarded, **{key: behavior})
+
+
+class GuardedRegistry:
+    """What the generated `add_*Servicer_to_server` functions register on: every method's
+    handler refuses bytes that do not parse with INVALID_ARGUMENT, on every service.
+
+    The handlers are guarded once, at registration, not by a server interceptor: an
+    interceptor is one more coroutine on the event loop for every call."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server: Any = server  # grpc's stubs lack add_registered_method_handlers
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        # the generated code registers the same handlers both ways: the registered ones
+        # (grpc's lookup by method name, guarded below) are what calls reach
+        self._server.add_generic_rpc_handlers(tuple(_GuardedGeneric(h) for h in handlers))
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(
+            service, {method: _guard(h) for method, h in handlers.items()}
+        )
+
+
+class _GuardedGeneric(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+        self._made: dict[str, tuple[Any, Any]] = {}
+
+    def service(self, handler_call_details: Any) -> Any:
+        handler = self._inner.service(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        made = self._made.get(handler_call_details.method)
+        if made is None or made[0] is not handler:
+            made = (handler, _guard(handler))
+            self._made[handler_call_details.method] = made
+        return made[1]

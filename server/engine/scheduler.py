@@ -64,6 +64,7 @@ class Stream:
     sent_at: float | None = None  # perf_counter of the latest event taken (stream_interval_ms)
     tokens: int = 0  # tokens pushed so far
     first_at: float | None = None  # StepOutput.at of its first token
+    admitted_at: float | None = None  # StepOutput.started of the step that prefilled it
     last_at: float = 0.0  # StepOutput.at of its latest token
     finish: FinishReason | None = None
     error: BaseException | None = None
@@ -336,7 +337,7 @@ class DecoderScheduler(Engine):
             if stream is None:
                 continue  # cancelled: this step ran before the worker read the cancel
             if stream.first_at is None:
-                stream.first_at = out.at
+                stream.first_at, stream.admitted_at = out.at, out.started
                 self._ttft.observe(out.at - stream.arrival)
                 self._prompt_tokens.inc(len(stream.params.prompt_ids))
             else:

@@ -34,7 +34,7 @@ from headrace.server.kserve.pb import grpc_service_pb2_grpc as pb_grpc
 from headrace.server.kserve.tensors import bad, read_inputs, set_param, wants_raw, write_outputs
 from headrace.server.model_state import ModelState
 from headrace.server.models import ClassifierModel, GeneratorModel
-from headrace.server.repository import LoadedVersion, ModelRepository
+from headrace.server.repository import LoadedVersion, ModelRepository, version_key
 from headrace.server.rpc import Context, Gate, RpcInfo, abort_for, mapped_error
 from headrace.server.types import GenerateCall, InvalidArgument, Task, TokenEvent
 
@@ -61,9 +61,10 @@ def unary(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         async def handler(self: OpenInferenceService, request: Any, context: Context) -> Any:
-            info = self.gate.begin(name, getattr(request, "id", ""), context, front="kserve")
+            own_id = getattr(request, "id", "")
+            info = self.gate.begin(name, own_id, context, front="kserve", id_field="id")
             try:
-                self.gate.refuse_if_draining()
+                self.gate.admit(info)
                 return await fn(self, request, context, info)
             except BaseException as exc:
                 await abort_for(info, context, exc, _status_of(info, exc))
@@ -111,9 +112,7 @@ class OpenInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             )
         # False for a model whose versions are loading or failed (ModelMetadata says why)
         versions = {v.version for v in self.repository.versions(request.name)}
-        version = request.version
-        if version.isdigit():
-            version = str(int(version))
+        version = version_key(request.version)
         ready = bool(versions) and (not version or version in versions)
         return pb.ModelReadyResponse(ready=ready and not self.gate.stopping)
 

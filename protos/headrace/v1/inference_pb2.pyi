@@ -161,6 +161,8 @@ class ClassifyRequest(_message.Message):
     request_id: _builtins.str
     """Caller's id for this request, echoed in the response and in the server's
     logs. When empty, the `x-request-id` metadata is used, else one is made.
+    At most 128 printable ASCII characters (it travels as metadata too);
+    another is INVALID_ARGUMENT.
     """
     model_version: _builtins.str
     """Model version; empty means the newest ready version."""
