@@ -249,13 +249,15 @@ class Server:
         if self.http is not None:
             self.http.stop_accepting()
         # 3. In-flight calls of every front finish.
-        if not await self._drained(grace):
+        drained = await self._drained(grace)
+        if not drained:
             log.warning("grace_period_over", cancelled_calls=self.gate.inflight)
         # 4. Watch streams end; anything else still open (a reflection stream, calls past
         # the grace period) is cancelled.
         await self.health.end_watches()
         if closing is not None and self._grpc is not None:
-            await asyncio.wait((closing,), timeout=0.5)
+            if drained:  # the calls are done: give grpc a moment to close on its own
+                await asyncio.wait((closing,), timeout=0.5)
             await self._grpc.stop(0)
             await closing
         if self.http is not None:
