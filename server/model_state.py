@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from headrace.server.errors import ModelUnavailable
+from headrace.server.manifest import Limits
 from headrace.server.types import Task
 
 MAX_REASON = 300  # characters of a failure reason shown to callers
@@ -51,6 +52,37 @@ class VersionStatus:
         if self.state is ModelState.FAILED:
             return f"version {self.version} failed to load: {self.reason or 'unknown error'}"
         return f"version {self.version} is {self.state.value}"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What ListModels and `headrace models` show for one model name.
+
+    A model with no ready version has only `name`, `statuses` and (when its manifest
+    could be read) `task`; the rest is that of its newest ready version."""
+
+    name: str
+    versions: tuple[str, ...]  # ready versions, newest first
+    task: Task | None
+    labels: tuple[str, ...]
+    backend: str
+    precision: str
+    device: str
+    limits: Limits
+    max_batch: int
+    is_default: bool
+    statuses: tuple[VersionStatus, ...] = ()  # every known version, newest first
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.versions)
+
+    @property
+    def state(self) -> ModelState:
+        """READY with a ready version, else the state of the newest version."""
+        if self.versions or not self.statuses:
+            return ModelState.READY
+        return self.statuses[0].state
 
 
 class ModelStates:

@@ -27,7 +27,7 @@ from headrace.server.errors import ModelNotFound
 from headrace.server.loader import LoadedVersion, LoadFailed, VersionLoader
 from headrace.server.logs import get_logger
 from headrace.server.manifest import MANIFEST_NAME, Limits, Manifest
-from headrace.server.model_state import ModelState, ModelStates, VersionStatus
+from headrace.server.model_state import ModelEntry, ModelState, ModelStates
 from headrace.server.models import ServedModel
 from headrace.server.profiles import resolve_profile
 from headrace.server.types import StreamInterval, Task
@@ -50,37 +50,6 @@ class Lease(Generic[M]):
     version: str
     manifest: Manifest
     model: M
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    """What ListModels and `headrace models` show for one model name.
-
-    A model with no ready version has only `name`, `statuses` and (when its manifest
-    could be read) `task`; the rest is that of its newest ready version."""
-
-    name: str
-    versions: tuple[str, ...]  # ready versions, newest first
-    task: Task | None
-    labels: tuple[str, ...]
-    backend: str
-    precision: str
-    device: str
-    limits: Limits
-    max_batch: int
-    is_default: bool
-    statuses: tuple[VersionStatus, ...] = ()  # every known version, newest first
-
-    @property
-    def ready(self) -> bool:
-        return bool(self.versions)
-
-    @property
-    def state(self) -> ModelState:
-        """READY with a ready version, else the state of the newest version."""
-        if self.versions or not self.statuses:
-            return ModelState.READY
-        return self.statuses[0].state
 
 
 def scan(root: Path) -> dict[tuple[str, str], Path]:
