@@ -16,6 +16,7 @@ One after another, each server in its own process and the load generator
   default    the same with no settings file (only at 1 caller: idle spinning shows there)
   baseline   `--baseline [TAG=]DIR` (repeatable): headrace from another checkout (DIR/src),
              same settings; reported under TAG (default "baseline")
+  variant    `--variant TAG=TOML` (repeatable): this checkout's server with other settings
 
 Classify sends one short tweet per call (64 callers, then 1); generation runs 16
 streams and 1 stream of 64 tokens. Server CPU per call comes from /proc/PID/task/*/stat
@@ -300,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
         metavar="[TAG=]DIR",
         help="another checkout: its server, same load (repeatable)",
     )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="TAG=TOML",
+        help="this checkout's server with another settings file (repeatable)",
+    )
     p.add_argument("--no-default", action="store_true", help="skip the no-settings server")
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=1.5)
@@ -328,6 +336,10 @@ def main(argv: list[str] | None = None) -> None:
             tag = tag or "baseline"
             run.results["baseline_tags"].append(tag)
             run.headrace(tag, a.settings, Path(folder).resolve(), full=True)
+        for spec in a.variant:
+            tag, _, toml = spec.partition("=")
+            run.results["baseline_tags"].append(tag)
+            run.headrace(tag, Path(toml).resolve(), None, full=True)
         if not a.no_default:
             run.headrace("default", None, None, full=False)
         r = run.results

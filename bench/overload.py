@@ -2,6 +2,7 @@
 
     python -m bench.overload                       # tiny classifier, queue bound 1024, 3x
     python -m bench.overload --queue 256 --factor 3 --channels 1 --out bench/results/overload.json
+    python -m bench.overload --queue 256 --bare    # + the same storm on a server refusing all
 
 A `headrace serve` child process serves a copy of a tiny classifier whose manifest sets
 `batching.max_queue` to `--queue`; one grpc.aio client (one channel unless `--channels`)
@@ -9,6 +10,10 @@ starts `factor * queue` Classify calls at once and waits for all of them. Report
 status code: the count and latency percentiles (ms, from the call's start to its
 status), and whether RESOURCE_EXHAUSTED answers carried `retry-after-ms`. What admission
 must give: every call OK or RESOURCE_EXHAUSTED, none CANCELLED or UNAVAILABLE.
+
+With `--bare`, the same rounds then run against bench/bare_server.py `--reject`, a
+grpc.aio server that refuses every call with RESOURCE_EXHAUSTED at once: the floor a
+refusal's latency under that burst is read against (the transport alone).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 import grpc
 
 from bench.common import latency_summary, write_json
-from bench.servers import ServerProcess, channel_ready
+from bench.servers import ServerProcess, channel_ready, free_port
 
 RETRY_AFTER_KEY = "retry-after-ms"
 
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="the first round is a warm-up")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="keep the tiny model here (reused)")
+    ap.add_argument("--bare", action="store_true", help="also a bare server refusing every call")
     a = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
@@ -121,6 +127,17 @@ def main(argv: list[str] | None = None) -> None:
                 for _ in range(a.rounds)
             ]
             alive = server.alive()
+        bare = None
+        if a.bare:
+            port = free_port()
+            bare_cmd = [sys.executable, "-m", "bench.bare_server", "--port", str(port), "--reject"]
+            with ServerProcess("bare", bare_cmd, work / "bare.log") as server:
+                target = f"127.0.0.1:{port}"
+                server.wait_ready(lambda: channel_ready(target), timeout=60)
+                bare = [
+                    asyncio.run(storm(target, calls, a.channels, "what a great game last night"))
+                    for _ in range(a.rounds)
+                ][-1]
     result = {
         "queue_bound": a.queue,
         "factor": a.factor,
@@ -129,7 +146,12 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": rounds[:-1],
         "server_alive_after": alive,
     }
+    if bare is not None:
+        result["bare_reject"] = bare
     print(json.dumps(result["measured"], indent=2))
+    if bare is not None:
+        print("bare server refusing every call:")
+        print(json.dumps(bare, indent=2))
     if a.out is not None:
         write_json(a.out, result)
 
