@@ -9,7 +9,8 @@ load generator drives it and headrace, so calls/s and p50 here are what a Python
 grpc.aio server on this box can do at all; headrace's figures are read against it.
 With `--reject` every call is refused with RESOURCE_EXHAUSTED and a `retry-after-ms`
 trailer instead: the floor of a refusal (bench/overload.py reads headrace's against it).
-uvloop when installed, as `headrace serve`.
+uvloop when installed and the transport's channel arguments (server/transport.py), as
+`headrace serve`: without them, grpc core cancels calls of a burst past 1,000 pending.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 from typing import Any
 
 import grpc
+from headrace.server.transport import server_options
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pbg
 
@@ -59,7 +61,7 @@ class Bare(pbg.InferenceServicer):
 
 
 async def serve(port: int, labels: int, initial_metadata: bool, reject: bool = False) -> None:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=server_options(4 * 1024 * 1024))
     pbg.add_InferenceServicer_to_server(Bare(labels, initial_metadata, reject), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
