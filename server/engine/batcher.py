@@ -45,7 +45,7 @@ class Encoded:
     """One request's answer: its rows' logits and what the model saw of each row."""
 
     logits: np.ndarray  # float32 [rows, labels]
-    tokens: list[int]  # token ids per row, after truncation
+    tokens: list[int]  # tokens of each row as the model saw them (after truncation)
     truncated: list[bool]  # whether `tokenize` cut the row (False for rows sent as ids)
 
 
@@ -99,7 +99,8 @@ class _Output:
     logits: np.ndarray  # float32 [rows, labels]
     tokens: list[int]
     truncated: list[bool]
-    seconds: float  # tokenize + forward
+    forward_s: float  # the backend calls alone
+    seconds: float  # tokenize + forward: the batch's unit time, for retry hints
 
 
 class EncoderBatcher(Engine):
@@ -265,16 +266,19 @@ class EncoderBatcher(Engine):
         ids, truncated = self._token_ids(rows)
         tokens = [len(r) for r in ids]
         out: np.ndarray | None = None
+        forward_s = 0.0
         for group in length_groups(tokens, self.max_padding):
             input_ids, mask = self.pad([ids[i] for i in group])
+            t1 = time.perf_counter()
             logits = np.asarray(self.backend.forward(input_ids, mask), dtype=np.float32)
+            forward_s += time.perf_counter() - t1
             if logits.ndim != 2 or logits.shape[0] != len(group):  # [G, labels]
                 raise ValueError(f"backend returned logits of shape {logits.shape}")
             if out is None:
                 out = np.empty((len(rows), logits.shape[1]), dtype=np.float32)
             out[group] = logits
         assert out is not None
-        return _Output(out, tokens, truncated, time.perf_counter() - t0)
+        return _Output(out, tokens, truncated, forward_s, time.perf_counter() - t0)
 
     async def _execute(self, batch: _Batch) -> None:
         try:
@@ -288,7 +292,7 @@ class EncoderBatcher(Engine):
                     req.future.set_exception(failure)
             return
         self._batch_hist.observe(len(batch.rows))
-        self._forward_hist.observe(out.seconds)
+        self._forward_hist.observe(out.forward_s)
         self._observe_unit(out.seconds)
         logits, tokens, truncated = out.logits, out.tokens, out.truncated
         at = 0
