@@ -163,6 +163,18 @@ def classifier_card(
     }
     base = data["baselines"]
     t_torch = _find(forms, "teacher", "torch", "fp32")
+    vocab_rows = vocabulary_rows(forms)
+    vocab_line = ""
+    if vocab is not None and vocab_rows:
+        # the served form's own row, else the same kind of form of the smallest student
+        kind = served["form"].split(" ", 1)[1]
+        row = next((r for r in vocab_rows if r["form"].endswith(kind)), vocab_rows[0])
+        vocab_line = (
+            f" Students keep the {vocab['tokens_after']:,} of {vocab['tokens_before']:,} word "
+            f"pieces the training split uses: {row['form']} {row['megabytes']} MB against "
+            f"{row['megabytes_full']} MB with the full vocabulary (accuracy {row['accuracy']:.4f} "
+            f"vs {row['accuracy_full']:.4f})."
+        )
     return {
         "summary": (
             f"Sentiment classifier distilled (and structurally pruned) from an "
@@ -173,6 +185,7 @@ def classifier_card(
             f"baselines: majority class {base['majority']['accuracy']:.4f} (macro-F1 "
             f"{base['majority']['macro_f1']:.4f}), bag-of-words logistic regression "
             f"{base['bow_logreg']['accuracy']:.4f} (macro-F1 {base['bow_logreg']['macro_f1']:.4f})."
+            + vocab_line
         ),
         "served": {
             "form": served["form"],
@@ -191,7 +204,7 @@ def classifier_card(
             {
                 **{k: v for k, v in vocab.items() if k != "held_out"},
                 **{f"held_out_{k}": v for k, v in vocab["held_out"].items()},
-                "forms": vocabulary_rows(forms),
+                "forms": vocab_rows,
             }
             if vocab is not None
             else None
