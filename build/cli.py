@@ -198,6 +198,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser(
+        "vocab",
+        help="measure vocabulary pruning on a corpus: pieces kept, [UNK], ONNX sizes (JSON)",
+    )
+    for flag, default in (("--data", None), ("--base", None), ("--layers", 1)):
+        p.add_argument(flag, type=int if default else Path, default=default)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="sentiment")
+    p.set_defaults(func=cmd_vocab)
+
     p = sub.add_parser("tiny", help="tiny random models with real tokenizers (for tests, seconds)")
     p.add_argument("--out", type=Path, default=Path("models"), help="model repository")
     p.set_defaults(func=cmd_tiny)
@@ -308,6 +318,18 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     make_tiny_classifier(args.out / "tiny-classifier" / "1")
     make_tiny_generator(args.out / "tiny-generator" / "1")
     print(f"wrote {args.out}/tiny-classifier/1 and {args.out}/tiny-generator/1")
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    _prepare_process()
+    from headrace.build.classifier import base_checkpoint
+    from headrace.build.data import load_split
+    from headrace.build.vocab import measure
+
+    split, _ = load_split(args.data, text_column=args.text_column, label_column=args.label_column)
+    base = args.base or base_checkpoint(Path(".cache") / "build" / "base")
+    print(json.dumps(measure(base, split, layers=args.layers), indent=2))
     return 0
 
 

@@ -185,3 +185,77 @@ def full_vocab_copy(pruned_hf: Path, full_hf: Path, out_hf: Path) -> dict[str, A
         "vocabulary": int(model.config.vocab_size),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
+
+
+def measure(
+    base: Path, split: Any, *, layers: int = 1, calibration_texts: int = 256
+) -> dict[str, Any]:
+    """What pruning to `split`'s training texts does to a `layers`-deep student of `base`
+    (untrained head: sizes and tokenization do not depend on training): pieces kept, [UNK]
+    and re-split texts on the held-out texts, the largest logit change on training texts
+    (0: the same pieces), and each ONNX form's size with the full and the pruned vocabulary.
+    `headrace build vocab` prints it."""
+    import copy
+    import tempfile
+
+    import numpy as np
+    import torch
+    from headrace.build.distill import pick_layers, student_from_teacher
+    from headrace.build.export import export_encoder
+    from headrace.build.quantize import quantize_int8, quantize_static_qdq
+    from headrace.build.training import (
+        classifier_logits,
+        encode_texts,
+        load_tokenizer,
+        save_serving_tokenizer,
+    )
+    from transformers import AutoModelForSequenceClassification
+
+    train = [e.text for e in split.train]
+    held_out = [e.text for e in split.val + split.test]
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(split.labels))
+    full = student_from_teacher(teacher, pick_layers(int(teacher.config.num_hidden_layers), layers))
+    del teacher
+    sizes: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = {"full": Path(tmp) / "full", "pruned": Path(tmp) / "pruned"}
+        full.save_pretrained(dirs["full"])
+        save_serving_tokenizer(base / "tokenizer.json", dirs["full"] / "tokenizer.json")
+        pruned = copy.deepcopy(full)
+        stats = prune_vocab(
+            pruned, dirs["full"] / "tokenizer.json", train, dirs["pruned"] / "tokenizer.json"
+        )
+        pruned.save_pretrained(dirs["pruned"])
+        held = tokenization_stats(
+            dirs["full"] / "tokenizer.json", dirs["pruned"] / "tokenizer.json", held_out
+        )
+        sample = train[:500]
+        logits = [
+            classifier_logits(
+                m, encode_texts(load_tokenizer(d / "tokenizer.json", max_len=128), sample)
+            )
+            for m, d in ((full, dirs["full"]), (pruned, dirs["pruned"]))
+        ]
+        for name, d in dirs.items():
+            export_encoder(d, d / "model.onnx", check_texts=held_out[:16])
+            quantize_int8(d / "model.onnx", d / "model.int8.onnx")
+            export_encoder(d, d / "plain.onnx", optimize=False, check_texts=None)
+            quantize_static_qdq(
+                d / "plain.onnx",
+                d / "model.qdq.onnx",
+                d / "tokenizer.json",
+                train[-calibration_texts:],
+            )
+            sizes[name] = {
+                f: round((d / f).stat().st_size / 1e6, 2)
+                for f in ("model.onnx", "model.int8.onnx", "model.qdq.onnx")
+            }
+    return {
+        **stats,
+        "held_out": held,
+        "train_max_abs_logit_diff": float(np.abs(logits[0] - logits[1]).max()),
+        "layers": layers,
+        "megabytes_full": sizes["full"],
+        "megabytes_pruned": sizes["pruned"],
+    }

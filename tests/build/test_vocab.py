@@ -97,3 +97,19 @@ def test_only_wordpiece_tokenizers(tiny_models: Path, tmp_path: Path) -> None:
     bpe = tiny_models / "tiny-generator" / "1" / "tokenizer.json"
     with pytest.raises(ValueError, match="WordPiece"):
         vocab.prune_vocab(model, bpe, TRAIN, tmp_path / "t.json")
+
+
+def test_vocab_command_measures_a_corpus(
+    tiny_models: Path, labelled_csv: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from headrace.build.cli import main
+
+    base = tiny_models / "tiny-classifier" / "1" / "hf"
+    args = ["vocab", "--data", str(labelled_csv), "--base", str(base)]
+    assert main([*args, "--text-column", "review", "--label-column", "stars"]) == 0
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{\n") :])  # the calibrator prints before it
+    assert report["tokens_after"] < report["tokens_before"]
+    assert report["train_max_abs_logit_diff"] == 0.0
+    assert report["held_out"]["unk_pruned"] <= report["held_out"]["unk_full"]
+    assert report["megabytes_pruned"]["model.onnx"] <= report["megabytes_full"]["model.onnx"]
