@@ -195,14 +195,14 @@ def measure(
     and re-split texts on the held-out texts, the largest logit change on training texts
     (0: the same pieces), and each ONNX form's size with the full and the pruned vocabulary.
     `headrace build vocab` prints it."""
+    import contextlib
     import copy
+    import sys
     import tempfile
 
     import numpy as np
     import torch
     from headrace.build.distill import pick_layers, student_from_teacher
-    from headrace.build.export import export_encoder
-    from headrace.build.quantize import quantize_int8, quantize_static_qdq
     from headrace.build.training import (
         classifier_logits,
         encode_texts,
@@ -238,15 +238,8 @@ def measure(
             for m, d in ((full, dirs["full"]), (pruned, dirs["pruned"]))
         ]
         for name, d in dirs.items():
-            export_encoder(d, d / "model.onnx", check_texts=held_out[:16])
-            quantize_int8(d / "model.onnx", d / "model.int8.onnx")
-            export_encoder(d, d / "plain.onnx", optimize=False, check_texts=None)
-            quantize_static_qdq(
-                d / "plain.onnx",
-                d / "model.qdq.onnx",
-                d / "tokenizer.json",
-                train[-calibration_texts:],
-            )
+            with contextlib.redirect_stdout(sys.stderr):  # the calibrator prints its progress
+                _export_forms(d, held_out[:16], train[-calibration_texts:])
             sizes[name] = {
                 f: round((d / f).stat().st_size / 1e6, 2)
                 for f in ("model.onnx", "model.int8.onnx", "model.qdq.onnx")
@@ -259,3 +252,14 @@ def measure(
         "megabytes_full": sizes["full"],
         "megabytes_pruned": sizes["pruned"],
     }
+
+
+def _export_forms(d: Path, check: list[str], calibration: list[str]) -> None:
+    from headrace.build.export import export_encoder
+    from headrace.build.quantize import quantize_int8, quantize_static_qdq
+
+    export_encoder(d, d / "model.onnx", check_texts=check)
+    quantize_int8(d / "model.onnx", d / "model.int8.onnx")
+    export_encoder(d, d / "plain.onnx", optimize=False, check_texts=None)
+    quantize_static_qdq(d / "plain.onnx", d / "model.qdq.onnx", d / "tokenizer.json", calibration)
+    (d / "plain.onnx").unlink()
