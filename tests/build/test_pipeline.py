@@ -226,6 +226,7 @@ def test_vocab_pruned_student_serves_and_reevaluates(
         == json.loads((student / "hf" / "config.json").read_text())["vocab_size"]
     )
     assert "## Vocabulary pruning" in (student / CARD_NAME).read_text()
+    assert f"keep the {vocab['tokens_after']:,} of {vocab['tokens_before']:,}" in card["summary"]
 
     # served: the same probabilities as the full-vocabulary copy on training texts
     split = Split.load(student / SPLIT_NAME)
