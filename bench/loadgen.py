@@ -160,7 +160,10 @@ async def classify_point(
 # would otherwise reach its end-of-text token after about 4 tokens).
 
 
-def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
+def generate_payloads(
+    model: str, new_tokens: int, stream_interval: int = 0, stream_interval_ms: int | None = None
+) -> list[bytes]:
+    """Serialized GenerateRequests; `stream_interval*` as the request fields (None: unset)."""
     from headrace.v1 import inference_pb2 as pb
 
     return [
@@ -169,6 +172,8 @@ def generate_payloads(model: str, new_tokens: int) -> list[bytes]:
             prompt=p,
             max_new_tokens=new_tokens,
             sampling=pb.SamplingParams(ignore_eos=True),
+            stream_interval=stream_interval,
+            stream_interval_ms=stream_interval_ms,
         ).SerializeToString()
         for p in PROMPTS
     ]
@@ -368,13 +373,16 @@ async def _main(a: argparse.Namespace) -> dict[str, Any]:
                 )
                 points.append(point)
         else:
-            payloads = generate_payloads(a.model, a.new_tokens)
+            payloads = generate_payloads(
+                a.model, a.new_tokens, a.stream_interval, a.stream_interval_ms
+            )
             for c in a.concurrency:
                 point = await generate_point(
                     channel, payloads, c, a.warmup, a.duration, a.server_pid, a.timeout
                 )
                 print(
                     f"  generate c={c:3d} {point['tokens_per_s']:8.1f} tok/s  "
+                    f"{point['messages_per_s']:8.1f} msg/s  "
                     f"ttft p50 {point['ttft_p50_ms']} ms  itl p50 {point['itl_p50_ms']} ms  "
                     f"err {point['errors']}",
                     flush=True,
@@ -398,6 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--streams", type=int, default=1000)
+    p.add_argument("--stream-interval", type=int, default=0, help="tokens per message (0: server's)")
+    p.add_argument("--stream-interval-ms", type=int, default=None, help="ms between messages")
     p.add_argument("--timeout", type=float, default=60.0, help="deadline of one call, seconds")
     p.add_argument("--server-pid", type=int, default=None)
     p.add_argument("--out", type=Path, required=True)

@@ -12,6 +12,7 @@ from . import _health
 from ._calls import Call, Method, Streaming
 from ._channel import Metadata, PemSource, RetryPolicy, Settings, settings
 from ._streams import RequestFeeder
+from ._tracing import with_trace_context
 
 __all__ = ["DEFAULT_TARGET", "ClientBase"]
 
@@ -119,7 +120,7 @@ class ClientBase(Generic[ChannelT]):
         s = self._settings
         return {
             "timeout": s.call_timeout(call.timeout),
-            "metadata": s.call_metadata(call.metadata),
+            "metadata": with_trace_context(s.call_metadata(call.metadata)),
             "wait_for_ready": s.wait_for_ready,
         }
 

@@ -142,6 +142,8 @@ def generate(
     stop: str | Sequence[str] = (),
     request_id: str | None = None,
     reject_overlong: bool = False,
+    stream_interval: int = 0,
+    stream_interval_ms: int | None = None,
     timeout: float | None = None,
     metadata: Metadata | None = None,
 ) -> Unary[GenerateResult]:
@@ -149,6 +151,9 @@ def generate(
 
     `max_new_tokens=0` is the model's default; `seed` makes sampling repeatable;
     `ignore_eos` generates past the end-of-sequence token (fixed-length load tests).
+    `stream()` only: `stream_interval` tokens per chunk (0: the server's default) and
+    `stream_interval_ms`, at most one chunk per that many ms after the first (None: the
+    server's default, 0: off).
     """
     request = _convert.generate_request(
         prompt,
@@ -164,6 +169,8 @@ def generate(
         stop=stop,
         request_id=request_id,
         reject_overlong=reject_overlong,
+        stream_interval=stream_interval,
+        stream_interval_ms=stream_interval_ms,
     )
     return Unary("Generate", request, _convert.generate_result, timeout, metadata, request_id)
 

@@ -110,6 +110,8 @@ def generate_request(
     ignore_eos: bool = False,
     request_id: str | None,
     reject_overlong: bool,
+    stream_interval: int = 0,
+    stream_interval_ms: int | None = None,
 ) -> pb.GenerateRequest:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -131,6 +133,8 @@ def generate_request(
         stop=[stop] if isinstance(stop, str) else list(stop),
         request_id=request_id or "",
         reject_overlong=reject_overlong,
+        stream_interval=stream_interval,
+        stream_interval_ms=stream_interval_ms,
     )
 
 
@@ -189,6 +193,7 @@ def generate_chunk(msg: pb.GenerateChunk) -> GenerateChunk:
         model=msg.model,
         model_version=msg.model_version,
         prompt_truncated=msg.prompt_truncated,
+        token_times_us=tuple(msg.token_times_us),
     )
 
 

@@ -136,6 +136,9 @@ class GenerateChunk:
 
     Concatenating `text` over the chunks gives the completion. Only the last chunk has
     `finish_reason` and `usage`; `model` and `model_version` are set on the first chunk.
+    A chunk may hold several tokens (the request's `stream_interval`, or a reader that
+    fell behind); `token_times_us` gives, per token of `token_ids`, when the server made
+    it, in microseconds since the request entered the model's queue.
     """
 
     text: str
@@ -146,6 +149,7 @@ class GenerateChunk:
     model: str = ""
     model_version: str = ""
     prompt_truncated: bool = False
+    token_times_us: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

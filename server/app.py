@@ -39,6 +39,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
+from headrace.server import tracing
 from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
 from headrace.server.kserve.pb import grpc_service_pb2 as kserve_pb
@@ -76,6 +77,7 @@ class Server:
         self.tls: ServerTls | None = None
         if config.tls_cert is not None and config.tls_key is not None:
             self.tls = ServerTls(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+        tracing.configure(config.otlp_endpoint)  # off unless an OTLP endpoint is set
         self.auth: Authenticator | None = None
         if config.api_key_file is not None:
             self.auth = Authenticator(config.api_key_file, config.auth_exempt)
@@ -87,6 +89,7 @@ class Server:
             poll_interval_s=config.poll_interval_s,
             backend_options=config.backend_options(),
             defaults=config.defaults(),
+            stream=config.stream_defaults(),
         )
         self.gate = Gate()  # drain flag and running calls of every front
         self.service = InferenceService(self.repository, self.gate)
@@ -144,6 +147,7 @@ class Server:
                 self.config.max_message_mb * 1024 * 1024,
                 max_connection_age_s=self.config.max_connection_age_s,
                 grace_period_s=self.config.grace_period_s,
+                reuse_port=self.config.reuse_port,  # --workers: one port, N processes
             ),
         )
         pb_grpc.add_InferenceServicer_to_server(self.service, server)

@@ -23,6 +23,7 @@ SERVE_FIELDS = (
     "poll_interval_s", "intra_op_threads", "inter_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
+    "stream_interval", "stream_interval_ms", "workers", "otlp_endpoint",
 )  # fmt: skip
 
 
@@ -98,6 +99,26 @@ def _add_serve(subparsers: Any) -> None:
         help="write the bound port to FILE once serving (useful with --port 0)",
     )
     p.add_argument("--max-message-mb", type=int, help="largest gRPC message (default 16)")
+    p.add_argument(
+        "--workers", type=int, metavar="N",
+        help="front-end processes sharing the ports (SO_REUSEPORT), each with every front and "
+        "its own backend sessions, under one supervisor (default: one per 2 cores, at most 8; "
+        "1 on the datacenter profile)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stream-interval", type=int, metavar="TOKENS",
+        help="GenerateStream: tokens per message unless a request sets its own (default 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--stream-interval-ms", type=int, metavar="MS",
+        help="GenerateStream: at most one message per MS per stream after the first, each "
+        "with every token made meanwhile, unless a request sets its own (default 0: off)",
+    )  # fmt: skip
+    p.add_argument(
+        "--otlp-endpoint", metavar="URL",
+        help="send OpenTelemetry traces to this OTLP/gRPC collector, e.g. http://localhost:4317 "
+        "(default: off, or OTEL_EXPORTER_OTLP_ENDPOINT; needs headrace[tracing])",
+    )  # fmt: skip
     _add_security(p)
     p.set_defaults(func=cmd_serve)
 
@@ -150,8 +171,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     from headrace.server.app import run
     from headrace.server.profiles import ProfileError
+    from headrace.server.workers import default_workers, run_workers
 
+    workers = config.workers or default_workers(config.profile)
     try:
+        if workers > 1:
+            return run_workers(config, workers)
         return run(config)
     except ConfigError as exc:  # a TLS or key file that cannot be used
         print(f"headrace serve: {exc}", file=sys.stderr)

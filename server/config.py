@@ -15,6 +15,7 @@
     tls_client_ca = "/etc/headrace/tls/ca.crt"  # mTLS: client certificates required
     api_key_file = "/etc/headrace/keys"         # "KEY" or "KEY model1,model2" per line
     auth_exempt = ["health"]                    # of health, reflection, metrics
+    otlp_endpoint = "http://otel-collector:4317"  # OpenTelemetry traces (OTLP/gRPC); off unset
 
 Keys are the field names of `ServerConfig`; an unknown key is an error that
 names it. Relative paths in a file are resolved against the file's folder.
@@ -30,7 +31,12 @@ from typing import Any
 
 from headrace.server import profiles
 from headrace.server.backends.registry import backend_names
-from headrace.server.types import Task
+from headrace.server.types import (
+    MAX_STREAM_INTERVAL,
+    MAX_STREAM_INTERVAL_MS,
+    StreamInterval,
+    Task,
+)
 
 PROFILES = ("auto", *profiles.PROFILES)
 LOG_FORMATS = ("json", "console")
@@ -67,6 +73,14 @@ class ServerConfig:
     # over new replicas; running calls get grace_period_s first (server/transport.py)
     max_connection_age_s: float = 0.0
     extra_backend_options: dict[str, Any] = field(default_factory=dict)
+    # GenerateStream messages (a request's stream_interval* fields override these): one
+    # waits for this many tokens and this many ms since the previous one (docs/serving.md)
+    stream_interval: int = 1
+    stream_interval_ms: int = 0
+    # front-end processes on the one port (server/workers.py); None: one per 2 cores (capped),
+    # 1 on the datacenter profile
+    workers: int | None = None
+    reuse_port: bool = False  # share the ports with other processes (set for each worker)
     # Security (docs/serving.md#security). TLS files are re-read when they change.
     tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and HTTP ports
     tls_key: Path | None = None  # PEM private key of tls_cert (unencrypted)
@@ -76,6 +90,9 @@ class ServerConfig:
     auth_exempt: tuple[str, ...] = (
         "health",
     )  # call groups needing no key: health, reflection, metrics
+    # OpenTelemetry traces to this OTLP/gRPC collector (docs/serving.md#tracing); None: off,
+    # unless OTEL_EXPORTER_OTLP_ENDPOINT is set
+    otlp_endpoint: str | None = None
 
     def validate(self) -> ServerConfig:
         if self.profile not in PROFILES:
@@ -106,6 +123,12 @@ class ServerConfig:
                 raise ConfigError(f"{name} must be >= 1")
         if self.max_connection_age_s < 0:
             raise ConfigError("max_connection_age_s must be >= 0")
+        if not 1 <= self.stream_interval <= MAX_STREAM_INTERVAL:
+            raise ConfigError(f"stream_interval must be in [1, {MAX_STREAM_INTERVAL}]")
+        if not 0 <= self.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise ConfigError(f"stream_interval_ms must be in [0, {MAX_STREAM_INTERVAL_MS}]")
+        if self.workers is not None and not 1 <= self.workers <= 256:
+            raise ConfigError("workers must be in [1, 256]")
         if self.max_message_mb < 1:
             raise ConfigError("max_message_mb must be >= 1")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -130,6 +153,9 @@ class ServerConfig:
             options["inter_op_threads"] = self.inter_op_threads
         return options
 
+    def stream_defaults(self) -> StreamInterval:
+        return StreamInterval(self.stream_interval, self.stream_interval_ms)
+
     def defaults(self) -> dict[Task, str]:
         out: dict[Task, str] = {}
         if self.default_classify_model:
@@ -148,9 +174,12 @@ _INTS = {
     "intra_op_threads",
     "inter_op_threads",
     "max_message_mb",
+    "stream_interval",
+    "stream_interval_ms",
+    "workers",
 }
 _FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s"}
-_BOOLS = {"metrics_tls"}
+_BOOLS = {"metrics_tls", "reuse_port"}
 _LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
 
 

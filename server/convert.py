@@ -15,10 +15,13 @@ from collections.abc import Sequence
 
 from headrace.server.repository import ModelEntry
 from headrace.server.types import (
+    MAX_STREAM_INTERVAL,
+    MAX_STREAM_INTERVAL_MS,
     ClassifyCall,
     ClassifyItem,
     FinishReason,
     GenerateCall,
+    InvalidArgument,
     SamplingParams,
     Task,
     TokenEvent,
@@ -83,7 +86,29 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
     )
 
 
+def stream_interval(request: pb.GenerateRequest) -> tuple[int | None, int | None]:
+    """(tokens, ms) per message; None where the request leaves the server's default.
+
+    Raises InvalidArgument naming `stream_interval` or `stream_interval_ms` when out of range.
+    """
+    tokens = int(request.stream_interval)
+    if tokens > MAX_STREAM_INTERVAL:
+        raise InvalidArgument(
+            "stream_interval",
+            f"stream_interval must be in [0, {MAX_STREAM_INTERVAL}] tokens "
+            "(0 means the server's default)",
+        )
+    ms = int(request.stream_interval_ms) if request.HasField("stream_interval_ms") else None
+    if ms is not None and ms > MAX_STREAM_INTERVAL_MS:
+        raise InvalidArgument(
+            "stream_interval_ms",
+            f"stream_interval_ms must be in [0, {MAX_STREAM_INTERVAL_MS}] (0 turns it off)",
+        )
+    return tokens or None, ms
+
+
 def generate_call(request: pb.GenerateRequest, request_id: str) -> GenerateCall:
+    tokens, ms = stream_interval(request)
     return GenerateCall(
         prompt=request.prompt,
         model=request.model,
@@ -93,11 +118,18 @@ def generate_call(request: pb.GenerateRequest, request_id: str) -> GenerateCall:
         stop=tuple(request.stop),
         reject_overlong=bool(request.reject_overlong),
         request_id=request_id,
+        stream_interval=tokens,
+        stream_interval_ms=ms,
     )
 
 
 def generate_chunk(event: TokenEvent, request_id: str) -> pb.GenerateChunk:
-    chunk = pb.GenerateChunk(text=event.text, token_ids=event.token_ids, request_id=request_id)
+    chunk = pb.GenerateChunk(
+        text=event.text,
+        token_ids=event.token_ids,
+        request_id=request_id,
+        token_times_us=event.token_times_us,
+    )
     if event.finish_reason is not None:
         chunk.finish_reason = FINISH_TO_PB[event.finish_reason]
         chunk.usage.prompt_tokens = event.prompt_tokens

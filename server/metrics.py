@@ -11,6 +11,7 @@ the process-wide default registry.
 
 from __future__ import annotations
 
+import os
 import socket
 import socketserver
 import ssl
@@ -69,6 +70,7 @@ QUEUE_DEPTH = Gauge(
     "Requests waiting for a batch (encoder) or a KV slot (decoder).",
     ["model"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",  # --workers: the sum over the workers alive
 )
 BATCH_SIZE = Histogram(
     "headrace_batch_size",
@@ -89,6 +91,7 @@ ACTIVE_SLOTS = Gauge(
     "KV-cache slots holding a running sequence.",
     ["model"],
     registry=REGISTRY,
+    multiprocess_mode="livesum",
 )
 TIME_TO_FIRST_TOKEN = Histogram(
     "headrace_time_to_first_token_seconds",
@@ -147,6 +150,19 @@ def _guarded(app: Any, authenticator: auth.Authenticator | None) -> Any:
     return guarded
 
 
+def exposed_registry() -> CollectorRegistry:
+    """What /metrics shows: REGISTRY, or with --workers (PROMETHEUS_MULTIPROC_DIR set) the
+    samples of every worker, summed (server/workers.py)."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return REGISTRY
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
+    return registry
+
+
 def serve_metrics(
     port: int,
     host: str = "127.0.0.1",
@@ -157,7 +173,7 @@ def serve_metrics(
     """Start the /metrics HTTP(S) endpoint in a daemon thread; `shutdown()` stops it."""
     family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
     server_class = type("MetricsServer", (_Server,), {"address_family": family})
-    app = _guarded(make_wsgi_app(REGISTRY), authenticator)
+    app = _guarded(make_wsgi_app(exposed_registry()), authenticator)
     httpd: WSGIServer = make_server(host, port, app, server_class, handler_class=_Quiet)
     if ssl_context is not None:
         # The handshake runs in the connection's own thread, not in the accepting one.

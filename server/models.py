@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from headrace.server import metrics
+from headrace.server import metrics, tracing
 from headrace.server.backends.base import DecoderBackend, EncoderBackend
 from headrace.server.calls import check_classify, check_generate, overlong
 from headrace.server.engine.base import Engine
@@ -38,6 +38,7 @@ from headrace.server.types import (
     GenerateCall,
     GenerateParams,
     InvalidArgument,
+    StreamInterval,
     Task,
     TokenEvent,
 )
@@ -217,6 +218,7 @@ class GeneratorModel(ServedModel):
     ) -> None:
         super().__init__(name, version, manifest, tokenizer)
         self.backend: DecoderBackend = backend
+        self.stream = StreamInterval()  # what a call leaving stream_interval* unset gets
         gen = manifest.generation
         self.max_context = min(gen.max_context, backend.max_context)
         self.scheduler = DecoderScheduler(
@@ -262,6 +264,10 @@ class GeneratorModel(ServedModel):
             max_new_tokens=call.max_new_tokens or limits.default_new_tokens,
             sampling=call.sampling,
             stop=call.stop,
+            stream=StreamInterval(
+                call.stream_interval or self.stream.tokens,
+                self.stream.ms if call.stream_interval_ms is None else call.stream_interval_ms,
+            ),
         )
         return params, truncated
 
@@ -273,11 +279,20 @@ class GeneratorModel(ServedModel):
         BackendFailure (at the first iteration for the first two).
         """
         stream = self.scheduler.submit(params)
+        trace = tracing.generation(self.name, stream)  # None: tracing off
+        failure: BaseException | None = None
         try:
             while True:
                 event = await stream.next_event()
+                if trace is not None:
+                    trace.chunk(event)
                 yield event
                 if event.finish_reason is not None:
                     return
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             self.scheduler.cancel(stream)
+            if trace is not None:
+                trace.end(failure)

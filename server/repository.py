@@ -27,7 +27,7 @@ from headrace.server.logs import get_logger
 from headrace.server.manifest import MANIFEST_NAME, Limits, Manifest, read_manifest
 from headrace.server.models import ClassifierModel, GeneratorModel, ServedModel, load_tokenizer
 from headrace.server.profiles import Choice, choose_artifact, resolve_profile
-from headrace.server.types import Task
+from headrace.server.types import StreamInterval, Task
 
 log = get_logger("headrace.repository")
 
@@ -114,6 +114,7 @@ class ModelRepository:
         poll_interval_s: float = 2.0,
         backend_options: Mapping[str, object] | None = None,
         defaults: dict[Task, str] | None = None,
+        stream: StreamInterval | None = None,
     ) -> None:
         self.root = Path(root)
         self.requested_profile = profile
@@ -123,6 +124,7 @@ class ModelRepository:
         self.poll_interval_s = poll_interval_s
         self.backend_options = dict(backend_options or {})
         self.defaults = dict(defaults or {})
+        self.stream = stream or StreamInterval()  # a stream's default message rule
         self._served: dict[str, dict[str, LoadedVersion]] = {}
         self._failed: dict[tuple[str, str], float] = {}  # (name, version) -> manifest mtime
         self._listeners: list[Listener] = []
@@ -258,7 +260,9 @@ class ModelRepository:
         tokenizer = load_tokenizer(path / manifest.tokenizer)
         if manifest.task is Task.CLASSIFY:
             return ClassifierModel(name, version, manifest, load_encoder(spec), tokenizer)
-        return GeneratorModel(name, version, manifest, load_decoder(spec), tokenizer)
+        model = GeneratorModel(name, version, manifest, load_decoder(spec), tokenizer)
+        model.stream = self.stream
+        return model
 
     def _forget_retired(self, task: asyncio.Task[None]) -> None:
         self._retiring.pop(task, None)

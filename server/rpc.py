@@ -37,7 +37,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import grpc
 from grpc_status import rpc_status
-from headrace.server import auth
+from headrace.server import auth, tracing
 from headrace.server.errors import (
     MappedError,
     ServerDraining,
@@ -74,6 +74,7 @@ class RpcInfo:
     completion_tokens: int = 0
     code: grpc.StatusCode = grpc.StatusCode.OK
     extra: dict[str, Any] = field(default_factory=dict)  # a front's own keys for the log line
+    trace: Any = None  # server/tracing.py's RpcTrace while tracing is on
 
 
 # Request ids the server makes: 32 hex digits, a random half per process and a counter
@@ -115,12 +116,19 @@ class Gate:
         return True
 
     def begin(self, name: str, own_id: str, context: Context, *, front: str) -> RpcInfo:
-        request_id = own_id or metadata_request_id(context) or new_request_id()
+        request_id = own_id or metadata_request_id(context)
         info = RpcInfo(rpc=name, request_id=request_id, peer=context.peer() or "", front=front)
+        if tracing.TRACER is not None:  # the span; no own id: the trace id is the request id
+            tracing.start_rpc(info, context.invocation_metadata())
         return self.enter(info)
 
-    def enter(self, info: RpcInfo) -> RpcInfo:
-        """Count `info`'s call in (`finish` counts it out): for a front without a gRPC context."""
+    def enter(self, info: RpcInfo, headers: Any = None, method: str = "") -> RpcInfo:
+        """Count `info`'s call in (`finish` counts it out): for a front without a gRPC context,
+        which passes its `headers` (for the caller's trace context) and HTTP `method`."""
+        if headers is not None and tracing.TRACER is not None:
+            tracing.start_rpc(info, headers, method)
+        if not info.request_id:
+            info.request_id = new_request_id()
         self.inflight += 1
         self._idle.clear()
         return info
@@ -157,6 +165,8 @@ class Gate:
             peer=info.peer,
             **info.extra,
         )
+        if info.trace is not None:
+            tracing.end_rpc(info, fields)  # the span ends; the line gets trace_id and span_id
         rpc_line(log, fields)
 
 

@@ -35,13 +35,18 @@ SERVER_KEEPALIVE_TIMEOUT_MS = 20_000
 
 
 def server_options(
-    max_message_bytes: int, *, max_connection_age_s: float = 0.0, grace_period_s: float = 10.0
+    max_message_bytes: int,
+    *,
+    max_connection_age_s: float = 0.0,
+    grace_period_s: float = 10.0,
+    reuse_port: bool = False,
 ) -> list[tuple[str, Any]]:
     """The channel arguments of grpc.aio.server."""
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
+        # off unless asked (--workers): a second server on a taken port fails to start
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.server.max_pending_requests", PENDING_CALLS),
         ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS),
         ("grpc.server_max_unrequested_time_in_server", 3600),  # seconds

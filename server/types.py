@@ -57,6 +57,20 @@ class ClassifyCall:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamInterval:
+    """When a stream's next message goes: once it holds `tokens` tokens and `ms`
+    milliseconds have passed since the previous one (the first goes at once; the last
+    takes what is left). vLLM's `--stream-interval` is the tokens rule alone."""
+
+    tokens: int = 1
+    ms: int = 0
+
+
+MAX_STREAM_INTERVAL = 4096  # tokens per message
+MAX_STREAM_INTERVAL_MS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
 class GenerateCall:
     """A generate request as every front hands it to a GeneratorModel, not yet checked.
 
@@ -72,6 +86,8 @@ class GenerateCall:
     stop: tuple[str, ...] = ()
     reject_overlong: bool = False  # a prompt over the token limit is an error, not cut
     request_id: str = ""
+    stream_interval: int | None = None  # tokens per message; None: the server's default
+    stream_interval_ms: int | None = None  # ms between messages; None: the server's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +107,7 @@ class GenerateParams:
     max_new_tokens: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
+    stream: StreamInterval = field(default_factory=StreamInterval)  # delivery, loop side only
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +116,8 @@ class TokenEvent:
 
     `text` is new, complete text (never a broken multi-byte character, never
     part of a stop string); `finish_reason` is set on the last event only.
-    Several tokens may be coalesced into one event when the reader falls behind.
+    Several tokens may be coalesced into one event when the reader falls behind, or
+    as the request's StreamInterval asks; `token_times_us` keeps each token's time.
     """
 
     text: str
@@ -107,6 +125,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    token_times_us: tuple[int, ...] = ()  # per token: µs since the request was queued
 
 
 class EngineError(Exception):

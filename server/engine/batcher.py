@@ -18,13 +18,17 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import structlog
-from headrace.server import metrics
+from headrace.server import metrics, tracing
 from headrace.server.backends.base import EncoderBackend
 from headrace.server.engine.base import Engine
 from headrace.server.types import BackendFailure, QueueFull, ShuttingDown
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
 
 log = structlog.get_logger(__name__)
 
@@ -59,6 +63,7 @@ class _Request:
     logits: np.ndarray | None = None  # filled batch by batch
     next_row: int = 0  # first row not yet sent to a batch
     done_rows: int = 0  # rows whose logits are in
+    trace: Context | None = None  # the caller's OpenTelemetry context while tracing is on (server/tracing.py)
 
     @property
     def abandoned(self) -> bool:
@@ -137,6 +142,7 @@ class EncoderBatcher(Engine):
             )
         loop = asyncio.get_running_loop()
         req = _Request(rows=list(rows), future=loop.create_future(), arrival=loop.time())
+        req.trace = tracing.current()
         self._queue.append(req)
         self._rows_waiting += len(req.rows)
         self._queue_gauge.set(len(self._queue))
@@ -223,9 +229,12 @@ class EncoderBatcher(Engine):
         return out, time.perf_counter() - t0
 
     async def _execute(self, batch: _Batch) -> None:
+        trace = tracing.batch(self.name, batch.parts, len(batch.rows))  # None: tracing off
         try:
             logits, seconds = await self._in_worker(self._forward, batch.rows)
         except Exception as exc:
+            if trace is not None:
+                trace.failed(exc)
             log.error("encoder batch failed", model=self.name, rows=len(batch.rows), exc_info=exc)
             for req, _, _ in batch.parts:
                 if not req.future.done():
@@ -233,6 +242,8 @@ class EncoderBatcher(Engine):
                     failure.__cause__ = exc
                     req.future.set_exception(failure)
             return
+        if trace is not None:
+            trace.done(seconds)
         self._batch_hist.observe(len(batch.rows))
         self._forward_hist.observe(seconds)
         self._observe_unit(seconds)

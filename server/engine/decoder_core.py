@@ -54,6 +54,7 @@ class StepOutput:
     decode_s: float | None = None
     decode_rows: int = 0  # sequences in the decode call
     running: int = 0  # sequences holding a slot after the step
+    started: float = 0.0  # perf_counter when the step began (a prefill's admission, for traces)
 
 
 _Failed = list[tuple[int, BaseException]]
@@ -117,6 +118,7 @@ class DecoderCore:
         cancelled: tuple[int, ...] = (),
     ) -> StepOutput:
         """Admit `joins` (at most free_slots), prefill them, decode the others: one step."""
+        started = time.perf_counter()
         decode = list(self._running.values())
         tokens: list[TokenOut] = []
         failed: _Failed = []
@@ -143,6 +145,7 @@ class DecoderCore:
             decode_s=decode_s,
             decode_rows=len(decode) if decode_s is not None else 0,
             running=len(self._running),
+            started=started,
         )
 
     def release_all(self) -> None:

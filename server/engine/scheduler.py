@@ -23,6 +23,7 @@ at once, or its slot is freed at the worker's next step, before any request is a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -59,20 +60,24 @@ class Stream:
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     pending_text: list[str] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)
+    pending_times: list[int] = field(default_factory=list)  # µs since arrival, per token
+    sent_at: float | None = None  # perf_counter of the latest event taken (stream_interval_ms)
     tokens: int = 0  # tokens pushed so far
     first_at: float | None = None  # StepOutput.at of its first token
+    admitted_at: float | None = None  # StepOutput.started of the step that prefilled it
     last_at: float = 0.0  # StepOutput.at of its latest token
     finish: FinishReason | None = None
     error: BaseException | None = None
     finished: bool = False  # nothing more will be pushed (finished, failed or cancelled)
 
-    def push(self, text: str, token_id: int, finish: FinishReason | None) -> None:
+    def push(self, text: str, token_id: int, finish: FinishReason | None, at: float) -> None:
         if self.finished:
             return
         self.tokens += 1
         if text:
             self.pending_text.append(text)
         self.pending_ids.append(token_id)
+        self.pending_times.append(int((at - self.arrival) * 1e6))
         if finish is not None:
             self.finish = finish
             self.finished = True
@@ -85,10 +90,29 @@ class Stream:
         self.finished = True
         self.ready.set()
 
+    def _wait_s(self) -> float | None:
+        """0 when an event is due now, None when tokens must come first, else seconds to wait.
+
+        Due: the last event (finish), or params.stream's rules (enough tokens, enough time
+        since the previous event). A consumer that is behind finds every token made while
+        it was away pending, and takes them in one event.
+        """
+        if self.finish is not None:
+            return 0.0
+        rule = self.params.stream
+        if not self.pending_ids or len(self.pending_ids) < rule.tokens:
+            return None
+        if rule.ms and self.sent_at is not None:
+            return max(0.0, self.sent_at + rule.ms / 1000 - time.perf_counter())
+        return 0.0
+
     async def next_event(self) -> TokenEvent:
         """Everything produced since the last call, as one event; raises the engine's error."""
         while True:
-            if self.pending_ids or self.finish is not None:
+            wait = self._wait_s()
+            if self.error is not None:  # what was made before the failure goes first
+                wait = 0.0 if self.pending_ids else None
+            if wait == 0.0:
                 final = self.finish is not None
                 event = TokenEvent(
                     text="".join(self.pending_text),
@@ -96,14 +120,21 @@ class Stream:
                     finish_reason=self.finish,
                     prompt_tokens=len(self.params.prompt_ids) if final else 0,
                     completion_tokens=self.tokens if final else 0,
+                    token_times_us=tuple(self.pending_times),
                 )
                 self.pending_text.clear()
                 self.pending_ids.clear()
+                self.pending_times.clear()
+                self.sent_at = time.perf_counter()
                 return event
             if self.error is not None:
                 raise self.error
             self.ready.clear()
-            await self.ready.wait()
+            if wait is None:
+                await self.ready.wait()
+            else:  # tokens are in, the interval is not over: wait for it (or the finish)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.ready.wait(), wait)
 
 
 class _Inbox:
@@ -306,13 +337,13 @@ class DecoderScheduler(Engine):
             if stream is None:
                 continue  # cancelled: this step ran before the worker read the cancel
             if stream.first_at is None:
-                stream.first_at = out.at
+                stream.first_at, stream.admitted_at = out.at, out.started
                 self._ttft.observe(out.at - stream.arrival)
                 self._prompt_tokens.inc(len(stream.params.prompt_ids))
             else:
                 self._itl.observe(out.at - stream.last_at)
             stream.last_at = out.at
-            stream.push(t.text, t.token, t.finish)
+            stream.push(t.text, t.token, t.finish, out.at)
             if t.finish is not None:
                 del self._live[t.seq_id]
                 self._observe_unit(out.at - stream.arrival)

@@ -169,16 +169,17 @@ class Endpoint:
         client = scope.get("client")
         call = HttpCall(
             rpc=self.route,
-            request_id=(request.headers.get(REQUEST_ID) or "")[:128] or new_request_id(),
+            request_id=(request.headers.get(REQUEST_ID) or "")[:128],  # none: the gate's
             peer=f"{client[0]}:{client[1]}" if client else "",
         )
         if not self.inference:
+            call.request_id = call.request_id or new_request_id()
             await self._run(request, call, send)
             HTTP_REQUESTS.labels(self.route, "", str(call.status)).inc()
             return
         task = asyncio.current_task()
         assert task is not None
-        self.front.gate.enter(call)
+        self.front.gate.enter(call, request.headers, request.method)  # + span when tracing
         self.front.track(task)
         try:
             await self._run(request, call, send)

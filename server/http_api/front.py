@@ -50,11 +50,13 @@ log = get_logger("headrace.http")
 SHUTDOWN_WAIT_S = 2  # cancelled requests get this long to send their last bytes
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:  # --workers: every worker listens on the port (server/workers.py)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(2048)
         sock.setblocking(False)
@@ -79,6 +81,7 @@ class HttpFront:
         self.gate = gate  # the server's: one drain and one count of running calls for every front
         self.host = config.host
         self.requested_port = config.http_port
+        self.reuse_port = config.reuse_port
         self.body_limit = config.max_message_mb * 1024 * 1024
         self.loading = True  # until the server's models are loaded
         self.stopping = False
@@ -141,7 +144,7 @@ class HttpFront:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._sock = _bind(self.host, self.requested_port)
+        self._sock = _bind(self.host, self.requested_port, self.reuse_port)
         self.port = int(self._sock.getsockname()[1])
         config = uvicorn.Config(
             self.app,

@@ -17,7 +17,7 @@ from headrace.server.http_api import engine
 from headrace.server.http_api import openai_read as read
 from headrace.server.http_api import openai_write as wire
 from headrace.server.http_api.calls import HttpCall, JSONResponse
-from headrace.server.metrics import REGISTRY
+from headrace.server.metrics import exposed_registry
 from headrace.server.types import TokenEvent
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.responses import Response
@@ -150,7 +150,7 @@ async def ready(front: HttpFront, call: HttpCall, body: None) -> Any:
 
 
 async def metrics(front: HttpFront, call: HttpCall, body: None) -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(generate_latest(exposed_registry()), media_type=CONTENT_TYPE_LATEST)
 
 
 async def page(front: HttpFront, call: HttpCall, body: None) -> Response:

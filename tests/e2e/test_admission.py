@@ -97,7 +97,9 @@ def test_sdk_retries_a_full_queue_after_the_hint(start_server, model_repo: Path,
     assert refused and all(isinstance(e, ResourceExhausted) for e in refused)
     assert all(e.retry_after is not None and e.retry_after > 0 for e in refused)  # type: ignore[union-attr]
 
+    # two callers for one slot: the refused one has four more tries, each after the hint
+    # (three callers can collide again on a loaded box and run out of gRPC's five attempts)
     with Client(running.address, retry=patient, timeout=60) as client:
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            texts = list(pool.map(lambda _: generate(client), range(3)))
-    assert len(texts) == 3
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(lambda _: generate(client), range(2)))
+    assert len(texts) == 2

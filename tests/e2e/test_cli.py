@@ -43,7 +43,8 @@ def test_help_lists_commands_and_every_serve_flag() -> None:
                  "--inter-op-threads", "--default-classify-model", "--default-generate-model",
                  "--log-format", "--log-level", "--port-file", "--max-message-mb",
                  "--tls-cert", "--tls-key", "--tls-client-ca", "--metrics-tls",
-                 "--api-key-file", "--auth-exempt"):  # fmt: skip
+                 "--api-key-file", "--auth-exempt", "--workers", "--stream-interval",
+                 "--stream-interval-ms", "--otlp-endpoint"):  # fmt: skip
         assert flag in serve.stdout, flag
     assert headrace("models", "--help").returncode == 0
     assert headrace("build", "--help").returncode == 0

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bheadrace/v1/inference.proto\x12\x0bheadrace.v1\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x82\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x17\n\x0freject_overlong\x18\x06 \x01(\x08\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"]\n\x0e\x43lassification\x12\"\n\x06labels\x18\x01 \x03(\x0b\x32\x12.headrace.v1.Label\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\"\x9d\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.headrace.v1.Classification\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.headrace.v1.Usage\"\x8f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"\xc9\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.headrace.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x17\n\x0freject_overlong\x18\x08 \x01(\x08\"\xdc\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.headrace.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.headrace.v1.Usage\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x18\n\x10prompt_truncated\x18\x08 \x01(\x08\"\xd9\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.headrace.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.headrace.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x18\n\x10prompt_truncated\x18\x08 \x01(\x08\"4\n\x11ListModelsRequest\x12\x1f\n\x04task\x18\x01 \x01(\x0e\x32\x11.headrace.v1.Task\"\x98\x01\n\x0bModelLimits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x11\n\tmax_texts\x18\x03 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\r\x12\x17\n\x0fmax_stop_length\x18\x05 \x01(\r\x12\x11\n\tmax_batch\x18\x06 \x01(\r\"\xdf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x1f\n\x04task\x18\x03 \x01(\x0e\x32\x11.headrace.v1.Task\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.headrace.v1.ModelLimits\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nis_default\x18\n \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.headrace.v1.ModelInfo*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03*B\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_CLASSIFY\x10\x01\x12\x11\n\rTASK_GENERATE\x10\x02\x32\x8d\x03\n\tInference\x12G\n\x08\x43lassify\x12\x1c.headrace.v1.ClassifyRequest\x1a\x1d.headrace.v1.ClassifyResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.headrace.v1.ClassifyRequest\x1a\x1d.headrace.v1.ClassifyResponse(\x01\x30\x01\x12G\n\x08Generate\x12\x1c.headrace.v1.GenerateRequest\x1a\x1d.headrace.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.headrace.v1.GenerateRequest\x1a\x1a.headrace.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.headrace.v1.ListModelsRequest\x1a\x1f.headrace.v1.ListModelsResponseBO\n\x0f\x64\x65v.headrace.v1P\x01Z:github.com/headrace/headrace/gen/go/headrace/v1;headracev1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bheadrace/v1/inference.proto\x12\x0bheadrace.v1\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x82\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x17\n\x0freject_overlong\x18\x06 \x01(\x08\"$\n\x05Label\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"]\n\x0e\x43lassification\x12\"\n\x06labels\x18\x01 \x03(\x0b\x32\x12.headrace.v1.Label\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x12\x14\n\x0cinput_tokens\x18\x03 \x01(\r\"\x9d\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12,\n\x07results\x18\x03 \x03(\x0b\x32\x1b.headrace.v1.Classification\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.headrace.v1.Usage\"\x8f\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1a\n\x12repetition_penalty\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x42\x07\n\x05_seed\"\x9a\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.headrace.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x17\n\x0freject_overlong\x18\x08 \x01(\x08\x12\x17\n\x0fstream_interval\x18\t \x01(\r\x12\x1f\n\x12stream_interval_ms\x18\n \x01(\rH\x00\x88\x01\x01\x42\x15\n\x13_stream_interval_ms\"\xdc\x01\n\x10GenerateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\r\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.headrace.v1.FinishReason\x12!\n\x05usage\x18\x06 \x01(\x0b\x32\x12.headrace.v1.Usage\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x18\n\x10prompt_truncated\x18\x08 \x01(\x08\"\xf1\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x30\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x19.headrace.v1.FinishReason\x12!\n\x05usage\x18\x04 \x01(\x0b\x32\x12.headrace.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\r\n\x05model\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x18\n\x10prompt_truncated\x18\x08 \x01(\x08\x12\x16\n\x0etoken_times_us\x18\t \x03(\x04\"4\n\x11ListModelsRequest\x12\x1f\n\x04task\x18\x01 \x01(\x0e\x32\x11.headrace.v1.Task\"\x98\x01\n\x0bModelLimits\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x11\n\tmax_texts\x18\x03 \x01(\r\x12\x18\n\x10max_stop_strings\x18\x04 \x01(\r\x12\x17\n\x0fmax_stop_length\x18\x05 \x01(\r\x12\x11\n\tmax_batch\x18\x06 \x01(\r\"\xdf\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\t\x12\x1f\n\x04task\x18\x03 \x01(\x0e\x32\x11.headrace.v1.Task\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0f\n\x07profile\x18\x06 \x01(\t\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.headrace.v1.ModelLimits\x12\x11\n\tprecision\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\x12\n\nis_default\x18\n \x01(\x08\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.headrace.v1.ModelInfo*L\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\n\n\x06LENGTH\x10\x01\x12\x08\n\x04STOP\x10\x02\x12\x07\n\x03\x45OS\x10\x03*B\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_CLASSIFY\x10\x01\x12\x11\n\rTASK_GENERATE\x10\x02\x32\x8d\x03\n\tInference\x12G\n\x08\x43lassify\x12\x1c.headrace.v1.ClassifyRequest\x1a\x1d.headrace.v1.ClassifyResponse\x12Q\n\x0e\x43lassifyStream\x12\x1c.headrace.v1.ClassifyRequest\x1a\x1d.headrace.v1.ClassifyResponse(\x01\x30\x01\x12G\n\x08Generate\x12\x1c.headrace.v1.GenerateRequest\x1a\x1d.headrace.v1.GenerateResponse\x12L\n\x0eGenerateStream\x12\x1c.headrace.v1.GenerateRequest\x1a\x1a.headrace.v1.GenerateChunk0\x01\x12M\n\nListModels\x12\x1e.headrace.v1.ListModelsRequest\x1a\x1f.headrace.v1.ListModelsResponseBO\n\x0f\x64\x65v.headrace.v1P\x01Z:github.com/headrace/headrace/gen/go/headrace/v1;headracev1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'headrace.v1.inference_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\017dev.headrace.v1P\001Z:github.com/headrace/headrace/gen/go/headrace/v1;headracev1'
-  _globals['_FINISHREASON']._serialized_start=1819
-  _globals['_FINISHREASON']._serialized_end=1895
-  _globals['_TASK']._serialized_start=1897
-  _globals['_TASK']._serialized_end=1963
+  _globals['_FINISHREASON']._serialized_start=1924
+  _globals['_FINISHREASON']._serialized_end=2000
+  _globals['_TASK']._serialized_start=2002
+  _globals['_TASK']._serialized_end=2068
   _globals['_USAGE']._serialized_start=44
   _globals['_USAGE']._serialized_end=101
   _globals['_CLASSIFYREQUEST']._serialized_start=104
@@ -49,19 +49,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=530
   _globals['_SAMPLINGPARAMS']._serialized_end=673
   _globals['_GENERATEREQUEST']._serialized_start=676
-  _globals['_GENERATEREQUEST']._serialized_end=877
-  _globals['_GENERATERESPONSE']._serialized_start=880
-  _globals['_GENERATERESPONSE']._serialized_end=1100
-  _globals['_GENERATECHUNK']._serialized_start=1103
-  _globals['_GENERATECHUNK']._serialized_end=1320
-  _globals['_LISTMODELSREQUEST']._serialized_start=1322
-  _globals['_LISTMODELSREQUEST']._serialized_end=1374
-  _globals['_MODELLIMITS']._serialized_start=1377
-  _globals['_MODELLIMITS']._serialized_end=1529
-  _globals['_MODELINFO']._serialized_start=1532
-  _globals['_MODELINFO']._serialized_end=1755
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1757
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1817
-  _globals['_INFERENCE']._serialized_start=1966
-  _globals['_INFERENCE']._serialized_end=2363
+  _globals['_GENERATEREQUEST']._serialized_end=958
+  _globals['_GENERATERESPONSE']._serialized_start=961
+  _globals['_GENERATERESPONSE']._serialized_end=1181
+  _globals['_GENERATECHUNK']._serialized_start=1184
+  _globals['_GENERATECHUNK']._serialized_end=1425
+  _globals['_LISTMODELSREQUEST']._serialized_start=1427
+  _globals['_LISTMODELSREQUEST']._serialized_end=1479
+  _globals['_MODELLIMITS']._serialized_start=1482
+  _globals['_MODELLIMITS']._serialized_end=1634
+  _globals['_MODELINFO']._serialized_start=1637
+  _globals['_MODELINFO']._serialized_end=1860
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1862
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1922
+  _globals['_INFERENCE']._serialized_start=2071
+  _globals['_INFERENCE']._serialized_end=2468
 # @@protoc_insertion_point(module_scope)

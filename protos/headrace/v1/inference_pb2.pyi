@@ -319,6 +319,8 @@ class GenerateRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     REJECT_OVERLONG_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_FIELD_NUMBER: _builtins.int
+    STREAM_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """Model name; empty means the server's default generation model."""
     prompt: _builtins.str
@@ -334,6 +336,19 @@ class GenerateRequest(_message.Message):
     reject_overlong: _builtins.bool
     """When true, a prompt longer than the model allows is rejected with
     INVALID_ARGUMENT instead of keeping its last tokens.
+    """
+    stream_interval: _builtins.int
+    """GenerateStream only: tokens per message. A message waits until it holds
+    this many tokens (the last one takes what is left). 0 means the
+    server's default (`--stream-interval`, 1); at most 4096.
+    """
+    stream_interval_ms: _builtins.int
+    """GenerateStream only: milliseconds between messages. The first message
+    goes at once, later ones at most this often, each holding every token
+    made meanwhile. 0 turns the time rule off; unset means the server's
+    default (`--stream-interval-ms`, 0); at most 10000. Both rules hold when
+    both are set. Whatever they say, tokens made while the client is behind
+    (its previous message not yet taken by the transport) go in one message.
     """
     @_builtins.property
     def sampling(self) -> Global___SamplingParams: ...
@@ -355,12 +370,16 @@ class GenerateRequest(_message.Message):
         request_id: _builtins.str = ...,
         model_version: _builtins.str = ...,
         reject_overlong: _builtins.bool = ...,
+        stream_interval: _builtins.int = ...,
+        stream_interval_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sampling", b"sampling"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "sampling", b"sampling", "stream_interval_ms", b"stream_interval_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_new_tokens", b"max_new_tokens", "model", b"model", "model_version", b"model_version", "prompt", b"prompt", "reject_overlong", b"reject_overlong", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms", "max_new_tokens", b"max_new_tokens", "model", b"model", "model_version", b"model_version", "prompt", b"prompt", "reject_overlong", b"reject_overlong", "request_id", b"request_id", "sampling", b"sampling", "stop", b"stop", "stream_interval", b"stream_interval", "stream_interval_ms", b"stream_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__stream_interval_ms: _TypeAlias = _typing.Literal["stream_interval_ms"]  # noqa: Y015
+    _WhichOneofArgType__stream_interval_ms: _TypeAlias = _typing.Literal["_stream_interval_ms", b"_stream_interval_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__stream_interval_ms) -> _WhichOneofReturnType__stream_interval_ms | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
@@ -428,6 +447,7 @@ class GenerateChunk(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     PROMPT_TRUNCATED_FIELD_NUMBER: _builtins.int
+    TOKEN_TIMES_US_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """New text since the previous chunk (may be empty)."""
     finish_reason: Global___FinishReason.ValueType
@@ -447,6 +467,13 @@ class GenerateChunk(_message.Message):
     def usage(self) -> Global___Usage:
         """Set on the last chunk only."""
 
+    @_builtins.property
+    def token_times_us(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """One per token of `token_ids`: when the server made it, in microseconds
+        since the request entered the model's queue. Per-token timing stays
+        measurable when several tokens share a message.
+        """
+
     def __init__(
         self,
         *,
@@ -458,10 +485,11 @@ class GenerateChunk(_message.Message):
         model: _builtins.str = ...,
         model_version: _builtins.str = ...,
         prompt_truncated: _builtins.bool = ...,
+        token_times_us: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model", b"model", "model_version", b"model_version", "prompt_truncated", b"prompt_truncated", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "model", b"model", "model_version", b"model_version", "prompt_truncated", b"prompt_truncated", "request_id", b"request_id", "text", b"text", "token_ids", b"token_ids", "token_times_us", b"token_times_us", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

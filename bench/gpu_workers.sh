@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Classify calls/s with one text per call on the torch CUDA backend, with 1 and with several
+# front-end processes (`headrace serve --workers N`, SO_REUSEPORT on one port).
+#
+#   bench/gpu_workers.sh                                   # a tiny random classifier
+#   MODELS=models MODEL=sentiment bench/gpu_workers.sh     # a real repository and model
+#   WORKERS_LIST="1 2 4 8" LOADGENS=8 CONC=8 DURATION=15 bench/gpu_workers.sh
+#
+# Needs an NVIDIA GPU and a CUDA build of torch in the environment that runs it
+# (DEVELOPERS.md, "GPU tests"). Not yet run: the machines this was written on have no GPU.
+#
+# Each N: the server with --workers N (each worker its own CUDA context, model copy and
+# batcher), then LOADGENS load generator processes at once, CONC callers each (one gRPC
+# connection per process: the kernel hands each connection to one worker, so use more
+# processes than workers), DURATION seconds measured after a warm-up; then one caller
+# alone for the latency. Prints one JSON line per N (calls/s summed over the processes,
+# p50 of one caller) and writes them to $OUT/summary.jsonl.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python}
+WORKERS_LIST=${WORKERS_LIST:-"1 2 4"}
+LOADGENS=${LOADGENS:-8}
+CONC=${CONC:-8}
+DURATION=${DURATION:-15}
+WARMUP=${WARMUP:-3}
+OUT=${OUT:-/tmp/headrace-gpu-workers}
+PROFILE=${PROFILE:-datacenter}  # PROFILE=cpu BACKEND=onnxruntime: the same run on a CPU box
+BACKEND=${BACKEND:-torch}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+
+if [ "$PROFILE" = datacenter ]; then
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+fi
+if [ -z "${MODELS:-}" ]; then
+  MODELS=$WORK/models
+  MODEL=tiny-classifier
+  "$PY" -c "
+from pathlib import Path
+from headrace.build.tiny import make_tiny_classifier
+make_tiny_classifier(Path('$MODELS') / 'tiny-classifier' / '1')"
+fi
+MODEL=${MODEL:?set MODEL to a classify model of \$MODELS}
+: > "$OUT/summary.jsonl"
+
+for n in $WORKERS_LIST; do
+  rm -f "$WORK/port"
+  "$PY" -m headrace.server serve --models "$MODELS" --workers "$n" --profile "$PROFILE" \
+    --backend "$BACKEND" --port 0 --port-file "$WORK/port" --poll-interval 0 --log-level warning \
+    2> "$OUT/server-$n.log" &
+  server=$!
+  for _ in $(seq 600); do [ -s "$WORK/port" ] && break; sleep 0.5; done
+  [ -s "$WORK/port" ] || { echo "server with --workers $n did not start"; kill $server; exit 1; }
+  target=127.0.0.1:$(cat "$WORK/port")
+  pids=()
+  for i in $(seq "$LOADGENS"); do
+    "$PY" -m bench.loadgen classify --target "$target" --model "$MODEL" --concurrency "$CONC" \
+      --duration "$DURATION" --warmup "$WARMUP" --out "$OUT/load-$n-$i.json" > /dev/null &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  "$PY" -m bench.loadgen classify --target "$target" --model "$MODEL" --concurrency 1 \
+    --duration "$DURATION" --warmup "$WARMUP" --out "$OUT/one-$n.json" > /dev/null
+  kill -TERM $server
+  wait $server || true
+  "$PY" - "$OUT" "$n" "$LOADGENS" "$CONC" "$PROFILE" "$BACKEND" <<'EOF' | tee -a "$OUT/summary.jsonl"
+import json, sys
+from pathlib import Path
+out, n, loadgens, conc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+points = [json.loads((out / f"load-{n}-{i}.json").read_text())["points"][0]
+          for i in range(1, loadgens + 1)]
+one = json.loads((out / f"one-{n}.json").read_text())["points"][0]
+errors = {}
+for p in points:
+    for code, count in p["errors"].items():
+        errors[code] = errors.get(code, 0) + count
+print(json.dumps({
+    "workers": n, "profile": sys.argv[5], "backend": sys.argv[6], "callers": loadgens * conc,
+    "calls_per_s": round(sum(p["throughput"] for p in points), 1),
+    "per_process_calls_per_s": [round(p["throughput"], 1) for p in points],
+    "one_caller_p50_ms": one["p50_ms"], "one_caller_p99_ms": one["p99_ms"],
+    "errors": errors,
+}))
+EOF
+done
