@@ -292,6 +292,15 @@ class EncoderBatcher(Engine):
         except Exception as exc:
             if trace is not None:
                 trace.failed(exc)
+            if len(batch.parts) > 1:  # one request's texts must not fail the others: each alone
+                log.warning("encoder batch failed; its requests retried one by one",
+                            model=self.name, rows=len(batch.rows), error=type(exc).__name__)  # fmt: skip
+                at = 0
+                for part in batch.parts:
+                    n = part[2] - part[1]
+                    await self._execute(_Batch([part], batch.rows[at : at + n]))
+                    at += n
+                return
             log.error("encoder batch failed", model=self.name, rows=len(batch.rows), exc_info=exc)
             for req, _, _ in batch.parts:
                 if not req.future.done():

@@ -59,9 +59,12 @@ class Tokens:
         self.limit = limit
         self.calls: list[tuple[list[str], str]] = []  # (texts, thread name) per call
         self.fail_next = 0
+        self.poison: str | None = None  # a text the tokenizer always fails on
 
     def __call__(self, texts: list[str]) -> list[tuple[list[int], bool]]:
         self.calls.append((list(texts), threading.current_thread().name))
+        if self.poison in texts:
+            raise RuntimeError("tokenizer exploded")
         if self.fail_next:
             self.fail_next -= 1
             raise RuntimeError("tokenizer exploded")
@@ -292,3 +295,26 @@ def test_a_tokenizer_failure_fails_only_that_batch() -> None:
     failed, ok = run(main())
     assert isinstance(failed, BackendFailure) and "exploded" not in str(failed)
     np.testing.assert_array_equal(ok.logits, expected([[3, 4]]))
+
+
+def test_a_text_the_tokenizer_fails_on_fails_its_request_not_its_batch_mates() -> None:
+    tokens = Tokens()
+    tokens.poison = "bad"
+    batcher, backend = make(max_batch=8, tokenize=tokens)
+
+    async def main() -> list[BaseException | Encoded]:
+        await batcher.start()
+        backend.batches.clear()
+        out = await asyncio.gather(
+            batcher.submit(["1 2"]), batcher.submit(["3", "bad"]), batcher.submit(["5 5 5"]),
+            return_exceptions=True,
+        )  # fmt: skip
+        await batcher.stop()
+        return list(out)
+
+    first, poisoned, third = run(main())
+    assert [texts for texts, _ in tokens.calls][0] == ["1 2", "3", "bad", "5 5 5"]  # one batch
+    assert isinstance(poisoned, BackendFailure)
+    assert isinstance(first, Encoded) and isinstance(third, Encoded)
+    np.testing.assert_array_equal(first.logits, expected([[1, 2]]))
+    np.testing.assert_array_equal(third.logits, expected([[5, 5, 5]]))
