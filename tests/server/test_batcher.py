@@ -313,7 +313,7 @@ def test_a_text_the_tokenizer_fails_on_fails_its_request_not_its_batch_mates() -
         return list(out)
 
     first, poisoned, third = run(main())
-    assert [texts for texts, _ in tokens.calls][0] == ["1 2", "3", "bad", "5 5 5"]  # one batch
+    assert tokens.calls[0][0] == ["1 2", "3", "bad", "5 5 5"]  # one batch
     assert isinstance(poisoned, BackendFailure)
     assert isinstance(first, Encoded) and isinstance(third, Encoded)
     np.testing.assert_array_equal(first.logits, expected([[1, 2]]))
