@@ -2,6 +2,7 @@
 
     python -m bench.overhead --models models                      # demo sentiment + tweetgpt
     python -m bench.overhead --models models --baseline /src/old  # + another checkout's server
+    python -m bench.overhead --baseline before=/src/old --baseline cut1=/src/cut1  # several
     python -m bench.overhead --tiny                               # tiny models built here
 
 One after another, each server in its own process and the load generator
@@ -13,7 +14,9 @@ One after another, each server in its own process and the load generator
   headrace   `headrace serve` with the edge settings (deploy/edge/headrace-edge.toml:
              2 intra-op threads, no spinning), the log line per RPC and /metrics on
   default    the same with no settings file (only at 1 caller: idle spinning shows there)
-  baseline   `--baseline DIR`: headrace from another checkout (DIR/src), same settings
+  baseline   `--baseline [TAG=]DIR` (repeatable): headrace from another checkout (DIR/src),
+             same settings; reported under TAG (default "baseline")
+  variant    `--variant TAG=TOML` (repeatable): this checkout's server with other settings
 
 Classify sends one short tweet per call (64 callers, then 1); generation runs 16
 streams and 1 stream of 64 tokens. Server CPU per call comes from /proc/PID/task/*/stat
@@ -31,6 +34,7 @@ of the per-request cost budget are printed at the end:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -133,7 +137,7 @@ class Run:
     def profile(self, pid: int, target: str, model: str) -> None:
         """py-spy over a further classify point at 64 callers (not one of the measured ones)."""
         out = self.a.py_spy
-        cmd = [self.a.py_spy_bin, "record", "-p", str(pid), "-d", str(self.a.duration + 1),
+        cmd = [self.a.py_spy_bin, "record", "-p", str(pid), "-d", str(math.ceil(self.a.duration + 1)),
                "-r", "250", "-f", "raw", "-o", str(out), "--nonblocking", "--threads"]  # fmt: skip
         if self.a.native:
             cmd.append("--native")
@@ -177,7 +181,8 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
         rows = {row["batch"]: row for row in gen["by_batch"]}
         f["raw_decode_tokens_per_s_16"] = rows[16]["tokens_per_s"]
         f["raw_prefill_ms"] = rows[1].get("prefill_ms")
-    for tag in ("headrace", "baseline", "default"):
+    tags = ["headrace", *r.get("baseline_tags", []), "default"]
+    for tag in tags:
         if tag not in r:
             continue
         cls = r[tag]["classify"]
@@ -202,7 +207,9 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
             s |= {
                 "gen_tokens_per_s_16": g[16]["tokens_per_s"],
                 "gen_messages_per_s_16": g[16].get("messages_per_s"),
-                "gen_pct_of_raw_16": 100.0 * g[16]["tokens_per_s"] / f["raw_decode_tokens_per_s_16"],
+                "gen_pct_of_raw_16": 100.0
+                * g[16]["tokens_per_s"]
+                / f["raw_decode_tokens_per_s_16"],
                 "ttft_p50_ms_1": g[1]["ttft_p50_ms"],
                 "ttft_budget_ms": (f["raw_prefill_ms"] or 0.0) + 1.0,
             }
@@ -287,7 +294,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--classify-model", default=None, help="default sentiment (tiny-classifier)")
     p.add_argument("--generate-model", default=None, help="default tweetgpt (tiny-generator)")
     p.add_argument("--settings", type=Path, default=EDGE_CONFIG, help="headrace settings TOML")
-    p.add_argument("--baseline", type=Path, help="another checkout: its server, same load")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        metavar="[TAG=]DIR",
+        help="another checkout: its server, same load (repeatable)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="TAG=TOML",
+        help="this checkout's server with another settings file (repeatable)",
+    )
     p.add_argument("--no-default", action="store_true", help="skip the no-settings server")
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=1.5)
@@ -310,8 +330,16 @@ def main(argv: list[str] | None = None) -> None:
         run.raw()
         run.floor()
         run.headrace("headrace", a.settings, None, full=True)
-        if a.baseline:
-            run.headrace("baseline", a.settings, a.baseline.resolve(), full=True)
+        run.results["baseline_tags"] = []
+        for spec in a.baseline:
+            tag, _, folder = spec.rpartition("=")
+            tag = tag or "baseline"
+            run.results["baseline_tags"].append(tag)
+            run.headrace(tag, a.settings, Path(folder).resolve(), full=True)
+        for spec in a.variant:
+            tag, _, toml = spec.partition("=")
+            run.results["baseline_tags"].append(tag)
+            run.headrace(tag, Path(toml).resolve(), None, full=True)
         if not a.no_default:
             run.headrace("default", None, None, full=False)
         r = run.results

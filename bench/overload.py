@@ -2,6 +2,7 @@
 
     python -m bench.overload                       # tiny classifier, queue bound 1024, 3x
     python -m bench.overload --queue 256 --factor 3 --channels 1 --out bench/results/overload.json
+    python -m bench.overload --queue 256 --bare    # + the same storm on a server refusing all
 
 A `headrace serve` child process serves a copy of a tiny classifier whose manifest sets
 `batching.max_queue` to `--queue`; one grpc.aio client (one channel unless `--channels`)
@@ -9,14 +10,22 @@ starts `factor * queue` Classify calls at once and waits for all of them. Report
 status code: the count and latency percentiles (ms, from the call's start to its
 status), and whether RESOURCE_EXHAUSTED answers carried `retry-after-ms`. What admission
 must give: every call OK or RESOURCE_EXHAUSTED, none CANCELLED or UNAVAILABLE.
+
+With `--bare`, bench/bare_server.py `--reject` (a grpc.aio server that refuses every
+call with RESOURCE_EXHAUSTED at once: the transport alone) runs beside it and the
+rounds alternate between the two, so both meet the same box; a refusal's latency
+under the burst is read against that floor. Printed last: each code's p99, the
+median over the measured rounds (all but the first), per server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +36,7 @@ from typing import Any
 import grpc
 
 from bench.common import latency_summary, write_json
-from bench.servers import ServerProcess, channel_ready
+from bench.servers import ServerProcess, channel_ready, free_port
 
 RETRY_AFTER_KEY = "retry-after-ms"
 
@@ -98,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2, help="the first round is a warm-up")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--work", type=Path, default=None, help="keep the tiny model here (reused)")
+    ap.add_argument("--bare", action="store_true", help="also a bare server refusing every call")
     a = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="overload-") as tmp:
@@ -111,16 +121,28 @@ def main(argv: list[str] | None = None) -> None:
             "--profile", "cpu", "--port", "0", "--port-file", str(port_file),
             "--poll-interval", "0", "--log-level", "error", "--intra-op-threads", "1",
         ]  # fmt: skip
-        with ServerProcess("headrace", cmd, work / "server.log") as server:
+        with contextlib.ExitStack() as stack:
+            server = stack.enter_context(ServerProcess("headrace", cmd, work / "server.log"))
             server.wait_ready(port_file.exists, timeout=120)
             target = f"127.0.0.1:{int(port_file.read_text())}"
             server.wait_ready(lambda: channel_ready(target), timeout=60)
+            targets = {"headrace": target}
+            if a.bare:  # up beside it: the rounds alternate, so both see the same box
+                port = free_port()
+                bare_cmd = [sys.executable, "-m", "bench.bare_server", "--port", str(port),
+                            "--reject"]  # fmt: skip
+                bare = stack.enter_context(ServerProcess("bare", bare_cmd, work / "bare.log"))
+                targets["bare_reject"] = f"127.0.0.1:{port}"
+                bare.wait_ready(lambda: channel_ready(targets["bare_reject"]), timeout=60)
             calls = int(a.queue * a.factor)
-            rounds = [
-                asyncio.run(storm(target, calls, a.channels, "what a great game last night"))
-                for _ in range(a.rounds)
-            ]
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+            for _ in range(a.rounds):
+                for name, t in targets.items():
+                    runs[name].append(
+                        asyncio.run(storm(t, calls, a.channels, "what a great game last night"))
+                    )
             alive = server.alive()
+    rounds = runs["headrace"]
     result = {
         "queue_bound": a.queue,
         "factor": a.factor,
@@ -129,7 +151,23 @@ def main(argv: list[str] | None = None) -> None:
         "warmup": rounds[:-1],
         "server_alive_after": alive,
     }
+    if "bare_reject" in runs:
+        result["bare_reject"] = runs["bare_reject"][-1]
+    # the median over the measured rounds (all but the first) of each code's p99, per server
+    result["p99_ms_median"] = {
+        name: {
+            code: statistics.median(
+                r["latency"][code]["p99_ms"] for r in rs[1:] if code in r["latency"]
+            )
+            for code in sorted({c for r in rs[1:] for c in r["latency"]})
+        }
+        for name, rs in runs.items()
+    }
     print(json.dumps(result["measured"], indent=2))
+    if "bare_reject" in result:
+        print("bare server refusing every call:")
+        print(json.dumps(result["bare_reject"], indent=2))
+    print("p99 ms, median of the measured rounds:", json.dumps(result["p99_ms_median"]))
     if a.out is not None:
         write_json(a.out, result)
 

@@ -41,6 +41,17 @@ _FORM_COLUMNS = {
     "runtime": "measured with",
 }
 
+_VOCAB_COLUMNS = {
+    "form": "form (pruned vocabulary)",
+    "megabytes_full": "MB, full vocabulary",
+    "megabytes": "MB, pruned",
+    "megabytes_saved": "MB saved",
+    "accuracy_full": "accuracy, full",
+    "accuracy": "accuracy, pruned",
+    "p50_ms_full": "p50 ms, full",
+    "p50_ms": "p50 ms, pruned",
+}
+
 
 def environment(threads: int) -> dict[str, Any]:
     import onnxruntime
@@ -112,6 +123,21 @@ def render_markdown(card: dict[str, Any]) -> str:
     if card.get("forms"):
         lines += ["## Measured forms: the trade-off", ""]
         lines += _table(card["forms"], _FORM_COLUMNS)
+        lines += [""]
+    if isinstance(card.get("vocabulary_pruning"), dict):
+        vocab = card["vocabulary_pruning"]
+        lines += ["## Vocabulary pruning", ""]
+        lines += [
+            f"{vocab['tokens_before']:,} -> {vocab['tokens_after']:,} word pieces (those of "
+            f"{vocab['texts']:,} training texts, plus specials and "
+            f"{vocab['single_character_pieces']:,} single characters); on "
+            f"{vocab['held_out_texts']:,} held-out texts [UNK] {vocab['held_out_unk_full']} -> "
+            f"{vocab['held_out_unk_pruned']}, {vocab['held_out_texts_split_differently']:,} "
+            "texts split into other pieces. Each form with the pruned vocabulary beside the "
+            "same model with the full one:",
+            "",
+        ]
+        lines += _table(vocab.get("forms", []), _VOCAB_COLUMNS)
         lines += [""]
     if card.get("plot"):
         lines += [f"![quality against latency and size, every form]({card['plot']})", ""]

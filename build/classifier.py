@@ -33,7 +33,7 @@ from headrace.build.versions import (
 
 # Bumped when the way forms are measured or reported changes: written cards are remade.
 EVAL_METHOD = "latency: forms interleaved in blocks of 20 texts; accuracy in length-sorted batches"
-CARD_VERSION = 4  # bumped when the card's content changes: written versions are remade
+CARD_VERSION = 5  # bumped when the card's content changes: written versions are remade
 FILES = ("model.onnx", "model.int8.onnx", "model.qdq.onnx")
 
 
@@ -71,6 +71,9 @@ class ClassifierConfig:
     prune_target: str | None = "9x"
     prune_epochs: float = 1.0  # recovery distillation after pruning
     prune_texts: int = 512  # texts whose gradients rank heads and neurons
+    # Students keep only the word pieces the training split uses (build/vocab.py); the
+    # smallest one's full-vocabulary copy is measured beside it for the card.
+    prune_vocab: bool = True
     calibration_texts: int = 256  # static int8: training texts calibrated on
     accuracy_floor: float = 0.97  # served form keeps >= this share of the teacher's accuracy
     threads: int = 2
@@ -88,10 +91,15 @@ class ClassifierConfig:
         )
 
     def candidates(self) -> list[str]:
-        """Model keys in build order: the teacher, a student per depth, the pruned student."""
+        """Model keys in build order: the teacher, a student per depth, the pruned student,
+        the smallest student's full-vocabulary copy."""
+        from headrace.build.vocab import FULL_VOCAB
+
         keys = ["teacher", *(f"student-{n}L" for n in self.student_layers)]
         if self.prune_target:
             keys.append(f"pruned-{max(self.student_layers)}L")
+        if self.prune_vocab:
+            keys.append(f"student-{min(self.student_layers)}L{FULL_VOCAB}")
         return keys
 
 
@@ -219,6 +227,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     from headrace.build.classifier_card import classifier_card
     from headrace.build.classifier_eval import evaluate_candidates
     from headrace.build.classifier_prune import prune_student
+    from headrace.build.vocab import FULL_VOCAB, full_vocab_copy
 
     if (built := card_if_built(cfg, is_built(cfg))) is not None:
         return built
@@ -271,7 +280,10 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     distill_params = {
         "logits": fingerprint(l_params),
         "seed": cfg.seed,
-        **{k: getattr(cfg, k) for k in ("student_epochs", "student_lr", "temperature", "alpha")},
+        **{
+            k: getattr(cfg, k)
+            for k in ("student_epochs", "student_lr", "temperature", "alpha", "prune_vocab")
+        },
     }
     for layers in cfg.student_layers:
         key = f"student-{layers}L"
@@ -297,8 +309,22 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             with plan.step(work / key, f"train {key}", params, outputs=["hf/config.json"]) as s:
                 if not s.done:
                     s.result = prune_student(
-                        cfg, hf[source], work / "export-teacher", examples, soft, split, hf[key]
+                        cfg,
+                        hf[source],
+                        work / "export-teacher",
+                        hf["teacher"] / "tokenizer.json",
+                        examples,
+                        soft,
+                        split,
+                        hf[key],
                     )
+            trained[key], fp[key] = s.result, fingerprint(params)
+        elif key.endswith(FULL_VOCAB):
+            source = key.removesuffix(FULL_VOCAB)
+            params = {"source": fp[source], "teacher": fp["teacher"]}
+            with plan.step(work / key, f"train {key}", params, outputs=["hf/config.json"]) as s:
+                if not s.done:
+                    s.result = full_vocab_copy(hf[source], hf["teacher"], hf[key])
             trained[key], fp[key] = s.result, fingerprint(params)
         e_params = {"model": fp[key], "calibration": cfg.calibration_texts, "v": 2}
         folder = work / f"export-{key}"

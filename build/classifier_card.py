@@ -8,6 +8,7 @@ from typing import Any
 
 from headrace.build.card import environment, target
 from headrace.build.plot import PLOT_NAME, tradeoff_plot
+from headrace.build.vocab import FULL_VOCAB
 
 SERVED_RULE = (
     "Served: the fastest ONNX Runtime form at batch 1 (p50) among the students whose test "
@@ -28,16 +29,48 @@ def _find(forms: list[dict[str, Any]], model: str, backend: str, precision: str)
 
 
 def choose(forms: list[dict[str, Any]], teacher_accuracy: float, floor: float) -> dict[str, Any]:
-    """The served form (SERVED_RULE) among the students' ONNX Runtime forms."""
+    """The served form (SERVED_RULE) among the students' ONNX Runtime forms (a full-vocabulary
+    copy is a reference, not a candidate)."""
     pool = [
         f
         for f in forms
-        if f["model"] != "teacher" and f["backend"] == "onnxruntime" and f.get("p50_ms_batch1")
+        if f["model"] != "teacher"
+        and not f["model"].endswith(FULL_VOCAB)
+        and f["backend"] == "onnxruntime"
+        and f.get("p50_ms_batch1")
     ]
     keeping = [f for f in pool if f["accuracy"] >= floor * teacher_accuracy]
     if keeping:
         return min(keeping, key=lambda f: f["p50_ms_batch1"])
     return max(pool, key=lambda f: (f["accuracy"], -f["p50_ms_batch1"]))
+
+
+def vocabulary_rows(forms: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each form of a vocabulary-pruned student beside its full-vocabulary copy's."""
+    by_name = {f["form"]: f for f in forms}
+    rows = []
+    for full in forms:
+        if not full["model"].endswith(FULL_VOCAB):
+            continue
+        model = full["model"].removesuffix(FULL_VOCAB)
+        pruned = by_name.get(full["form"].replace(full["model"], model, 1))
+        if pruned is None:
+            continue
+        rows.append(
+            {
+                "form": pruned["form"],
+                "megabytes_full": full["megabytes"],
+                "megabytes": pruned["megabytes"],
+                "megabytes_saved": round((full["bytes"] - pruned["bytes"]) / 1e6, 2),
+                "bytes_full": full["bytes"],
+                "bytes": pruned["bytes"],
+                "accuracy_full": full["accuracy"],
+                "accuracy": pruned["accuracy"],
+                "p50_ms_full": full.get("p50_ms_batch1"),
+                "p50_ms": pruned.get("p50_ms_batch1"),
+            }
+        )
+    return rows
 
 
 def classifier_card(
@@ -99,6 +132,17 @@ def classifier_card(
                 pruned["target_met"],
             )
         )
+    vocab = next((v["vocabulary"] for v in trained.values() if v.get("vocabulary")), None)
+    if vocab is not None:
+        held = vocab["held_out"]
+        targets.append(
+            target(
+                "vocabulary pruning adds no [UNK] on the held-out texts",
+                f"{held['unk_full']} -> {held['unk_pruned']} [UNK] pieces in {held['texts']} "
+                f"texts ({held['texts_split_differently']} split into other pieces)",
+                held["unk_pruned"] <= held["unk_full"],
+            )
+        )
     curve = [(p["epoch"], p["val_accuracy"]) for p in teacher["curve"]]
     plot = tradeoff_plot(
         plot_dir / PLOT_NAME,
@@ -119,6 +163,18 @@ def classifier_card(
     }
     base = data["baselines"]
     t_torch = _find(forms, "teacher", "torch", "fp32")
+    vocab_rows = vocabulary_rows(forms)
+    vocab_line = ""
+    if vocab is not None and vocab_rows:
+        # the served form's own row, else the same kind of form of the smallest student
+        kind = served["form"].split(" ", 1)[1]
+        row = next((r for r in vocab_rows if r["form"].endswith(kind)), vocab_rows[0])
+        vocab_line = (
+            f" Students keep the {vocab['tokens_after']:,} of {vocab['tokens_before']:,} word "
+            f"pieces the training split uses: {row['form']} {row['megabytes']} MB against "
+            f"{row['megabytes_full']} MB with the full vocabulary (accuracy {row['accuracy']:.4f} "
+            f"vs {row['accuracy_full']:.4f})."
+        )
     return {
         "summary": (
             f"Sentiment classifier distilled (and structurally pruned) from an "
@@ -129,6 +185,7 @@ def classifier_card(
             f"baselines: majority class {base['majority']['accuracy']:.4f} (macro-F1 "
             f"{base['majority']['macro_f1']:.4f}), bag-of-words logistic regression "
             f"{base['bow_logreg']['accuracy']:.4f} (macro-F1 {base['bow_logreg']['macro_f1']:.4f})."
+            + vocab_line
         ),
         "served": {
             "form": served["form"],
@@ -143,6 +200,15 @@ def classifier_card(
         "baselines": base,
         "plot": PLOT_NAME,
         "forms": forms,
+        "vocabulary_pruning": (
+            {
+                **{k: v for k, v in vocab.items() if k != "held_out"},
+                **{f"held_out_{k}": v for k, v in vocab["held_out"].items()},
+                "forms": vocab_rows,
+            }
+            if vocab is not None
+            else None
+        ),
         "targets": targets,
         "targets_met": all(t["met"] for t in targets),
         "teacher_curve": teacher["curve"],
@@ -202,6 +268,15 @@ def classifier_card(
             "first), so load from other processes falls on all forms alike. Throughput: the "
             "test set in batches of 32 texts of similar length. The load average when the "
             "card was written is under 'Measured on'.",
+            "Vocabulary pruning (student-NL, pruned-NL): each student keeps only the word "
+            "pieces the training split's texts produce, the special tokens and every "
+            "single-character piece (c and ##c), renumbered in their old order; its "
+            "word-embedding matrix is sliced to those rows and its tokenizer.json is its own. "
+            "On the training texts the pieces, and so the logits, are the same as with the full "
+            f"vocabulary; held-out words may split into other pieces. The rows ending {FULL_VOCAB}"
+            " are the smallest student with its full vocabulary put back (the rows it was "
+            "pruned from, taken from the teacher): the same weights, measured alike, so the "
+            "difference is the vocabulary's (table 'Vocabulary pruning').",
             "A pruned student has no torch form in its manifest: its layers differ in width, "
             "which transformers' loaders cannot express; its ONNX forms carry the shapes.",
         ],

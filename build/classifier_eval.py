@@ -83,18 +83,20 @@ def add_latency(
     from tqdm import tqdm
 
     runners: dict[str, Runner] = {}
+    rows: dict[str, list[list[int]]] = {}  # form -> its version's token rows of the same texts
     closers = []
-    rows: list[list[int]] = []
+    texts: list[str] = []
     try:
         for version_dir, role in versions:
             manifest = read_manifest(version_dir)
-            if not rows:
+            if not texts:
                 split = Split.load(Path(version_dir) / SPLIT_NAME)
-                tok = load_tokenizer(
-                    Path(version_dir) / manifest.tokenizer,
-                    max_len=manifest.limits.max_input_tokens,
-                )
-                rows = encode_texts(tok, [e.text for e in split.test[: max(1, samples)]])
+                texts = [e.text for e in split.test[: max(1, samples)]]
+            # each version with its own tokenizer: a vocabulary-pruned student's ids differ
+            tok = load_tokenizer(
+                Path(version_dir) / manifest.tokenizer, max_len=manifest.limits.max_input_tokens
+            )
+            version_rows = encode_texts(tok, texts)
             for art in manifest.artifacts:
                 run, _, close = encoder_runner(
                     art.backend,
@@ -105,13 +107,14 @@ def add_latency(
                     version_dir=Path(version_dir),
                 )
                 runners[_form_name(role, art)] = run
+                rows[_form_name(role, art)] = version_rows
                 closers.append(close)
         names = list(runners)
         times: dict[str, list[float]] = {n: [] for n in names}
-        blocks = [rows[i : i + block] for i in range(0, len(rows), block)]
-        for b, chunk in enumerate(tqdm(blocks, desc="  batch 1", unit="block", leave=False)):
+        starts = range(0, len(texts), block)
+        for b, i in enumerate(tqdm(starts, desc="  batch 1", unit="block", leave=False)):
             for n in names[b % len(names) :] + names[: b % len(names)]:  # rotate who goes first
-                run = runners[n]
+                run, chunk = runners[n], rows[n][i : i + block]
                 for r in chunk[:warmup]:  # untimed: caches and thread pools settle on this form
                     run(*pad_batch([r], pad_id))
                 for r in chunk:

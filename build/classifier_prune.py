@@ -24,12 +24,15 @@ from headrace.build.data import Split
 from headrace.build.steps import log
 
 
-def _interleaved_p50(sessions: list[Any], rows: list[list[int]], rounds: int = 3) -> list[float]:
-    """p50 ms at batch 1 of each ONNX Runtime session over `rows`, sessions taking turns."""
+def _interleaved_p50(
+    sessions: list[Any], rows: list[list[list[int]]], rounds: int = 3
+) -> list[float]:
+    """p50 ms at batch 1 of each ONNX Runtime session over its `rows` (the same texts, each
+    session's own token ids), sessions taking turns."""
     times: list[list[float]] = [[] for _ in sessions]
     for _ in range(rounds):
         for i, session in enumerate(sessions):
-            for row in rows:
+            for row in rows[i]:
                 ids = np.asarray([row], dtype=np.int64)
                 feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
                 t0 = time.perf_counter()
@@ -39,8 +42,9 @@ def _interleaved_p50(sessions: list[Any], rows: list[list[int]], rounds: int = 3
 
 
 def _measure(
-    candidate: Path, teacher_onnx: Path, rows: list[list[int]], threads: int
+    candidate: Path, teacher_onnx: Path, rows: list[list[list[int]]], threads: int
 ) -> dict[str, float]:
+    """`rows`: the timing texts as the candidate's, then as the teacher's token ids."""
     from headrace.build.evaluate import ort_session
     from headrace.build.export import export_encoder
     from headrace.build.quantize import quantize_int8
@@ -50,8 +54,8 @@ def _measure(
     int8 = candidate.parent / "candidate.int8.onnx"
     quantize_int8(onnx, int8)
     sessions = [ort_session(int8, threads), ort_session(teacher_onnx, threads)]
-    for s in sessions:  # warm-up
-        _interleaved_p50([s], rows[:5], rounds=1)
+    for s, r in zip(sessions, rows, strict=True):  # warm-up
+        _interleaved_p50([s], [r[:5]], rounds=1)
     ms, teacher_ms = _interleaved_p50(sessions, rows)
     return {
         "megabytes": round(int8.stat().st_size / 1e6, 2),
@@ -96,6 +100,7 @@ def prune_student(
     cfg: Any,
     source_hf: Path,
     teacher_export: Path,
+    teacher_tokenizer: Path,
     examples: tuple[Any, ...],
     soft: np.ndarray,
     split: Split,
@@ -133,7 +138,10 @@ def prune_student(
     start = time.perf_counter()
     heads, neurons = prune.importance(model, batches, loss_fn)
     ranked = time.perf_counter() - start
-    timing_rows = encode_texts(tok, [e.text for e in split.val[:40]])
+    timing = [e.text for e in split.val[:40]]
+    # the teacher reads its own ids: a vocabulary-pruned student's are renumbered
+    teacher_tok = load_tokenizer(teacher_tokenizer, max_len=cfg.max_input_tokens)
+    timing_rows = [encode_texts(tok, timing), encode_texts(teacher_tok, timing)]
     with tempfile.TemporaryDirectory() as tmp:
 
         def measure(share: float) -> dict[str, float]:

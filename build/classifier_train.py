@@ -258,7 +258,9 @@ def train_student(
     split: Split,
     out_hf: Path,
 ) -> dict[str, Any]:
-    """DistilBERT-style: the teacher with `layers` of its blocks (evenly spread), distilled."""
+    """DistilBERT-style: the teacher with `layers` of its blocks (evenly spread), distilled.
+    With `cfg.prune_vocab`, its vocabulary is first cut to the pieces the training split uses
+    (build/vocab.py): out_hf/tokenizer.json is then its own, and every later step reads it."""
     from headrace.build.distill import pick_layers, student_from_teacher
     from headrace.build.training import save_serving_tokenizer
     from transformers import AutoModelForSequenceClassification
@@ -267,10 +269,28 @@ def train_student(
     kept = pick_layers(int(teacher.config.num_hidden_layers), layers)
     student = student_from_teacher(teacher, kept)
     del teacher
+    tokenizer = out_hf / "tokenizer.json"
+    save_serving_tokenizer(teacher_hf / "tokenizer.json", tokenizer)
+    vocabulary: dict[str, Any] = {}
+    if cfg.prune_vocab:
+        from headrace.build.vocab import prune_vocab, tokenization_stats
+
+        start = time.perf_counter()
+        vocabulary = prune_vocab(student, tokenizer, [e.text for e in split.train], tokenizer)
+        held_out = [e.text for e in split.val + split.test]
+        vocabulary["held_out"] = tokenization_stats(
+            teacher_hf / "tokenizer.json", tokenizer, held_out
+        )
+        vocabulary["seconds"] = round(time.perf_counter() - start, 1)
+        log(
+            f"student ({layers} layers): vocabulary {vocabulary['tokens_before']} -> "
+            f"{vocabulary['tokens_after']} pieces; held-out [UNK] "
+            f"{vocabulary['held_out']['unk_full']} -> {vocabulary['held_out']['unk_pruned']}"
+        )
     result = distill(
         cfg,
         student,
-        teacher_hf / "tokenizer.json",
+        tokenizer,
         examples,
         soft,
         split,
@@ -280,5 +300,4 @@ def train_student(
         desc=f"student ({layers} layers)",
     )
     student.save_pretrained(out_hf)
-    save_serving_tokenizer(teacher_hf / "tokenizer.json", out_hf / "tokenizer.json")
-    return {**result, "layers_kept": kept}
+    return {**result, "layers_kept": kept, **({"vocabulary": vocabulary} if vocabulary else {})}

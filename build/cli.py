@@ -13,37 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# --quick: the whole pipeline on a small slice, short training (CI smoke run)
-QUICK_CLASSIFIER: dict[str, Any] = {
-    "limit": 600,
-    "teacher_epochs": 0.5,
-    "teacher_eval_every": 0.25,
-    "teacher_eval_texts": None,
-    "plateau_patience": 1,
-    "student_layers": (1,),
-    "distill_examples": None,
-    "student_epochs": 1.0,
-    "prune_target": "1.5x",
-    "prune_epochs": 0.5,
-    "prune_texts": 64,
-    "calibration_texts": 32,
-    "max_input_tokens": 64,
-    "latency_samples": 20,
-}
-QUICK_GENERATOR: dict[str, Any] = {
-    "limit": 1500,
-    "vocab_size": 1000,
-    "teacher_steps": 30,
-    "student_steps": 10,
-    "n_embd": 64,
-    "n_layer": 2,
-    "student_layers": 1,
-    "batch_size": 8,
-    "block_size": 64,
-    "prompts": 2,
-    "greedy_tokens": 16,
-}
-
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument(
@@ -126,6 +95,12 @@ def _classifier_parser(sub: Any) -> None:
         help="prune the deepest student until its dynamic-int8 form reaches this: 14mb "
         "(size), 0.5ms (p50 at batch 1) or 12x (speed-up over the fp32 teacher at batch 1 "
         "on ONNX Runtime); 'none': no pruned form (default 9x)",
+    )
+    p.add_argument(
+        "--prune-vocab",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="students keep only the word pieces the training split uses (default: on)",
     )
     p.add_argument(
         "--student-epochs",
@@ -223,6 +198,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser(
+        "vocab",
+        help="measure vocabulary pruning on a corpus: pieces kept, [UNK], ONNX sizes (JSON)",
+    )
+    for flag, default in (("--data", None), ("--base", None), ("--layers", 1)):
+        p.add_argument(flag, type=int if default else Path, default=default)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="sentiment")
+    p.set_defaults(func=cmd_vocab)
+
     p = sub.add_parser("tiny", help="tiny random models with real tokenizers (for tests, seconds)")
     p.add_argument("--out", type=Path, default=Path("models"), help="model repository")
     p.set_defaults(func=cmd_tiny)
@@ -276,6 +261,7 @@ def _config_args(
 def cmd_classifier(args: argparse.Namespace) -> int:
     _prepare_process()
     from headrace.build.classifier import ClassifierConfig, build_classifier
+    from headrace.build.demo import QUICK_CLASSIFIER
 
     keys = (
         "limit",
@@ -289,6 +275,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
         "max_input_tokens",
         "latency_samples",
         "prune_target",
+        "prune_vocab",
     )
     cfg = ClassifierConfig(**_config_args(args, keys, QUICK_CLASSIFIER, "label_column"))
     card = build_classifier(cfg)
@@ -298,6 +285,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
 
 def cmd_generator(args: argparse.Namespace) -> int:
     _prepare_process()
+    from headrace.build.demo import QUICK_GENERATOR
     from headrace.build.generator import GeneratorConfig, build_generator
 
     keys = (
@@ -330,6 +318,18 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     make_tiny_classifier(args.out / "tiny-classifier" / "1")
     make_tiny_generator(args.out / "tiny-generator" / "1")
     print(f"wrote {args.out}/tiny-classifier/1 and {args.out}/tiny-generator/1")
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    _prepare_process()
+    from headrace.build.classifier import base_checkpoint
+    from headrace.build.data import load_split
+    from headrace.build.vocab import measure
+
+    split, _ = load_split(args.data, text_column=args.text_column, label_column=args.label_column)
+    base = args.base or base_checkpoint(Path(".cache") / "build" / "base")
+    print(json.dumps(measure(base, split, layers=args.layers), indent=2))
     return 0
 
 

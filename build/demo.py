@@ -15,9 +15,39 @@ from pathlib import Path
 from typing import Any
 
 from headrace.build.classifier import ClassifierConfig
-from headrace.build.cli import QUICK_CLASSIFIER, QUICK_GENERATOR
 from headrace.build.generator import GeneratorConfig
 from headrace.build.steps import fmt_seconds, log
+
+# --quick: the whole pipeline on a small slice, short training (CI smoke run)
+QUICK_CLASSIFIER: dict[str, Any] = {
+    "limit": 600,
+    "teacher_epochs": 0.5,
+    "teacher_eval_every": 0.25,
+    "teacher_eval_texts": None,
+    "plateau_patience": 1,
+    "student_layers": (1,),
+    "distill_examples": None,
+    "student_epochs": 1.0,
+    "prune_target": "1.5x",
+    "prune_epochs": 0.5,
+    "prune_texts": 64,
+    "calibration_texts": 32,
+    "max_input_tokens": 64,
+    "latency_samples": 20,
+}
+QUICK_GENERATOR: dict[str, Any] = {
+    "limit": 1500,
+    "vocab_size": 1000,
+    "teacher_steps": 30,
+    "student_steps": 10,
+    "n_embd": 64,
+    "n_layer": 2,
+    "student_layers": 1,
+    "batch_size": 8,
+    "block_size": 64,
+    "prompts": 2,
+    "greedy_tokens": 16,
+}
 
 
 def demo_configs(

@@ -61,21 +61,17 @@ def classify_call(request: pb.ClassifyRequest, request_id: str) -> ClassifyCall:
 def classify_response(
     items: Sequence[ClassifyItem], *, model: str, version: str, request_id: str
 ) -> pb.ClassifyResponse:
-    results = [
-        pb.Classification(
-            labels=[pb.Label(name=n, score=s) for n, s in item.labels],
-            truncated=item.truncated,
-            input_tokens=item.input_tokens,
-        )
-        for item in items
-    ]
-    return pb.ClassifyResponse(
-        model=model,
-        model_version=version,
-        results=results,
-        request_id=request_id,
-        usage=pb.Usage(prompt_tokens=sum(i.input_tokens for i in items)),
-    )
+    # `add` builds each message in place: passing lists of messages to a constructor
+    # builds them and then copies them in (twice the time, measured).
+    response = pb.ClassifyResponse(model=model, model_version=version, request_id=request_id)
+    tokens = 0
+    for item in items:
+        result = response.results.add(truncated=item.truncated, input_tokens=item.input_tokens)
+        for name, score in item.labels:
+            result.labels.add(name=name, score=score)
+        tokens += item.input_tokens
+    response.usage.prompt_tokens = tokens
+    return response
 
 
 # -- generate ---------------------------------------------------------------------------------

@@ -13,15 +13,18 @@ server/types.py; each model checks a call against its own limits first
     params, truncated = model.prepare(GenerateCall(prompt="Once", max_new_tokens=16))
     async for event in model.generate(params): ...
 
-Tokenization runs in Rust (`tokenizers`) on the calling thread; model
-compute runs in each engine's own worker thread.
+Tokenization runs in Rust (`tokenizers`): a classifier's texts in the batcher's
+worker thread, one tokenizer call per batch (the event loop only checks and
+queues a call); a prompt on the calling thread. Model compute runs in each
+engine's own worker thread.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeAlias
 
 import numpy as np
 from headrace.server import metrics, tracing
@@ -45,6 +48,7 @@ from headrace.server.types import (
 from tokenizers import Tokenizer
 
 PAD_TOKENS = ("[PAD]", "<pad>", "<|pad|>")
+Labels: TypeAlias = tuple[tuple[str, float], ...]  # (label, probability), best first
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -82,6 +86,29 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     np.exp(z, out=z)
     z /= z.sum(axis=-1, keepdims=True)
     return z.astype(np.float32)
+
+
+SMALL_LABELS = 32  # up to this many labels, a row's softmax in plain Python beats numpy's
+
+
+def top_labels(logits: np.ndarray, labels: Sequence[str], keep: int) -> list[Labels]:
+    """logits [B, L] -> the `keep` best (label, probability) of each row, best first;
+    ties keep label order."""
+    if len(labels) > SMALL_LABELS:
+        probs = softmax(logits)
+        order = np.argsort(-probs, axis=-1, kind="stable")[:, :keep]
+        return [
+            tuple((labels[j], float(p[j])) for j in best)
+            for p, best in zip(probs, order, strict=True)
+        ]
+    out: list[Labels] = []
+    for row in logits.tolist():
+        top = max(row)
+        exps = [math.exp(x - top) for x in row]
+        total = math.fsum(exps)
+        best = sorted(range(len(exps)), key=exps.__getitem__, reverse=True)[:keep]
+        out.append(tuple((labels[j], exps[j] / total) for j in best))
+    return out
 
 
 class ServedModel:
@@ -132,7 +159,7 @@ class ClassifierModel(ServedModel):
         self.backend: EncoderBackend = backend
         self.pad_id = pad_id_of(tokenizer)
         self.max_tokens = manifest.limits.max_input_tokens
-        # the same tokenizer truncating to the limit, for the texts that exceed it
+        # the same tokenizer truncating to the limit: the batcher's (worker thread)
         self._truncating = _private_copy(tokenizer)
         self._truncating.enable_truncation(max_length=self.max_tokens)
         self._prompt_tokens = metrics.PROMPT_TOKENS.labels(name)
@@ -146,6 +173,7 @@ class ClassifierModel(ServedModel):
             max_padding=batching.max_padding,
             pad_id=self.pad_id,
             max_length=self.max_tokens,
+            tokenize=self.tokenize,
         )
 
     @property
@@ -173,33 +201,36 @@ class ClassifierModel(ServedModel):
             out.append((self._truncating.encode(texts[i]).ids, True))
         return out
 
+    def tokenize(self, texts: list[str]) -> list[tuple[list[int], bool]]:
+        """The batcher's worker thread: texts -> (token ids truncated to the limit, truncated)."""
+        tok = self._truncating
+        # One text: `encode`, as encode_batch hands even one text to the tokenizer's
+        # thread pool and wakes its threads.
+        encodings = [tok.encode(texts[0])] if len(texts) == 1 else tok.encode_batch(texts)
+        return [(enc.ids, bool(enc.overflowing)) for enc in encodings]
+
     async def classify(self, call: ClassifyCall) -> list[ClassifyItem]:
         """Labels best first for each text (top_k 0 = all labels).
 
         Raises InvalidArgument, QueueFull, ShuttingDown, BackendFailure.
         """
         check_classify(call, self.manifest.limits)
-        encoded = self.encode(call.texts, reject_overlong=call.reject_overlong)
-        logits = await self.batcher.submit([ids for ids, _ in encoded])  # [N, L]
+        rows: Sequence[str | list[int]] = call.texts  # tokenized with their batch
+        if call.reject_overlong:  # tokenized here: an overlong text fails before queueing
+            rows = [ids for ids, _ in self.encode(call.texts, reject_overlong=True)]
+        out = await self.batcher.submit(rows)
         labels = self.manifest.labels
-        if logits.shape[1] != len(labels):
+        if out.logits.shape[1] != len(labels):
             raise BackendFailure(
-                f"the model returned {logits.shape[1]} scores for {len(labels)} labels"
+                f"the model returned {out.logits.shape[1]} scores for {len(labels)} labels"
             )
-        probs = softmax(logits)
-        order = np.argsort(-probs, axis=-1, kind="stable")
         keep = len(labels) if call.top_k <= 0 else min(call.top_k, len(labels))
-        items = []
-        for row, (ids, truncated) in enumerate(encoded):
-            best = order[row, :keep]
-            items.append(
-                ClassifyItem(
-                    labels=tuple((labels[j], float(probs[row, j])) for j in best),
-                    truncated=truncated,
-                    input_tokens=len(ids),
-                )
-            )
-        self._prompt_tokens.inc(sum(len(ids) for ids, _ in encoded))
+        best = top_labels(out.logits, labels, keep)
+        items = [
+            ClassifyItem(row, truncated, tokens)
+            for row, tokens, truncated in zip(best, out.tokens, out.truncated, strict=True)
+        ]
+        self._prompt_tokens.inc(sum(out.tokens))
         return items
 
 

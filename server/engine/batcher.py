@@ -1,13 +1,16 @@
 """Dynamic batching for encoders: many callers, one backend call per batch.
 
-Callers submit the token ids of one or more texts and await a future. One
-loop per model collects rows until `max_batch` rows are waiting or the
-oldest request has waited `max_delay_ms`, sorts them by length and cuts them
-into groups whose padding stays under `max_padding` of their tokens, runs one
-`backend.forward` per group in the batcher's own worker thread (the event loop
-stays free for health checks and new calls), and scatters the logits back. A
-request with more texts than `max_batch` spans several batches; a caller that
-went away has its rows skipped if they have not started. Start and stop are
+Callers submit one or more rows (a text, or the token ids of one) and await a
+future. One loop per model collects rows until `max_batch` rows are waiting or
+the oldest request has waited `max_delay_ms`; the batcher's own worker thread
+then tokenizes the batch's texts in one tokenizer call (`tokenize`), sorts the
+rows by length and cuts them into groups whose padding stays under
+`max_padding` of their tokens, runs one `backend.forward` per group, and the
+loop scatters the logits back. The event loop does no per-text tokenization
+and stays free for health checks and new calls; a call refused for a full
+queue is refused before any of its texts is tokenized. A request with more
+rows than `max_batch` spans several batches; a caller that went away has its
+rows skipped if they have not started. Start and stop are
 server/engine/base.py's.
 """
 
@@ -16,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeAlias
 
 import numpy as np
 import structlog
@@ -33,6 +36,20 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 BACKEND_FAILED = "the model failed while running this batch"
+
+# A row: a text (tokenized in the worker thread, with its batch) or its token ids.
+Row: TypeAlias = str | Sequence[int]
+# texts -> (token ids, truncated to max_length) each; run in the worker thread.
+Tokenize: TypeAlias = Callable[[list[str]], list[tuple[list[int], bool]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """One request's answer: its rows' logits and what the model saw of each row."""
+
+    logits: np.ndarray  # float32 [rows, labels]
+    tokens: list[int]  # tokens of each row as the model saw them (after truncation)
+    truncated: list[bool]  # whether `tokenize` cut the row (False for rows sent as ids)
 
 
 def length_groups(lengths: Sequence[int], max_padding: float) -> list[list[int]]:
@@ -55,12 +72,14 @@ def length_groups(lengths: Sequence[int], max_padding: float) -> list[list[int]]
     return groups
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
-    rows: list[Sequence[int]]  # token ids of each text, already truncated
-    future: asyncio.Future[np.ndarray]  # -> logits float32 [len(rows), labels]
+    rows: Sequence[Row]  # texts, or token ids already truncated
+    future: asyncio.Future[Encoded]
     arrival: float  # loop.time() at submit, starts the max_delay clock
-    logits: np.ndarray | None = None  # filled batch by batch
+    logits: np.ndarray | None = None  # filled batch by batch (a request over several)
+    tokens: list[int] = field(default_factory=list)
+    truncated: list[bool] = field(default_factory=list)
     next_row: int = 0  # first row not yet sent to a batch
     done_rows: int = 0  # rows whose logits are in
     trace: Context | None = None  # the caller's OpenTelemetry context while tracing is on (server/tracing.py)
@@ -74,7 +93,18 @@ class _Request:
 class _Batch:
     # (request, first row, end row) for each slice of a request in this batch
     parts: list[tuple[_Request, int, int]] = field(default_factory=list)
-    rows: list[Sequence[int]] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Output:
+    """What the worker thread hands back for a batch, row by row in batch order."""
+
+    logits: np.ndarray  # float32 [rows, labels]
+    tokens: list[int]
+    truncated: list[bool]
+    forward_s: float  # the backend calls alone
+    seconds: float  # tokenize + forward: the batch's unit time, for retry hints
 
 
 class EncoderBatcher(Engine):
@@ -93,6 +123,7 @@ class EncoderBatcher(Engine):
         max_padding: float = 0.1,
         pad_id: int,
         max_length: int,
+        tokenize: Tokenize | None = None,
     ) -> None:
         super().__init__(name)
         self.backend = backend
@@ -102,6 +133,7 @@ class EncoderBatcher(Engine):
         self.max_padding = max_padding
         self.pad_id = pad_id
         self.max_length = max_length
+        self.tokenize = tokenize  # needed for text rows
         self._queue: deque[_Request] = deque()
         self._rows_waiting = 0  # rows in the queue not yet sent to a batch
         self._wake = asyncio.Event()
@@ -128,11 +160,12 @@ class EncoderBatcher(Engine):
     def _on_close(self) -> None:
         self._wake.set()
 
-    async def submit(self, rows: Sequence[Sequence[int]]) -> np.ndarray:
-        """rows: token ids per text -> logits float32 [len(rows), labels].
+    async def submit(self, rows: Sequence[Row]) -> Encoded:
+        """rows: texts (tokenized with their batch) or token ids -> logits [len(rows), labels].
 
-        Raises QueueFull at once when max_queue requests wait, ShuttingDown when
-        stopping (or not started), BackendFailure when a batch holding a row failed.
+        Raises QueueFull at once when max_queue requests wait (before any tokenizing),
+        ShuttingDown when stopping (or not started), BackendFailure when a batch holding
+        a row failed (tokenizing included).
         """
         self._check_open()
         if len(self._queue) >= self.max_queue:
@@ -141,7 +174,7 @@ class EncoderBatcher(Engine):
                 self.retry_after_s(self._rows_waiting / self.max_batch + 1),
             )
         loop = asyncio.get_running_loop()
-        req = _Request(rows=list(rows), future=loop.create_future(), arrival=loop.time())
+        req = _Request(rows, loop.create_future(), loop.time())
         req.trace = tracing.current()
         self._queue.append(req)
         self._rows_waiting += len(req.rows)
@@ -213,28 +246,61 @@ class EncoderBatcher(Engine):
             mask[i, : len(row)] = 1
         return ids, mask
 
-    def _forward(self, rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, float]:
-        """Worker thread: one backend.forward per length group -> logits [len(rows), labels]."""
+    def _token_ids(self, rows: Sequence[Row]) -> tuple[list[Sequence[int]], list[bool]]:
+        """Worker thread: the batch's texts tokenized in one call -> (ids, truncated) per row."""
+        ids: list[Sequence[int]] = []
+        truncated = [False] * len(rows)
+        texts: list[str] = []
+        where: list[int] = []  # the row of each text
+        for i, row in enumerate(rows):
+            if isinstance(row, str):
+                texts.append(row)
+                where.append(i)
+                row = ()
+            ids.append(row)
+        if texts:
+            if self.tokenize is None:
+                raise TypeError("text rows need the batcher's tokenize")
+            for i, (row_ids, cut) in zip(where, self.tokenize(texts), strict=True):
+                ids[i], truncated[i] = row_ids, cut
+        return ids, truncated
+
+    def _forward(self, rows: Sequence[Row]) -> _Output:
+        """Worker thread: tokenize, then one backend.forward per length group."""
         t0 = time.perf_counter()
+        ids, truncated = self._token_ids(rows)
+        tokens = [len(r) for r in ids]
         out: np.ndarray | None = None
-        for group in length_groups([len(r) for r in rows], self.max_padding):
-            ids, mask = self.pad([rows[i] for i in group])
-            logits = np.asarray(self.backend.forward(ids, mask), dtype=np.float32)  # [G, labels]
-            if logits.ndim != 2 or logits.shape[0] != len(group):
+        forward_s = 0.0
+        for group in length_groups(tokens, self.max_padding):
+            input_ids, mask = self.pad([ids[i] for i in group])
+            t1 = time.perf_counter()
+            logits = np.asarray(self.backend.forward(input_ids, mask), dtype=np.float32)
+            forward_s += time.perf_counter() - t1
+            if logits.ndim != 2 or logits.shape[0] != len(group):  # [G, labels]
                 raise ValueError(f"backend returned logits of shape {logits.shape}")
             if out is None:
                 out = np.empty((len(rows), logits.shape[1]), dtype=np.float32)
             out[group] = logits
         assert out is not None
-        return out, time.perf_counter() - t0
+        return _Output(out, tokens, truncated, forward_s, time.perf_counter() - t0)
 
     async def _execute(self, batch: _Batch) -> None:
         trace = tracing.batch(self.name, batch.parts, len(batch.rows))  # None: tracing off
         try:
-            logits, seconds = await self._in_worker(self._forward, batch.rows)
+            out = await self._in_worker(self._forward, batch.rows)
         except Exception as exc:
             if trace is not None:
                 trace.failed(exc)
+            if len(batch.parts) > 1:  # one request's texts must not fail the others: each alone
+                log.warning("encoder batch failed; its requests retried one by one",
+                            model=self.name, rows=len(batch.rows), error=type(exc).__name__)  # fmt: skip
+                at = 0
+                for part in batch.parts:
+                    n = part[2] - part[1]
+                    await self._execute(_Batch([part], batch.rows[at : at + n]))
+                    at += n
+                return
             log.error("encoder batch failed", model=self.name, rows=len(batch.rows), exc_info=exc)
             for req, _, _ in batch.parts:
                 if not req.future.done():
@@ -243,19 +309,25 @@ class EncoderBatcher(Engine):
                     req.future.set_exception(failure)
             return
         if trace is not None:
-            trace.done(seconds)
+            trace.done(out.forward_s)
         self._batch_hist.observe(len(batch.rows))
-        self._forward_hist.observe(seconds)
-        self._observe_unit(seconds)
+        self._forward_hist.observe(out.forward_s)
+        self._observe_unit(out.seconds)
+        logits, tokens, truncated = out.logits, out.tokens, out.truncated
         at = 0
         for req, start, end in batch.parts:
-            part = logits[at : at + end - start]
-            at += end - start
+            a, at = at, at + end - start
             if req.future.done():
                 continue
+            n = len(req.rows)
+            if start == 0 and end == n:  # the whole request in this batch (the common case)
+                req.future.set_result(Encoded(logits[a:at], tokens[a:at], truncated[a:at]))
+                continue
             if req.logits is None:
-                req.logits = np.empty((len(req.rows), logits.shape[1]), dtype=np.float32)
-            req.logits[start:end] = part
+                req.logits = np.empty((n, logits.shape[1]), dtype=np.float32)
+            req.logits[start:end] = logits[a:at]
+            req.tokens += tokens[a:at]
+            req.truncated += truncated[a:at]
             req.done_rows += end - start
-            if req.done_rows == len(req.rows):
-                req.future.set_result(req.logits)
+            if req.done_rows == n:
+                req.future.set_result(Encoded(req.logits, req.tokens, req.truncated))

@@ -48,3 +48,31 @@ def test_card_round_trips_through_the_manifest(model_repo: Path) -> None:
     write_card(version, CARD)
     assert read_manifest(version).card == CARD
     assert (version / CARD_NAME).read_text() == render_markdown(CARD)
+
+
+def test_markdown_has_the_vocabulary_pruning_table() -> None:
+    vocab = {
+        "tokens_before": 30522,
+        "tokens_after": 18116,
+        "texts": 29785,
+        "single_character_pieces": 1994,
+        "held_out_texts": 7448,
+        "held_out_unk_full": 184,
+        "held_out_unk_pruned": 184,
+        "held_out_texts_split_differently": 816,
+        "forms": [
+            {
+                "form": "student-1L int8 dynamic (onnxruntime)",
+                "megabytes_full": 13.91,
+                "megabytes": 9.14,
+                "megabytes_saved": 4.77,
+                "accuracy_full": 0.735,
+                "accuracy": 0.734,
+            }
+        ],
+    }
+    text = render_markdown({**CARD, "vocabulary_pruning": vocab})
+    assert "## Vocabulary pruning" in text and "30,522 -> 18,116 word pieces" in text
+    assert "[UNK] 184 -> 184, 816 texts split" in text
+    assert "| student-1L int8 dynamic (onnxruntime) | 13.91 | 9.14 | 4.77 | 0.735 | 0.734 |" in text
+    assert "## Vocabulary pruning" not in render_markdown({**CARD, "vocabulary_pruning": None})

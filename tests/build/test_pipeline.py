@@ -70,8 +70,9 @@ def test_classifier_pipeline_writes_two_versions_with_a_card(
     split = Split.load(student / SPLIT_NAME)
     assert Split.load(teacher / SPLIT_NAME) == split
     forms = {f["form"]: f for f in card["forms"]}
-    expected = {f"{m} {f}" for m in ("teacher", "student-1L", "pruned-1L") for f in FORMS}
-    expected |= {"teacher fp32 (torch)", "student-1L fp32 (torch)"}  # pruned: no torch form
+    models = ("teacher", "student-1L", "pruned-1L", "student-1L-full-vocab")
+    expected = {f"{m} {f}" for m in models for f in FORMS}
+    expected |= {f"{m} fp32 (torch)" for m in models if m != "pruned-1L"}  # pruned: no torch
     assert set(forms) == expected
     for form in forms.values():
         assert form["test_texts"] == len(split.test) == 15
@@ -192,3 +193,70 @@ def test_which_generator_is_served(
     role, why = choose(GeneratorConfig(out=Path("m"), serve=serve), _evaluation(teacher, student))
     assert role == expected
     assert f"{student:.1f} (student) vs {teacher:.1f} (teacher)" in why
+
+
+def test_vocab_pruned_student_serves_and_reevaluates(
+    classifier_cfg: ClassifierConfig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every step after vocabulary pruning reads the student's own tokenizer: the server,
+    `headrace build evaluate` (timing teacher and student together) and the card agree."""
+    import numpy as np
+    from headrace.build.cli import main
+    from headrace.build.evaluate import ort_session
+    from headrace.build.training import load_tokenizer
+    from headrace.client import Client
+
+    from tests.e2e.conftest import RunningServer, make_config
+
+    classifier_cfg.prune_target = ""  # no structurally pruned form: quicker
+    card = build_classifier(classifier_cfg)
+    out, work = classifier_cfg.out, classifier_cfg.work_dir()
+    student, teacher = out / "senti" / "1", out / "senti-teacher" / "1"
+    assert card["served"]["model"] == "student-1L"
+    vocab = card["vocabulary_pruning"]
+    assert vocab["tokens_after"] < vocab["tokens_before"]
+    assert vocab["held_out_unk_pruned"] == vocab["held_out_unk_full"]
+    rows = {r["form"]: r for r in vocab["forms"]}
+    assert set(rows) == {f"student-1L {f}" for f in FORMS} | {"student-1L fp32 (torch)"}
+    assert all(r["bytes"] < r["bytes_full"] for r in rows.values())
+    pieces = json.loads((student / "tokenizer.json").read_text())["model"]["vocab"]
+    assert (
+        len(pieces)
+        == vocab["tokens_after"]
+        == json.loads((student / "hf" / "config.json").read_text())["vocab_size"]
+    )
+    assert "## Vocabulary pruning" in (student / CARD_NAME).read_text()
+    assert f"keep the {vocab['tokens_after']:,} of {vocab['tokens_before']:,}" in card["summary"]
+
+    # served: the same probabilities as the full-vocabulary copy on training texts
+    split = Split.load(student / SPLIT_NAME)
+    texts = [e.text for e in split.train[:8]]
+    running = RunningServer(make_config(out))
+    try:
+        with Client(running.address, timeout=60) as client:
+            client.wait_ready(timeout=30)
+            served = client.classify(texts, model="senti")
+    finally:
+        running.stop()
+    labels = list(split.labels)
+    got = np.array([[r.scores()[n] for n in labels] for r in served.results])
+    copy = work / "staged" / "student-1L-full-vocab" / "1"
+    tok = load_tokenizer(copy / "tokenizer.json")
+    session = ort_session(copy / card["served"]["path"], 1)
+    want = []
+    for text in texts:
+        ids = np.asarray([tok.encode(text).ids], dtype=np.int64)
+        logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        z = np.exp(logits[0][0] - logits[0][0].max())
+        want.append(z / z.sum())
+    np.testing.assert_allclose(got, np.array(want), atol=0.02)
+
+    # re-measured, teacher and student timed together: the card's accuracy again
+    capsys.readouterr()
+    assert main(["evaluate", str(student), str(teacher), "--latency-samples", "5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    forms = {f["form"]: f for f in card["forms"]}
+    for entry in report:
+        for form in entry["forms"]:
+            assert form["accuracy"] == forms[form["form"]]["accuracy"], form["form"]
+            assert form["p50_ms_batch1"] > 0

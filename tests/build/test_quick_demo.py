@@ -41,8 +41,8 @@ def test_quick_demo_builds_every_model_then_returns_at_once(tmp_path: Path) -> N
     assert sentiment.labels == ("negative", "neutral", "positive") == teacher.labels
     served = sentiment.card["served"]
     assert sentiment.artifact("onnxruntime").path == served["path"]
-    # teacher and student-1L: 4 forms each; pruned-1L: 3 (no torch form)
-    assert len(sentiment.card["forms"]) == 11 and len(gpt.card["forms"]) == 6
+    # teacher, student-1L and its full-vocabulary copy: 4 forms each; pruned-1L: 3 (no torch)
+    assert len(sentiment.card["forms"]) == 15 and len(gpt.card["forms"]) == 6
     s_int8 = next(
         f for f in sentiment.card["forms"] if f["form"] == "student-1L int8 dynamic (onnxruntime)"
     )

@@ -16,7 +16,15 @@ import pytest
 from headrace.server.backends.base import BackendSpec
 from headrace.server.backends.registry import load_backend
 from headrace.server.manifest import read_manifest
-from headrace.server.models import ClassifierModel, GeneratorModel, load_tokenizer, pad_id_of
+from headrace.server.models import (
+    SMALL_LABELS,
+    ClassifierModel,
+    GeneratorModel,
+    load_tokenizer,
+    pad_id_of,
+    softmax,
+    top_labels,
+)
 from headrace.server.types import (
     ClassifyCall,
     FinishReason,
@@ -119,6 +127,26 @@ def test_classify_batches_concurrent_calls_without_padding_leaks(
         assert item.input_tokens == ids.shape[1] and not item.truncated
 
 
+@pytest.mark.parametrize("n_labels", [2, 3, SMALL_LABELS, SMALL_LABELS + 5])
+def test_top_labels_are_the_softmax_best_first(n_labels: int) -> None:
+    rng = np.random.default_rng(n_labels)
+    logits = (rng.standard_normal((6, n_labels)) * 4).astype(np.float32)
+    logits[0, :] = 1.5  # all tied: label order
+    logits[1, -1] = 80.0  # exp would overflow without the max shift
+    labels = [f"l{j}" for j in range(n_labels)]
+    probs = softmax(logits)
+    for keep in (1, 2, n_labels):
+        got = top_labels(logits, labels, keep)
+        assert len(got) == 6
+        for i, row in enumerate(got):
+            order = np.argsort(-probs[i], kind="stable")[:keep]
+            assert [name for name, _ in row] == [labels[j] for j in order]
+            assert [p for _, p in row] == pytest.approx(
+                [float(probs[i, j]) for j in order], abs=1e-6
+            )
+    assert [n for n, _ in top_labels(logits, labels, n_labels)[0]] == labels
+
+
 def test_classify_truncates_or_rejects_overlong_texts(
     classifier_parts: tuple[Any, Any, Any],
 ) -> None:
@@ -138,6 +166,13 @@ def test_classify_truncates_or_rejects_overlong_texts(
     items, error = run(main())
     assert not items[0].truncated and items[1].truncated
     assert items[1].input_tokens == limit
+    ids = model.tokenizer.encode(long_text).ids[: limit - 1]  # a text of exactly `limit` tokens
+    exact = model.tokenizer.decode(ids[1:], skip_special_tokens=True)
+    assert len(model.tokenizer.encode(exact).ids) == limit
+    assert model.tokenize([exact, "short"]) == [
+        (model.tokenizer.encode(exact).ids, False),
+        (model.tokenizer.encode("short").ids, False),
+    ]
     assert len(items[0].labels) == 2
     assert error.field == "texts[1]" and error.message.startswith("texts[1] has ")
 

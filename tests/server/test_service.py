@@ -11,6 +11,7 @@ import math
 import grpc
 import pytest
 from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from headrace.server import calls, convert
 from headrace.server.errors import (
     INTERNAL_MESSAGE,
@@ -20,6 +21,7 @@ from headrace.server.errors import (
     status_for,
 )
 from headrace.server.manifest import Limits
+from headrace.server.rpc import grpc_status
 from headrace.server.types import (
     BackendFailure,
     ClassifyCall,
@@ -179,3 +181,22 @@ def test_rich_status_of_a_full_queue_carries_retry_info() -> None:
     retry = error_details_pb2.RetryInfo()
     assert detail.Unpack(retry)
     assert retry.retry_delay.ToMilliseconds() == 250
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        QueueFull("full", retry_after_s=0.25),
+        InvalidArgument("texts[3]", "texts[3] has 600 tokens"),
+        ModelNotFound("no model 'x'"),
+    ],
+)
+def test_grpc_status_is_the_rich_status_and_built_once(exc: Exception) -> None:
+    mapped = status_for(exc)
+    status = grpc_status(mapped)
+    assert status == rpc_status.to_status(rich_status(mapped))
+    assert grpc_status(status_for(exc)) is status  # the same answer again: not rebuilt
+    if isinstance(exc, QueueFull):  # the retry hint, to the millisecond, is part of the answer
+        later = grpc_status(status_for(QueueFull("full", retry_after_s=0.3)))
+        assert later != status
+        assert later == rpc_status.to_status(rich_status(status_for(QueueFull("full", 0.3))))
