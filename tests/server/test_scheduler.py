@@ -306,8 +306,10 @@ def test_slow_reader_gets_pending_tokens_coalesced(tokenizer: Tokenizer) -> None
         return [first, *rest]
 
     events = run(main())
-    assert len(events) == 2  # every token after the first read came in one event
-    assert len(events[0].token_ids) + len(events[1].token_ids) == events[1].completion_tokens > 2
+    # every token after the first read came in one event (on a loaded box the engine can
+    # even finish before the first read returns: then that one event holds them all)
+    assert len(events) <= 2
+    assert sum(len(e.token_ids) for e in events) == events[-1].completion_tokens > 2
     assert "".join(e.text for e in events).startswith("the quick brown fox")
 
 
