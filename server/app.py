@@ -256,9 +256,13 @@ class Server:
         # the grace period) is cancelled.
         await self.health.end_watches()
         if closing is not None and self._grpc is not None:
-            if drained:  # the calls are done: give grpc a moment to close on its own
-                await asyncio.wait((closing,), timeout=0.5)
-            await self._grpc.stop(0)
+            # grpc's own grace (the same deadline) ends now too: it cancels what is left.
+            # A second stop() while the first still runs crashed grpc core (SIGSEGV) with
+            # streams in flight; it is called only when grpc does not close by itself.
+            if not self._hurry.is_set():
+                await asyncio.wait((closing,), timeout=2.0)
+            if not closing.done():
+                await self._grpc.stop(0)
             await closing
         if self.http is not None:
             await self.http.stop()
