@@ -155,6 +155,16 @@ def _generator_parser(sub: Any) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 8192)")
     p.add_argument("--n-embd", type=int, default=None, help="teacher width (default 256)")
     p.add_argument("--n-layer", type=int, default=None, help="teacher layers (default 4)")
+    p.add_argument("--n-head", type=int, default=None, help="attention heads (default 4)")
+    p.add_argument("--block-size", type=int, default=None, help="context (default 128)")
+    p.add_argument("--batch-size", type=int, default=None, help="blocks a step (default 16)")
+    p.add_argument("--teacher-lr", type=float, default=None, help="peak learning rate")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default=None,
+        help="training matmuls (default auto: bf16 where the CPU has native bf16)",
+    )
     p.add_argument("--student-layers", type=int, default=None, help="student layers (default 2)")
     p.add_argument(
         "--serve",
@@ -295,6 +305,11 @@ def cmd_generator(args: argparse.Namespace) -> int:
         "vocab_size",
         "n_embd",
         "n_layer",
+        "n_head",
+        "block_size",
+        "batch_size",
+        "teacher_lr",
+        "precision",
         "student_layers",
         "serve",
     )

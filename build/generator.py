@@ -10,7 +10,6 @@ blocks of `block_size` tokens. Perplexity is measured on the test texts packed a
 
 from __future__ import annotations
 
-import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 import numpy as np
 from headrace.build.data import SPLIT_NAME, Example, Split, load_split, read_texts, stratified_split
-from headrace.build.steps import Plan, fingerprint, seed_everything
+from headrace.build.generator_train import EOS, train_student, train_teacher
+from headrace.build.steps import Plan, fingerprint
 from headrace.build.versions import (
     card_if_built,
     is_published,
@@ -27,7 +27,6 @@ from headrace.build.versions import (
     stage,
 )
 
-EOS = "<|endoftext|>"
 CARD_VERSION = 2  # bumped when the card's content changes: written versions are remade
 STEPS = ("data", "tokenizer", "teacher", "student", "export", "evaluate", "write")
 
@@ -50,8 +49,10 @@ class GeneratorConfig:
     batch_size: int = 16
     teacher_steps: int = 300
     teacher_lr: float = 2e-3
+    warmup_fraction: float = 0.06  # of the steps; then linear decay to 0
+    precision: str = "auto"  # training matmuls: "bf16" | "fp32" | "auto" (bf16 where native)
     student_layers: int = 2
-    student_steps: int = 120
+    student_steps: int = 120  # 0: no student (the version holds the teacher)
     student_lr: float = 1e-3
     temperature: float = 1.0
     alpha: float = 0.5
@@ -106,109 +107,6 @@ def pack(tok: Any, texts: list[str], block: int) -> np.ndarray:
     return np.asarray(stream[: n * block], dtype=np.int64).reshape(n, block)
 
 
-def _model_config(cfg: GeneratorConfig, vocab: int, eos: int) -> Any:
-    from transformers import GPT2Config
-
-    return GPT2Config(
-        vocab_size=vocab,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        bos_token_id=eos,
-        eos_token_id=eos,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-
-
-def _random_blocks(n: int, batch: int, seed: int) -> Any:
-    rng = np.random.default_rng(seed)
-    while True:
-        yield rng.integers(0, n, batch)
-
-
-def train_teacher(
-    cfg: GeneratorConfig, tok_path: Path, blocks: np.ndarray, out_hf: Path
-) -> dict[str, Any]:
-    import torch
-    from headrace.build.training import train_loop
-    from tokenizers import Tokenizer
-    from transformers import GPT2LMHeadModel
-
-    seed_everything(cfg.seed)
-    tok = Tokenizer.from_file(str(tok_path))
-    eos = tok.token_to_id(EOS)
-    assert eos is not None, "the tokenizer lacks <|endoftext|>"
-    model = GPT2LMHeadModel(_model_config(cfg, tok.get_vocab_size(), eos))
-    data = torch.from_numpy(blocks)
-
-    def loss_fn(m: Any, idx: np.ndarray) -> Any:
-        ids = data[torch.from_numpy(idx)]
-        return m(input_ids=ids, labels=ids).loss
-
-    result = train_loop(
-        model,
-        _random_blocks(len(blocks), cfg.batch_size, cfg.seed),
-        loss_fn,
-        steps=cfg.teacher_steps,
-        lr=cfg.teacher_lr,
-        weight_decay=0.1,
-        desc="gpt teacher",
-    )
-    model.save_pretrained(out_hf)
-    shutil.copy2(tok_path, out_hf / "tokenizer.json")
-    return {
-        **result,
-        "steps": cfg.teacher_steps,
-        "tokens_seen": cfg.teacher_steps * cfg.batch_size * cfg.block_size,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-
-
-def train_student(
-    cfg: GeneratorConfig, teacher_hf: Path, blocks: np.ndarray, out_hf: Path
-) -> dict[str, Any]:
-    import torch
-    from headrace.build.distill import kd_loss, pick_layers, student_from_teacher
-    from headrace.build.training import train_loop
-    from transformers import GPT2LMHeadModel
-
-    seed_everything(cfg.seed)
-    teacher = GPT2LMHeadModel.from_pretrained(teacher_hf).eval()  # type: ignore[no-untyped-call]
-    layers = pick_layers(cfg.n_layer, cfg.student_layers)
-    student = student_from_teacher(teacher, layers)
-    data = torch.from_numpy(blocks)
-
-    def loss_fn(m: Any, idx: np.ndarray) -> Any:
-        ids = data[torch.from_numpy(idx)]
-        with torch.no_grad():  # next-token distributions, [B * (T - 1), V]
-            soft = teacher(input_ids=ids).logits[:, :-1].flatten(0, 1)
-        logits = m(input_ids=ids).logits[:, :-1].flatten(0, 1)
-        return kd_loss(
-            logits, soft, ids[:, 1:].flatten(), temperature=cfg.temperature, alpha=cfg.alpha
-        )
-
-    result = train_loop(
-        student,
-        _random_blocks(len(blocks), cfg.batch_size, cfg.seed + 1),
-        loss_fn,
-        steps=cfg.student_steps,
-        lr=cfg.student_lr,
-        weight_decay=0.1,
-        desc="gpt student",
-    )
-    student.save_pretrained(out_hf)
-    shutil.copy2(teacher_hf / "tokenizer.json", out_hf / "tokenizer.json")
-    return {
-        **result,
-        "steps": cfg.student_steps,
-        "layers_kept": layers,
-        "parameters": sum(p.numel() for p in student.parameters()),
-    }
-
-
 def prompt_ids(tok: Any, split: Split, n: int, words: int = 3) -> list[list[int]]:
     """The first words of the first `n` test texts, tokenized."""
     prompts = [" ".join(e.text.split()[:words]) for e in split.test[:n]]
@@ -261,6 +159,8 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     from headrace.build.quantize import quantize_int8
     from tokenizers import Tokenizer
 
+    if cfg.serve == "student" and cfg.student_steps <= 0:
+        raise ValueError("--serve student needs a student: --student-steps must be above 0")
     if (built := card_if_built(cfg, is_built(cfg))) is not None:
         return built
     out, work = Path(cfg.out), cfg.work_dir()
@@ -304,6 +204,8 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
                 "batch_size",
                 "teacher_steps",
                 "teacher_lr",
+                "warmup_fraction",
+                "precision",
                 "seed",
             )
         },
@@ -316,21 +218,36 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
         "teacher": fingerprint(t_params),
         **{
             k: getattr(cfg, k)
-            for k in ("student_layers", "student_steps", "student_lr", "temperature", "alpha")
+            for k in (
+                "student_layers",
+                "student_steps",
+                "student_lr",
+                "temperature",
+                "alpha",
+                "precision",
+            )
         },
     }
-    with plan.step(work / "student", "student", s_params, outputs=["hf/config.json"]) as s:
-        if not s.done:
-            s.result = train_student(cfg, work / "teacher" / "hf", blocks, work / "student" / "hf")
-    student_result = s.result
-    e_params = {"teacher": fingerprint(t_params), "student": fingerprint(s_params)}
+    roles: tuple[str, ...] = ("teacher", "student") if cfg.student_steps > 0 else ("teacher",)
+    student_result: dict[str, Any] = {}
+    if "student" in roles:
+        with plan.step(work / "student", "student", s_params, outputs=["hf/config.json"]) as s:
+            if not s.done:
+                s.result = train_student(
+                    cfg, work / "teacher" / "hf", blocks, work / "student" / "hf"
+                )
+        student_result = s.result
+    else:
+        plan.note("student", "none (--student-steps 0): the version holds the teacher")
+    e_params = {
+        "teacher": fingerprint(t_params),
+        "student": fingerprint(s_params) if "student" in roles else None,
+    }
     check = prompt_ids(tok, split, 1)[0]
-    outputs = [
-        f"{r}/{f}" for r in ("teacher", "student") for f in ("model.onnx", "model.int8.onnx")
-    ]
+    outputs = [f"{r}/{f}" for r in roles for f in ("model.onnx", "model.int8.onnx")]
     with plan.step(work / "export", "export", e_params, outputs=outputs) as s:
         if not s.done:
-            for role in ("teacher", "student"):
+            for role in roles:
                 folder = work / "export" / role
                 onnx = export_decoder(
                     work / role / "hf",
@@ -359,7 +276,7 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
             },
             _manifest(cfg, int(tok_result["eos_token_id"]), {**prov, "role": role}),
         )
-        for role in ("teacher", "student")
+        for role in roles
     }
     v_params = {
         **e_params,

@@ -17,6 +17,12 @@ def choose(cfg: Any, evaluation: dict[str, Any]) -> tuple[str, str]:
     ppl = {r: _find(evaluation[r], "torch", "fp32")["perplexity"] for r in evaluation}
     step = {r: _find(evaluation[r], "onnxruntime", "int8")["decode_ms_batch1"] for r in evaluation}
     size = {r: _find(evaluation[r], "onnxruntime", "int8")["megabytes"] for r in evaluation}
+    if "student" not in evaluation:
+        return "teacher", (
+            f"the teacher, the only model built (--student-steps 0): held-out perplexity "
+            f"{ppl['teacher']:.1f}, int8 decode step at batch 1 {step['teacher']} ms, int8 "
+            f"size {size['teacher']} MB."
+        )
     facts = (
         f"held-out perplexity {ppl['student']:.1f} (student) vs {ppl['teacher']:.1f} "
         f"(teacher); int8 decode step at batch 1 {step['student']} vs {step['teacher']} ms; "
@@ -46,8 +52,8 @@ def generator_card(
 ) -> dict[str, Any]:
     serve, why = choose(cfg, evaluation)
     served = evaluation[serve]
-    other = "student" if serve == "teacher" else "teacher"
     ppl = {role: _find(evaluation[role], "torch", "fp32")["perplexity"] for role in evaluation}
+    others = "; ".join(f"the {r}: {ppl[r]:.1f}" for r in evaluation if r != serve)
     int8 = _find(served, "onnxruntime", "int8")
     fp32 = _find(served, "onnxruntime", "fp32")
     check = export[serve]["onnx"]
@@ -76,11 +82,11 @@ def generator_card(
         "summary": (
             f"A small GPT-2 causal LM trained from scratch on tweets with its own byte-level BPE "
             f"tokenizer; this version holds the {serve} ({ppl[serve]:.1f} held-out "
-            f"perplexity; the {other}: {ppl[other]:.1f})."
+            f"perplexity{'; ' + others if others else ''})."
         ),
         "headline": {"form": int8["form"], **headline},
         **headline,
-        "forms": evaluation["teacher"] + evaluation["student"],
+        "forms": [form for role in evaluation for form in evaluation[role]],
         "targets": targets,
         "targets_met": all(t["met"] for t in targets),
         "data": {**data, "tokenizer": tokenizer, "block_size": cfg.block_size},
@@ -90,16 +96,23 @@ def generator_card(
                 "n_layer": cfg.n_layer,
                 "n_head": cfg.n_head,
                 "lr": cfg.teacher_lr,
+                "warmup_fraction": cfg.warmup_fraction,
                 "batch_size": cfg.batch_size,
                 **teacher,
             },
-            "student": {
-                "layers": cfg.student_layers,
-                "lr": cfg.student_lr,
-                "temperature": cfg.temperature,
-                "alpha_soft": cfg.alpha,
-                **student,
-            },
+            **(
+                {
+                    "student": {
+                        "layers": cfg.student_layers,
+                        "lr": cfg.student_lr,
+                        "temperature": cfg.temperature,
+                        "alpha_soft": cfg.alpha,
+                        **student,
+                    }
+                }
+                if student
+                else {}
+            ),
             "seed": cfg.seed,
         },
         "export": {
@@ -113,9 +126,15 @@ def generator_card(
         "environment": environment(cfg.threads),
         "notes": [
             f"Served: {why}",
-            f"Student: layers {student.get('layers_kept')} of the teacher's {cfg.n_layer}, "
-            f"distilled on the teacher's next-token distributions (KL at T={cfg.temperature}, "
-            f"weight {cfg.alpha}) plus the next-token loss.",
+            (
+                f"Student: layers {student.get('layers_kept')} of the teacher's {cfg.n_layer}, "
+                f"distilled on the teacher's next-token distributions (KL at "
+                f"T={cfg.temperature}, weight {cfg.alpha}) plus the next-token loss."
+                if student
+                else "No student: at this size the teacher's int8 decode step is already "
+                "well under the server's own per-token cost, and the build's minutes buy "
+                "more by training the teacher longer (docs/build.md has the measurements)."
+            ),
             "Perplexity: exp(mean next-token loss) over the held-out test texts, packed into "
             f"blocks of {cfg.block_size} tokens like the training data.",
             "Greedy agreement below 1 for int8 is expected: dynamic quantisation moves "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,37 @@ def test_generator_pipeline(tmp_path: Path, text_file: Path) -> None:
     again = {f["form"]: f for f in evaluate_version(version)}
     key = f"{role} fp32 (torch)"
     assert again[key]["perplexity"] == forms[key]["perplexity"]
+
+
+def test_generator_without_a_student_holds_the_teacher(tmp_path: Path, text_file: Path) -> None:
+    cfg = GeneratorConfig(
+        out=tmp_path / "models",
+        name="gpt",
+        data=text_file,
+        vocab_size=300,
+        block_size=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        batch_size=4,
+        teacher_steps=4,
+        student_steps=0,
+        precision="bf16",
+        prompts=1,
+        greedy_tokens=4,
+    )
+    card = build_generator(cfg)
+    assert card["served"] == "teacher" and "only model built" in card["notes"][0]
+    assert [f["form"] for f in card["forms"]] == [
+        "teacher fp32 (torch)",
+        "teacher int8 (onnxruntime)",
+        "teacher fp32 (onnxruntime)",
+    ]
+    assert card["training"]["teacher"]["precision"] == "bf16" and "student" not in card["training"]
+    assert not (cfg.work_dir() / "student").exists()
+    assert card["targets_met"], card["targets"]
+    with pytest.raises(ValueError, match="student-steps"):
+        build_generator(replace(cfg, serve="student", force=True))
 
 
 def _evaluation(ppl_teacher: float, ppl_student: float) -> dict:
