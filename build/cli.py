@@ -158,8 +158,10 @@ def _generator_parser(sub: Any) -> None:
     )
     _common(p, "tweetgpt")
     p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
-    p.add_argument("--student-steps", type=int, default=None, help="student distillation steps")
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 4096)")
+    p.add_argument(
+        "--student-steps", type=int, default=None, help="student distillation steps (default 0: none)"
+    )
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 8192)")
     p.add_argument("--n-embd", type=int, default=None, help="teacher width (default 256)")
     p.add_argument("--n-layer", type=int, default=None, help="teacher layers (default 4)")
     p.add_argument("--n-head", type=int, default=None, help="attention heads (default 4)")

@@ -41,18 +41,18 @@ class GeneratorConfig:
     text_column: str = "text"
     seed: int = 0
     limit: int | None = None
-    vocab_size: int = 4096
+    vocab_size: int = 8192
     block_size: int = 128  # training context = n_positions = the manifest's max_context
     n_embd: int = 256
     n_layer: int = 4
     n_head: int = 4
     batch_size: int = 16
-    teacher_steps: int = 1500
+    teacher_steps: int = 600
     teacher_lr: float = 2e-3
     warmup_fraction: float = 0.06  # of the steps; then linear decay to 0
     precision: str = "auto"  # training matmuls: "bf16" | "fp32" | "auto" (bf16 where native)
     student_layers: int = 2
-    student_steps: int = 200  # 0: no student (the version holds the teacher)
+    student_steps: int = 0  # 0: no student (the version holds the teacher)
     student_lr: float = 1e-3
     temperature: float = 1.0
     alpha: float = 0.5
