@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from headrace.build.data import SPLIT_NAME, Split, load_split
 from headrace.build.steps import Plan, fingerprint
+from headrace.build.training import resolve_precision
 from headrace.build.versions import (
     card_if_built,
     is_published,
@@ -60,16 +61,21 @@ class ClassifierConfig:
     plateau_patience: int = 3  # measurements without a gain of plateau_delta: stop
     plateau_delta: float = 0.003
     freeze_embeddings: bool = True
+    # "auto": bf16 autocast for training steps where the CPU has native bf16, else fp32
+    train_precision: str = "auto"
     student_layers: tuple[int, ...] = (1, 3)  # one DistilBERT-style student per depth
-    distill_examples: int | None = 8000  # training texts the teacher labels for the students
-    student_epochs: float = 2.0  # over the distill examples
+    # training texts the teacher labels for the students (None: all). On the tweets a 1-layer
+    # student reached 0.761 validation accuracy from 8,000 texts x 2 epochs, 0.783 from all
+    # 29,785 x 2 (the teacher: 0.788)
+    distill_examples: int | None = None
+    student_epochs: float = 1.0  # over the distill examples
     student_lr: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KL) term
     # Structured pruning of the deepest student to a target: "14mb", "0.5ms", "10x" (speed-up
     # over the fp32 teacher at batch 1 on ORT); None: no pruned form.
     prune_target: str | None = "9x"
-    prune_epochs: float = 1.0  # recovery distillation after pruning
+    prune_epochs: float = 0.5  # recovery distillation after pruning
     prune_texts: int = 512  # texts whose gradients rank heads and neurons
     # Students keep only the word pieces the training split uses (build/vocab.py); the
     # smallest one's full-vocabulary copy is measured beside it for the card.
@@ -263,6 +269,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                 "max_input_tokens",
             )
         },
+        "precision": resolve_precision(cfg.train_precision),
     }
     hf = {key: work / key / "hf" for key in keys}
     with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
@@ -284,6 +291,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             k: getattr(cfg, k)
             for k in ("student_epochs", "student_lr", "temperature", "alpha", "prune_vocab")
         },
+        "precision": resolve_precision(cfg.train_precision),
     }
     for layers in cfg.student_layers:
         key = f"student-{layers}L"
@@ -305,6 +313,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                     k: getattr(cfg, k)
                     for k in ("prune_target", "prune_epochs", "prune_texts", "threads")
                 },
+                "precision": resolve_precision(cfg.train_precision),
             }
             with plan.step(work / key, f"train {key}", params, outputs=["hf/config.json"]) as s:
                 if not s.done:
