@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from headrace.build.generator_cli import generator_parser
+
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument(
@@ -148,43 +150,6 @@ def _prune_target(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _generator_parser(sub: Any) -> None:
-    p = sub.add_parser(
-        "generator",
-        help="train a BPE tokenizer and a small GPT from scratch, distill, export, evaluate",
-        description="Byte-level BPE tokenizer -> GPT-2 causal LM trained from scratch -> distilled "
-        "student -> KV-cache ONNX decoder -> int8; held-out perplexity, greedy agreement with "
-        "torch and decode-step latency in the card. Resumable.",
-    )
-    _common(p, "tweetgpt")
-    p.add_argument("--teacher-steps", type=int, default=None, help="teacher training steps")
-    p.add_argument(
-        "--student-steps", type=int, default=None, help="student distillation steps (default 0: none)"
-    )
-    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 8192)")
-    p.add_argument("--n-embd", type=int, default=None, help="teacher width (default 256)")
-    p.add_argument("--n-layer", type=int, default=None, help="teacher layers (default 4)")
-    p.add_argument("--n-head", type=int, default=None, help="attention heads (default 4)")
-    p.add_argument("--block-size", type=int, default=None, help="context (default 128)")
-    p.add_argument("--batch-size", type=int, default=None, help="blocks a step (default 16)")
-    p.add_argument("--teacher-lr", type=float, default=None, help="peak learning rate")
-    p.add_argument(
-        "--precision",
-        choices=("auto", "bf16", "fp32"),
-        default=None,
-        help="training matmuls (default auto: bf16 where the CPU has native bf16)",
-    )
-    p.add_argument("--student-layers", type=int, default=None, help="student layers (default 2)")
-    p.add_argument(
-        "--serve",
-        choices=("teacher", "student", "auto"),
-        default=None,
-        help="which model the version holds (default auto: the student unless its "
-        "perplexity is more than 5%% worse than the teacher's)",
-    )
-    p.set_defaults(func=cmd_generator)
-
-
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Add `build` and its subcommands to a CLI's subparsers."""
     build = subparsers.add_parser(
@@ -195,7 +160,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     )
     sub = build.add_subparsers(dest="build_command", metavar="COMMAND", required=True)
     _classifier_parser(sub)
-    _generator_parser(sub)
+    generator_parser(sub)
 
     p = sub.add_parser(
         "demo",
@@ -299,32 +264,6 @@ def cmd_classifier(args: argparse.Namespace) -> int:
     )
     cfg = ClassifierConfig(**_config_args(args, keys, QUICK_CLASSIFIER, "label_column"))
     card = build_classifier(cfg)
-    _print_summary(card)
-    return 0
-
-
-def cmd_generator(args: argparse.Namespace) -> int:
-    _prepare_process()
-    from headrace.build.demo import QUICK_GENERATOR
-    from headrace.build.generator import GeneratorConfig, build_generator
-
-    keys = (
-        "limit",
-        "teacher_steps",
-        "student_steps",
-        "vocab_size",
-        "n_embd",
-        "n_layer",
-        "n_head",
-        "block_size",
-        "batch_size",
-        "teacher_lr",
-        "precision",
-        "student_layers",
-        "serve",
-    )
-    cfg = GeneratorConfig(**_config_args(args, keys, QUICK_GENERATOR))
-    card = build_generator(cfg)
     _print_summary(card)
     return 0
 
