@@ -114,11 +114,11 @@ def _add_serve(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument(
         "--engine-process", action=argparse.BooleanOptionalAction, default=None,
-        help="with --workers N > 1: one engine process loads the models and runs their "
-        "batchers and decode loops (one batch for every worker's calls, one copy of each "
-        "model on the device), and the N workers are front ends (parsing, tokenizing, checks, "
-        "logs, metrics) reaching it over a Unix socket (default: on for the datacenter "
-        "profile, off for edge and cpu)",
+        help="one engine process loads the models and runs their batchers and decode loops "
+        "(one batch for every worker's calls, one copy of each model on the device), and the "
+        "--workers N processes are front ends (parsing, tokenizing, checks, logs, metrics) "
+        "reaching it over a Unix socket (default: on for the datacenter profile with "
+        "--workers N > 1, off for edge and cpu)",
     )  # fmt: skip
     p.add_argument(
         "--stream-interval", type=int, metavar="TOKENS",
@@ -190,14 +190,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     workers = config.workers or default_workers(config.profile)
     try:
-        if workers > 1:
-            engine = config.engine_process
-            if engine is None:
-                engine = config.profile == "datacenter"
-            if engine:
-                from headrace.server.engine_ipc.supervisor import run_engine_workers
+        engine = config.engine_process
+        if engine is None:  # the default: on for the datacenter profile with several workers
+            engine = workers > 1 and config.profile == "datacenter"
+        if engine:
+            from headrace.server.engine_ipc.supervisor import run_engine_workers
 
-                return run_engine_workers(config, workers)
+            return run_engine_workers(config, workers)
+        if workers > 1:
             return run_workers(config, workers)
         return run(config)
     except ConfigError as exc:  # a TLS or key file that cannot be used

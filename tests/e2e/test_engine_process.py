@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 import urllib.request
@@ -247,5 +248,33 @@ def test_onnx_runtime_behind_the_engine(onnx_models: Path, tmp_path: Path) -> No
             out = stub.Generate(pb.GenerateRequest(model="tiny-generator", prompt="the",
                                                    max_new_tokens=4))  # fmt: skip
             assert 1 <= out.usage.completion_tokens <= 4
+    finally:
+        assert running.stop() == 0
+
+
+def test_hot_reload_in_the_engine_reaches_both_front_ends(
+    tiny_models: Path, tmp_path: Path
+) -> None:
+    repo = tmp_path / "models"
+    shutil.copytree(tiny_models / "tiny-classifier", repo / "tiny-classifier")
+    running = Engine(repo, tmp_path, "--poll-interval", "0.3")
+    try:
+
+        def versions() -> set[tuple[str, ...]]:
+            seen = set()
+            for _ in range(16):  # connections on both front ends
+                with grpc.insecure_channel(running.address) as channel:
+                    models = pb_grpc.InferenceStub(channel).ListModels(pb.ListModelsRequest())
+                    seen.add(tuple(v for m in models.models for v in m.versions))
+            return seen
+
+        assert versions() == {("1",)}
+        shutil.copytree(repo / "tiny-classifier" / "1", repo / "tiny-classifier" / "2")
+        wait_for(lambda: versions() == {("2", "1")}, timeout=60)
+        with grpc.insecure_channel(running.address) as channel:
+            got = pb_grpc.InferenceStub(channel).Classify(pb.ClassifyRequest(texts=["new"]))
+            assert got.model_version == "2"
+        loaded = {ln["pid"] for ln in running.events("model_version_ready")}
+        assert loaded == set(running.engine_pids())  # loaded once, by the engine
     finally:
         assert running.stop() == 0
