@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from headrace.build.data import SPLIT_NAME, Split, load_split
 from headrace.build.steps import Plan, fingerprint
+from headrace.build.training import resolve_precision
 from headrace.build.versions import (
     card_if_built,
     is_published,
@@ -60,6 +61,8 @@ class ClassifierConfig:
     plateau_patience: int = 3  # measurements without a gain of plateau_delta: stop
     plateau_delta: float = 0.003
     freeze_embeddings: bool = True
+    # "auto": bf16 autocast for training steps where the CPU has native bf16, else fp32
+    train_precision: str = "auto"
     student_layers: tuple[int, ...] = (1, 3)  # one DistilBERT-style student per depth
     distill_examples: int | None = 8000  # training texts the teacher labels for the students
     student_epochs: float = 2.0  # over the distill examples
@@ -263,6 +266,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                 "max_input_tokens",
             )
         },
+        "precision": resolve_precision(cfg.train_precision),
     }
     hf = {key: work / key / "hf" for key in keys}
     with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
@@ -284,6 +288,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             k: getattr(cfg, k)
             for k in ("student_epochs", "student_lr", "temperature", "alpha", "prune_vocab")
         },
+        "precision": resolve_precision(cfg.train_precision),
     }
     for layers in cfg.student_layers:
         key = f"student-{layers}L"
@@ -305,6 +310,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                     k: getattr(cfg, k)
                     for k in ("prune_target", "prune_epochs", "prune_texts", "threads")
                 },
+                "precision": resolve_precision(cfg.train_precision),
             }
             with plan.step(work / key, f"train {key}", params, outputs=["hf/config.json"]) as s:
                 if not s.done:

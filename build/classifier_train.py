@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from headrace.build.data import Split
 from headrace.build.steps import log, seed_everything
+from headrace.build.training import resolve_precision
 
 
 def _steps_for(n_train: int, epochs: float, batch_size: int) -> int:
@@ -168,6 +169,7 @@ def train_teacher(cfg: Any, base: Path, split: Split, out_hf: Path) -> dict[str,
         desc="teacher",
         every=every,
         checkpoint=checkpoint,
+        precision=resolve_precision(cfg.train_precision),
     )
     model.load_state_dict(best["state"])
     model.save_pretrained(out_hf)
@@ -183,6 +185,7 @@ def train_teacher(cfg: Any, base: Path, split: Split, out_hf: Path) -> dict[str,
         "validation_texts": len(val_rows),
         "examples_seen": result["steps"] * cfg.batch_size,
         "frozen_word_embeddings": bool(cfg.freeze_embeddings),
+        "precision": resolve_precision(cfg.train_precision),
         "layers": int(model.config.num_hidden_layers),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -240,11 +243,15 @@ def distill(
         out = m(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits
         return kd_loss(out, soft_t[idx], y[idx], temperature=cfg.temperature, alpha=cfg.alpha)
 
-    result = train_loop(student, batches, loss_fn, steps=steps, lr=lr, desc=desc)
+    precision = resolve_precision(cfg.train_precision)
+    result = train_loop(
+        student, batches, loss_fn, steps=steps, lr=lr, desc=desc, precision=precision
+    )
     return {
         **result,
         "epochs": epochs,
         "lr": lr,
+        "precision": precision,
         "parameters": sum(p.numel() for p in student.parameters()),
     }
 

@@ -83,6 +83,13 @@ def _classifier_parser(sub: Any) -> None:
     )
     p.add_argument("--teacher-lr", type=float, default=None)
     p.add_argument(
+        "--train-precision",
+        choices=("auto", "fp32", "bf16"),
+        default=None,
+        help="training steps in fp32 or under bf16 autocast (fp32 weights and optimizer); "
+        "auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32 (default auto)",
+    )
+    p.add_argument(
         "--student-layers",
         type=_int_tuple,
         default=None,
@@ -268,6 +275,7 @@ def cmd_classifier(args: argparse.Namespace) -> int:
         "base",
         "teacher_epochs",
         "teacher_lr",
+        "train_precision",
         "student_layers",
         "student_epochs",
         "student_lr",

@@ -78,6 +78,28 @@ def shuffled_batches(
         yield from (b for b in batches if len(b) == batch_size or n < batch_size)
 
 
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def bf16_is_native() -> bool:
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). There a
+    MiniLM-L6 training step under bf16 autocast took 0.55-0.65 of the fp32 step's time; on
+    CPUs without it bf16 is emulated and slower."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_precision(choice: str) -> str:
+    """'auto' -> 'bf16' where the CPU has native bf16, else 'fp32'."""
+    if choice not in TRAIN_PRECISIONS:
+        raise ValueError(f"train precision must be one of {', '.join(TRAIN_PRECISIONS)}")
+    if choice == "auto":
+        return "bf16" if bf16_is_native() else "fp32"
+    return choice
+
+
 def train_loop(
     model: Any,
     batches: Iterator[Any],
@@ -91,12 +113,16 @@ def train_loop(
     max_grad_norm: float = 1.0,
     every: int = 0,
     checkpoint: Callable[[int, float], bool] | None = None,
+    precision: str = "fp32",
 ) -> dict[str, float]:
     """AdamW with linear warmup and linear decay for `steps` steps -> {"loss": mean of last 50,
     "steps": steps run}.
 
     With `checkpoint`, `checkpoint(step, recent loss)` runs every `every` steps (the model in
-    eval mode, back to train mode after); returning True stops training there."""
+    eval mode, back to train mode after); returning True stops training there.
+
+    precision "bf16": forward and loss under CPU bf16 autocast (weights, gradients and the
+    optimizer stay fp32: mixed precision); "fp32": plain."""
     import torch
     from tqdm import tqdm
 
@@ -129,7 +155,8 @@ def train_loop(
     ran = 0
     for step in bar:
         batch = next(batches)
-        loss = loss_fn(model, batch)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn(model, batch)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)

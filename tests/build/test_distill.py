@@ -53,7 +53,10 @@ def test_kd_loss() -> None:
     assert float(mixed) == pytest.approx(0.5 * float(hard), rel=1e-5)
 
 
-def test_a_few_distillation_steps_move_the_student_towards_the_teacher(tiny_models: Path) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_few_distillation_steps_move_the_student_towards_the_teacher(
+    tiny_models: Path, precision: str
+) -> None:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
@@ -71,9 +74,12 @@ def test_a_few_distillation_steps_move_the_student_towards_the_teacher(tiny_mode
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)
         ).logits
 
+    dtypes: set[torch.dtype] = set()
+
     def loss_fn(m, idx):
         b_ids, b_mask = pad_batch([rows[i] for i in idx])
         out = m(input_ids=torch.from_numpy(b_ids), attention_mask=torch.from_numpy(b_mask)).logits
+        dtypes.add(out.dtype)
         return kd_loss(out, soft[idx], None, temperature=2.0, alpha=1.0)
 
     def full_loss() -> float:
@@ -81,8 +87,30 @@ def test_a_few_distillation_steps_move_the_student_towards_the_teacher(tiny_mode
             return float(loss_fn(student, list(range(32))))
 
     before = full_loss()
-    train_loop(student, shuffled_batches(32, 8, 0), loss_fn, steps=30, lr=1e-2, desc="distill")
+    dtypes.clear()
+    train_loop(
+        student,
+        shuffled_batches(32, 8, 0),
+        loss_fn,
+        steps=30,
+        lr=1e-2,
+        desc="distill",
+        precision=precision,
+    )
+    # bf16: the forward ran under autocast; the weights stay fp32 (mixed precision)
+    assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float32}
     assert full_loss() < 0.5 * before
+    assert all(p.dtype == torch.float32 for p in student.parameters())
+
+
+def test_train_precision_resolves() -> None:
+    from headrace.build.training import bf16_is_native, resolve_precision
+
+    assert resolve_precision("fp32") == "fp32"
+    assert resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == ("bf16" if bf16_is_native() else "fp32")
+    with pytest.raises(ValueError, match="one of auto, fp32, bf16"):
+        resolve_precision("fp16")
 
 
 def test_shuffled_batches_cover_every_index_each_epoch() -> None:
