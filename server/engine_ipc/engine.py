@@ -33,10 +33,11 @@ from typing import Any
 from headrace.server import tracing
 from headrace.server.config import ServerConfig, load_config
 from headrace.server.engine_ipc import wire
+from headrace.server.errors import ServiceError
 from headrace.server.logs import configure_logging, get_logger
 from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import ModelRepository
-from headrace.server.types import ShuttingDown
+from headrace.server.types import EngineError, ShuttingDown
 
 log = get_logger("headrace.engine")
 
@@ -66,6 +67,12 @@ def catalog(repository: ModelRepository) -> dict[str, Any]:
         for s in repository.states.of(name)
     ]  # fmt: skip
     return {"profile": repository.profile, "versions": versions, "states": states}
+
+
+def _log_unexpected(exc: Exception, call_id: int) -> None:
+    """The caller gets INTERNAL without the text: the cause goes to the engine's log."""
+    if not isinstance(exc, EngineError | ServiceError):
+        log.error("engine_call_failed", call_id=call_id, exc_info=exc)
 
 
 class Engine:
@@ -154,6 +161,7 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            _log_unexpected(exc, call_id)
             sender.send(wire.error_frame(call_id, exc))
 
     async def _generate(self, sender: wire.Sender, call_id: int, body: memoryview) -> None:
@@ -169,6 +177,7 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            _log_unexpected(exc, call_id)
             sender.send(wire.error_frame(call_id, exc))
 
     def stop(self) -> None:
