@@ -1,5 +1,8 @@
 """The transport floor: a bare grpc.aio server that answers Classify with a canned response.
 
+GenerateStream streams `max_new_tokens` canned one-token chunks (`stream_interval`
+tokens per chunk when set), as fast as the transport takes them: the streaming floor.
+
     python -m bench.bare_server --port 50090 [--labels 3]
     python -m bench.bare_server --port 50090 --reject    # every call RESOURCE_EXHAUSTED
 
@@ -58,6 +61,21 @@ class Bare(pbg.InferenceServicer):
         if self.initial_metadata:  # what one separate initial-metadata send costs
             await context.send_initial_metadata((("x-request-id", self.response.request_id),))
         return self.response
+
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any) -> Any:
+        n, per = max(1, request.max_new_tokens), max(1, request.stream_interval)
+        for start in range(0, n, per):
+            k = min(per, n - start)
+            chunk = pb.GenerateChunk(
+                text=" tok" * k,
+                token_ids=[7] * k,
+                request_id=self.response.request_id,
+                token_times_us=[start + i for i in range(k)],
+            )
+            if start + k == n:
+                chunk.finish_reason = pb.LENGTH
+            yield chunk
 
 
 async def serve(port: int, labels: int, initial_metadata: bool, reject: bool = False) -> None:

@@ -10,7 +10,8 @@ One after another, each server in its own process and the load generator
 
   raw        bench/limits.py: the backend in-process (texts/s at its best batch, batch-1
              time; decode tokens/s at 16 slots, one prompt's prefill time)
-  floor      bench/bare_server.py: grpc.aio answering Classify with a canned response
+  floor      bench/bare_server.py: grpc.aio answering Classify with a canned response,
+             and GenerateStream with canned chunks (the streaming floor)
   headrace   `headrace serve` with the edge settings (deploy/edge/headrace-edge.toml:
              2 intra-op threads, no spinning), the log line per RPC and /metrics on
   default    the same with no settings file (only at 1 caller: idle spinning shows there)
@@ -19,7 +20,10 @@ One after another, each server in its own process and the load generator
   variant    `--variant TAG=TOML` (repeatable): this checkout's server with other settings
 
 Classify sends one short tweet per call (64 callers, then 1); generation runs 16
-streams and 1 stream of 64 tokens. Server CPU per call comes from /proc/PID/task/*/stat
+streams of 64 tokens at each `--gen-intervals` tokens per message (the request's
+stream_interval; 1, the server's default, sends a message per token unless the reader
+is behind), and 1 stream at interval 1 for time to first token. `--generate-only` skips
+the classify points (and the floor, raw classify and default-settings servers). Server CPU per call comes from /proc/PID/task/*/stat
 over the measured window, split by thread (bench/common.thread_group: the event loop is
 the main thread; the batcher, ORT's pool and gRPC's threads carry OS names). The targets
 of the per-request cost budget are printed at the end:
@@ -78,17 +82,28 @@ class Run:
         points = self.child(args, f"loadgen-{mode}")["points"]
         return {p["concurrency"]: p for p in points}
 
+    def generate(self, target: str, pid: int) -> dict[int, Any]:
+        """{tokens per message: {streams: point}}: 16 streams at each interval, and
+        1 stream at interval 1 (time to first token)."""
+        out = {}
+        for n in self.a.gen_intervals:
+            streams = "16,1" if n == 1 else "16"
+            out[n] = self.loadgen("generate", target, pid, streams, model=self.a.generate_model,
+                                  new_tokens=64, stream_interval=n)  # fmt: skip
+        return out
+
     # -- phases -------------------------------------------------------------------------
 
     def raw(self) -> None:
         # the server's session options (threads, spinning), so raw and served run alike
         opts = ["--settings", str(self.a.settings)] if self.a.settings else []
         cls = self.models / self.a.classify_model
-        self.results["raw_classify"] = self.child(
-            ["-m", "bench.limits", "classify", "--model-dir", str(cls), "--profile", "edge",
-             "--seconds", str(self.a.raw_seconds), "--batches", "1,4,16,32,64", *opts],
-            "raw-classify",
-        )  # fmt: skip
+        if not self.a.generate_only:
+            self.results["raw_classify"] = self.child(
+                ["-m", "bench.limits", "classify", "--model-dir", str(cls), "--profile", "edge",
+                 "--seconds", str(self.a.raw_seconds), "--batches", "1,4,16,32,64", *opts],
+                "raw-classify",
+            )  # fmt: skip
         if self.a.generate_model:
             gen = self.models / self.a.generate_model
             self.results["raw_generate"] = self.child(
@@ -103,9 +118,12 @@ class Run:
         with ServerProcess("bare", cmd, self.work / "bare.log") as server:
             target = f"127.0.0.1:{port}"
             server.wait_ready(lambda: channel_ready(target), timeout=60)
-            self.results["floor"] = self.loadgen(
-                "classify", target, server.pid, "64,1", model=self.a.classify_model
-            )
+            if not self.a.generate_only:
+                self.results["floor"] = self.loadgen(
+                    "classify", target, server.pid, "64,1", model=self.a.classify_model
+                )
+            if self.a.generate_model:  # canned chunks: the streaming floor
+                self.results["floor_generate"] = self.generate(target, server.pid)
 
     def headrace(self, tag: str, settings: Path | None, src: Path | None, full: bool) -> None:
         names = [n for n in (self.a.classify_model, self.a.generate_model) if n]
@@ -122,14 +140,12 @@ class Run:
             target = f"127.0.0.1:{port}"
             server.wait_ready(lambda: models_ready(target, names), timeout=300)
             out: dict[str, Any] = {}
-            out["classify"] = self.loadgen(
-                "classify", target, server.pid, "64,1" if full else "1", model=names[0]
-            )
+            if not self.a.generate_only:
+                out["classify"] = self.loadgen(
+                    "classify", target, server.pid, "64,1" if full else "1", model=names[0]
+                )
             if full and self.a.generate_model:
-                out["generate"] = self.loadgen(
-                    "generate", target, server.pid, "16,1", model=self.a.generate_model,
-                    new_tokens=64,
-                )  # fmt: skip
+                out["generate"] = self.generate(target, server.pid)
             if self.a.py_spy and tag == "headrace":
                 self.profile(server.pid, target, names[0])
             self.results[tag] = out
@@ -159,33 +175,48 @@ def per_call_us(point: dict[str, Any], window_s: float) -> dict[str, float]:
     return out
 
 
+def per_token_us(point: dict[str, Any]) -> float:
+    """Server CPU µs per token received in the window."""
+    return 1e6 * point["server_cores"] / max(point["tokens_per_s"], 1e-9)
+
+
 def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
-    raw = r["raw_classify"]
-    raw_tps = raw["limit_texts_per_s"]
-    raw_b1_ms = next(row["ms_per_call"] for row in raw["by_batch"] if row["batch"] == 1)
-    floor64, floor1 = r["floor"][64], r["floor"][1]
-    limit = 1.0 / (1.0 / floor64["throughput"] + 1.0 / raw_tps)
-    floor_cpu = per_call_us(floor64, duration)["total"]
-    f: dict[str, Any] = {
-        "floor_calls_per_s": floor64["throughput"],
-        "floor_p50_ms_1": floor1["p50_ms"],
-        "floor_cpu_us_per_call": floor_cpu,
-        "raw_texts_per_s": raw_tps,
-        "raw_best_batch": raw["best_batch"],
-        "raw_batch1_ms": raw_b1_ms,
-        "L_calls_per_s": limit,
-        "servers": {},
-    }
+    f: dict[str, Any] = {"servers": {}}
+    raw = r.get("raw_classify")
+    if raw:
+        raw_tps = raw["limit_texts_per_s"]
+        raw_b1_ms = next(row["ms_per_call"] for row in raw["by_batch"] if row["batch"] == 1)
+        floor64, floor1 = r["floor"][64], r["floor"][1]
+        limit = 1.0 / (1.0 / floor64["throughput"] + 1.0 / raw_tps)
+        floor_cpu = per_call_us(floor64, duration)["total"]
+        f |= {
+            "floor_calls_per_s": floor64["throughput"],
+            "floor_p50_ms_1": floor1["p50_ms"],
+            "floor_cpu_us_per_call": floor_cpu,
+            "raw_texts_per_s": raw_tps,
+            "raw_best_batch": raw["best_batch"],
+            "raw_batch1_ms": raw_b1_ms,
+            "L_calls_per_s": limit,
+        }
     gen = r.get("raw_generate")
     if gen:
         rows = {row["batch"]: row for row in gen["by_batch"]}
         f["raw_decode_tokens_per_s_16"] = rows[16]["tokens_per_s"]
         f["raw_prefill_ms"] = rows[1].get("prefill_ms")
+    for n, points in sorted((r.get("floor_generate") or {}).items()):
+        f.setdefault("floor_generate", {})[n] = {
+            "tokens_per_s_16": points[16]["tokens_per_s"],
+            "messages_per_s_16": points[16]["messages_per_s"],
+            "cpu_us_per_message_16": 1e6
+            * points[16]["server_cores"]
+            / max(points[16]["messages_per_s"], 1e-9),
+            "ttft_p50_ms_1": points[1]["ttft_p50_ms"] if 1 in points else None,
+        }
     tags = ["headrace", *r.get("baseline_tags", []), "default"]
     for tag in tags:
         if tag not in r:
             continue
-        cls = r[tag]["classify"]
+        cls = r[tag].get("classify") or {}
         s: dict[str, Any] = {}
         if 64 in cls:
             p64 = cls[64]
@@ -196,39 +227,58 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
                 "cpu_us_per_call_64": cpu,
                 "cpu_budget_us": 1.3 * (floor_cpu + 1e6 / raw_tps),
             }
-        p1 = cls[1]
-        s |= {
-            "p50_ms_1": p1["p50_ms"],
-            "p50_budget_ms": floor1["p50_ms"] + raw_b1_ms + 0.3,
-            "cpu_us_per_call_1": per_call_us(p1, duration),
-        }
+        if 1 in cls:
+            p1 = cls[1]
+            s |= {
+                "p50_ms_1": p1["p50_ms"],
+                "p50_budget_ms": floor1["p50_ms"] + raw_b1_ms + 0.3,
+                "cpu_us_per_call_1": per_call_us(p1, duration),
+            }
         g = r[tag].get("generate")
         if g and gen:
-            s |= {
-                "gen_tokens_per_s_16": g[16]["tokens_per_s"],
-                "gen_messages_per_s_16": g[16].get("messages_per_s"),
-                "gen_pct_of_raw_16": 100.0
-                * g[16]["tokens_per_s"]
-                / f["raw_decode_tokens_per_s_16"],
-                "ttft_p50_ms_1": g[1]["ttft_p50_ms"],
-                "ttft_budget_ms": (f["raw_prefill_ms"] or 0.0) + 1.0,
+            s["gen_16"] = {
+                n: {
+                    "tokens_per_s": points[16]["tokens_per_s"],
+                    "messages_per_s": points[16].get("messages_per_s"),
+                    "pct_of_raw": 100.0
+                    * points[16]["tokens_per_s"]
+                    / f["raw_decode_tokens_per_s_16"],
+                    "cpu_us_per_token": per_token_us(points[16]),
+                }
+                for n, points in sorted(g.items())
             }
+            if 1 in g:
+                s |= {
+                    "ttft_p50_ms_1": g[1][1]["ttft_p50_ms"],
+                    "ttft_p99_ms_1": g[1][1]["ttft_p99_ms"],
+                    "itl_p50_ms_1": g[1][1]["itl_p50_ms"],
+                    "ttft_budget_ms": (f["raw_prefill_ms"] or 0.0) + 1.0,
+                }
         f["servers"][tag] = s
     return f
 
 
 def report(f: dict[str, Any]) -> str:
-    lines = [
-        f"floor (bare grpc.aio): {f['floor_calls_per_s']:.0f} calls/s at 64, "
-        f"p50 {f['floor_p50_ms_1']:.3f} ms at 1, {f['floor_cpu_us_per_call']:.0f} µs CPU/call",
-        f"raw backend: {f['raw_texts_per_s']:.0f} texts/s at batch {f['raw_best_batch']}, "
-        f"batch 1 {f['raw_batch1_ms']:.3f} ms",
-        f"L = 1/(1/floor + 1/raw) = {f['L_calls_per_s']:.0f} calls/s",
-    ]
+    lines = []
+    if "floor_calls_per_s" in f:
+        lines += [
+            f"floor (bare grpc.aio): {f['floor_calls_per_s']:.0f} calls/s at 64, "
+            f"p50 {f['floor_p50_ms_1']:.3f} ms at 1, {f['floor_cpu_us_per_call']:.0f} µs CPU/call",
+            f"raw backend: {f['raw_texts_per_s']:.0f} texts/s at batch {f['raw_best_batch']}, "
+            f"batch 1 {f['raw_batch1_ms']:.3f} ms",
+            f"L = 1/(1/floor + 1/raw) = {f['L_calls_per_s']:.0f} calls/s",
+        ]
     if "raw_decode_tokens_per_s_16" in f:
         lines.append(
             f"raw decode: {f['raw_decode_tokens_per_s_16']:.0f} tokens/s at 16 slots, "
             f"prefill {f['raw_prefill_ms']:.3f} ms"
+        )
+    for n, g in f.get("floor_generate", {}).items():
+        ttft = f", TTFT p50 {g['ttft_p50_ms_1']:.3f} ms at 1" if g["ttft_p50_ms_1"] else ""
+        lines.append(
+            f"floor GenerateStream (canned chunks), interval {n}: {g['tokens_per_s_16']:.0f} "
+            f"tokens/s in {g['messages_per_s_16']:.0f} messages/s at 16, "
+            f"{g['cpu_us_per_message_16']:.0f} µs server CPU/message{ttft}"
         )
     for tag, s in f["servers"].items():
         lines.append(f"-- {tag}")
@@ -245,23 +295,28 @@ def report(f: dict[str, Any]) -> str:
                 f"  CPU/call at 64: {cpu['total']:.0f} µs ({parts}); budget "
                 f"{s['cpu_budget_us']:.0f} µs {'MET' if ok else 'not met'}"
             )
-        ok = s["p50_ms_1"] <= s["p50_budget_ms"]
-        lines.append(
-            f"  classify 1 caller: p50 {s['p50_ms_1']:.3f} ms; budget {s['p50_budget_ms']:.3f} ms "
-            f"(+{s['p50_ms_1'] - s['p50_budget_ms'] + 0.3:.3f} ms over floor + raw) "
-            f"{'MET' if ok else 'not met'}; CPU/call {s['cpu_us_per_call_1']['total']:.0f} µs"
-        )
-        if "gen_tokens_per_s_16" in s:
-            ok = s["gen_pct_of_raw_16"] >= 80
+        if "p50_ms_1" in s:
+            ok = s["p50_ms_1"] <= s["p50_budget_ms"]
             lines.append(
-                f"  generate 16 streams: {s['gen_tokens_per_s_16']:.0f} tokens/s in "
-                f"{s['gen_messages_per_s_16'] or 0:.0f} messages/s = "
-                f"{s['gen_pct_of_raw_16']:.1f} % of raw (target 80 %) {'MET' if ok else 'not met'}"
+                f"  classify 1 caller: p50 {s['p50_ms_1']:.3f} ms; budget "
+                f"{s['p50_budget_ms']:.3f} ms "
+                f"(+{s['p50_ms_1'] - s['p50_budget_ms'] + 0.3:.3f} ms over floor + raw) "
+                f"{'MET' if ok else 'not met'}; CPU/call {s['cpu_us_per_call_1']['total']:.0f} µs"
             )
+        for n, g in s.get("gen_16", {}).items():
+            ok = g["pct_of_raw"] >= 80
+            lines.append(
+                f"  generate 16 streams, interval {n}: {g['tokens_per_s']:.0f} tokens/s in "
+                f"{g['messages_per_s'] or 0:.0f} messages/s = {g['pct_of_raw']:.1f} % of raw "
+                f"(target 80 %) {'MET' if ok else 'not met'}; "
+                f"{g['cpu_us_per_token']:.0f} µs server CPU/token"
+            )
+        if "ttft_p50_ms_1" in s:
             ok = s["ttft_p50_ms_1"] <= s["ttft_budget_ms"]
             lines.append(
-                f"  TTFT p50 1 stream: {s['ttft_p50_ms_1']:.3f} ms; budget "
-                f"{s['ttft_budget_ms']:.3f} ms {'MET' if ok else 'not met'}"
+                f"  TTFT 1 stream: p50 {s['ttft_p50_ms_1']:.3f} ms (p99 {s['ttft_p99_ms_1']:.3f}, "
+                f"ITL p50 {s['itl_p50_ms_1']:.3f}); budget {s['ttft_budget_ms']:.3f} ms "
+                f"(raw prefill + 1 ms) {'MET' if ok else 'not met'}"
             )
     return "\n".join(lines)
 
@@ -309,6 +364,13 @@ def main(argv: list[str] | None = None) -> None:
         help="this checkout's server with another settings file (repeatable)",
     )
     p.add_argument("--no-default", action="store_true", help="skip the no-settings server")
+    p.add_argument(
+        "--gen-intervals",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[1, 8],
+        help="tokens per message of the 16-stream generate points (1: also TTFT at 1 stream)",
+    )
+    p.add_argument("--generate-only", action="store_true", help="no classify points")
     p.add_argument("--duration", type=float, default=4.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=1.5)
     p.add_argument("--raw-seconds", type=float, default=1.0, help="raw: seconds per batch size")
@@ -340,7 +402,7 @@ def main(argv: list[str] | None = None) -> None:
             tag, _, toml = spec.partition("=")
             run.results["baseline_tags"].append(tag)
             run.headrace(tag, Path(toml).resolve(), None, full=True)
-        if not a.no_default:
+        if not (a.no_default or a.generate_only):
             run.headrace("default", None, None, full=False)
         r = run.results
         r["figures"] = figures(r, a.duration)

@@ -64,15 +64,18 @@ class ClassifierConfig:
     # "auto": bf16 autocast for training steps where the CPU has native bf16, else fp32
     train_precision: str = "auto"
     student_layers: tuple[int, ...] = (1, 3)  # one DistilBERT-style student per depth
-    distill_examples: int | None = 8000  # training texts the teacher labels for the students
-    student_epochs: float = 2.0  # over the distill examples
+    # training texts the teacher labels for the students (None: all). On the tweets a 1-layer
+    # student reached 0.761 validation accuracy from 8,000 texts x 2 epochs, 0.783 from all
+    # 29,785 x 2 (the teacher: 0.788)
+    distill_examples: int | None = None
+    student_epochs: float = 1.0  # over the distill examples
     student_lr: float = 2e-4
     temperature: float = 2.0
     alpha: float = 0.5  # weight of the soft (KL) term
     # Structured pruning of the deepest student to a target: "14mb", "0.5ms", "10x" (speed-up
     # over the fp32 teacher at batch 1 on ORT); None: no pruned form.
     prune_target: str | None = "9x"
-    prune_epochs: float = 1.0  # recovery distillation after pruning
+    prune_epochs: float = 0.5  # recovery distillation after pruning
     prune_texts: int = 512  # texts whose gradients rank heads and neurons
     # Students keep only the word pieces the training split uses (build/vocab.py); the
     # smallest one's full-vocabulary copy is measured beside it for the card.

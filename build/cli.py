@@ -113,7 +113,7 @@ def _classifier_parser(sub: Any) -> None:
         "--student-epochs",
         type=float,
         default=None,
-        help="student epochs over the distillation texts (default 2)",
+        help="student epochs over the distillation texts (default 1)",
     )
     p.add_argument("--student-lr", type=float, default=None)
     p.add_argument("--temperature", type=float, default=None, help="distillation temperature")

@@ -15,7 +15,8 @@ __all__ = ["Metadata", "RetryPolicy"]
 
 SERVICE = "headrace.v1.Inference"
 # Retried by the channel. gRPC retries an attempt only while the server has sent no
-# response headers, and a headrace server sends them with the first response: a retried
+# response headers, and a headrace server sends them with the first response (a generation
+# stream: once its request is queued): a retried
 # attempt was refused before it ran (full queue, drain, model loading) or its answer never
 # reached the caller. Nothing here changes server state, so a second attempt is as good
 # as the first; a seeded Generate gives the same text, an unseeded one another sample the

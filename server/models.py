@@ -22,7 +22,7 @@ engine's own worker thread.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import ClassVar, TypeAlias
 
@@ -302,14 +302,19 @@ class GeneratorModel(ServedModel):
         )
         return params, truncated
 
-    async def generate(self, params: GenerateParams) -> AsyncGenerator[TokenEvent, None]:
+    async def generate(
+        self, params: GenerateParams, on_queued: Callable[[], None] | None = None
+    ) -> AsyncGenerator[TokenEvent, None]:
         """Token events as they are made; the last has finish_reason and usage.
 
         Closing the iterator (or cancelling its consumer) frees the sequence's
         KV slot at the next engine step. Raises QueueFull, ShuttingDown,
-        BackendFailure (at the first iteration for the first two).
+        BackendFailure (at the first iteration for the first two). `on_queued` is
+        called once the request is queued, before its first token.
         """
         stream = self.scheduler.submit(params)
+        if on_queued is not None:
+            on_queued()
         trace = tracing.generation(self.name, stream)  # None: tracing off
         failure: BaseException | None = None
         try:

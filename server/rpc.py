@@ -78,6 +78,9 @@ class RpcInfo:
     extra: dict[str, Any] = field(default_factory=dict)  # a front's own keys for the log line
     trace: Any = None  # server/tracing.py's RpcTrace while tracing is on
     refusal: Exception | None = None  # what `Gate.admit` raises: a caller's id that cannot travel
+    # a stream's initial metadata, on its way since the request was queued (overlapping the
+    # prefill instead of delaying the first message); None: sent with the first message
+    headers: asyncio.Future[None] | None = None
 
 
 # Request ids the server makes: 32 hex digits, a random half per process and a counter
@@ -266,7 +269,7 @@ def error_trailers(info: RpcInfo, mapped: MappedError, status: grpc.Status) -> M
     """The trailing metadata of an error: the rich status, the request id, a retry hint.
 
     A refused call sends no headers before its trailers (handlers send their initial
-    metadata with the first response), so the client's gRPC retry policy may retry it:
+    metadata with the first response, a generation stream once its request is queued), so the client's gRPC retry policy may retry it:
     `grpc-retry-pushback-ms` is gRPC's own retry delay (A6), `retry-after-ms` the same
     figure for clients that retry by hand."""
     trailers: list[tuple[str, str | bytes]] = [*status.trailing_metadata]

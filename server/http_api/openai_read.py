@@ -14,7 +14,8 @@ naming them (`n` > 1, non-zero `presence_penalty` / `frequency_penalty`,
 too (a typo such as `max_token` would otherwise pass silently). Extensions, as
 vLLM names them where it has them: `top_k`, `repetition_penalty`, `ignore_eos`,
 `return_token_ids` (each choice gets its `token_ids`), and headrace's
-`truncate_prompt` (keep the prompt's end instead of refusing an overlong one).
+`truncate_prompt` (keep the prompt's end instead of refusing an overlong one) and
+`stream_interval` / `stream_interval_ms` (tokens / ms per SSE chunk, as on gRPC).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from headrace.server.types import (
+    MAX_STREAM_INTERVAL,
+    MAX_STREAM_INTERVAL_MS,
     SAMPLING_NAMES,
     ClassifyCall,
     GenerateCall,
@@ -65,7 +68,7 @@ _IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
 _COMMON = {
     "model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
     "top_k", "repetition_penalty", "ignore_eos", "return_token_ids", "truncate_prompt",
-    "n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "stream_interval", "stream_interval_ms", "n", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
 }  # fmt: skip
 _KEYS: dict[Kind, set[str]] = {
     "completion": _COMMON | _IGNORED | {"prompt", "echo", "best_of", "suffix"},
@@ -120,6 +123,16 @@ def _int(body: Mapping[str, Any], key: str, default: int = 0) -> int:
 
 def _bool(body: Mapping[str, Any], key: str) -> bool:
     return bool(_get(body, key, (bool,), "true or false"))
+
+
+def _ranged(body: Mapping[str, Any], key: str, low: int, high: int, unit: str) -> int | None:
+    """An optional integer in [low, high] (None when absent); a 400 naming `key` otherwise."""
+    value = _get(body, key, (int,), "an integer")
+    if value is None:
+        return None
+    if not low <= value <= high:
+        raise InvalidArgument(key, f"{key} must be in [{low}, {high}] {unit}")
+    return int(value)
 
 
 def _check_keys(body: Mapping[str, Any], kind: Kind) -> None:
@@ -178,6 +191,11 @@ def _read_common(body: Mapping[str, Any], kind: Kind) -> GenerationBody:
         sampling=sampling,
         stop=_stop(body),
         reject_overlong=not _bool(body, "truncate_prompt"),  # OpenAI refuses an overlong prompt
+        # tokens / ms per SSE chunk (GenerateRequest's fields); absent: the server's defaults
+        stream_interval=_ranged(body, "stream_interval", 1, MAX_STREAM_INTERVAL, "tokens"),
+        stream_interval_ms=_ranged(
+            body, "stream_interval_ms", 0, MAX_STREAM_INTERVAL_MS, "milliseconds"
+        ),
     )
     return GenerationBody(
         kind=kind,

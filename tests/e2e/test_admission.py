@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import shutil
+import time
 from pathlib import Path
 
 import grpc
@@ -103,3 +105,46 @@ def test_sdk_retries_a_full_queue_after_the_hint(start_server, model_repo: Path,
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             texts = list(pool.map(lambda _: generate(client), range(2)))
     assert len(texts) == 2
+
+
+def test_a_queued_stream_has_its_headers_before_its_first_token(
+    start_server, long_models: Path, tmp_path: Path
+) -> None:
+    # Headers leave once the request is queued (they overlap the prefill): a stream waiting
+    # for the only slot has its request id while the slot's holder still decodes.
+    repo = tmp_path / "models"
+    shutil.copytree(long_models, repo)
+    add_variant(repo, "long-generator", "one-slot", batching={"max_batch": 1, "max_queue": 1})
+    add_variant(repo, "long-generator", "no-queue", batching={"max_batch": 1, "max_queue": 0})
+    running = start_server(repo)
+
+    def request(model: str, n: int) -> pb.GenerateRequest:
+        sampling = pb.SamplingParams(ignore_eos=True)
+        return pb.GenerateRequest(model=model, prompt="the", max_new_tokens=n, sampling=sampling)
+
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        holder = stub.GenerateStream(request("one-slot", 400), timeout=60)
+        next(holder)  # it holds the slot for its 400 tokens
+        start = time.perf_counter()
+        queued = stub.GenerateStream(request("one-slot", 4), timeout=60)
+        headers = dict(queued.initial_metadata())
+        waited_s = time.perf_counter() - start
+        assert len(str(headers["x-request-id"])) == 32
+        chunks = list(queued)
+        assert sum(len(c.token_ids) for c in chunks) == 4
+        assert chunks[0].request_id == headers["x-request-id"]
+        # its first token came once the holder was done (µs since it was queued), its
+        # headers long before that
+        assert waited_s < chunks[0].token_times_us[0] / 1e6 / 2, (waited_s, chunks[0])
+        list(holder)
+        # refused at the queue: trailers only (gRPC's retry policy may retry it)
+        busy = stub.GenerateStream(request("no-queue", 400), timeout=60)
+        next(busy)
+        refused = stub.GenerateStream(request("no-queue", 4), timeout=60)
+        with pytest.raises(grpc.RpcError) as info:
+            list(refused)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert not refused.initial_metadata()
+        assert dict(refused.trailing_metadata())["x-request-id"]
+        busy.cancel()

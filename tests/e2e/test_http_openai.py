@@ -101,6 +101,22 @@ def test_completion_stream_usage(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in plain)
 
 
+def test_stream_interval_sets_tokens_per_chunk(client: openai.OpenAI) -> None:
+    chunks = list(
+        client.completions.create(
+            model=GEN,
+            prompt="the",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True, "return_token_ids": True, "stream_interval": 8},
+        )
+    )
+    sizes = [len((c.choices[0].model_extra or {})["token_ids"]) for c in chunks if c.choices]
+    # as on gRPC: 8 tokens a message (more when the reader is behind), the rest last
+    assert sum(sizes) == 20 and all(n >= 8 for n in sizes[:-1]) and len(sizes) <= 3, sizes
+
+
 def test_stop_strings(client: openai.OpenAI) -> None:
     full = client.completions.create(model=GEN, prompt="a stop", max_tokens=40, temperature=0)
     text = full.choices[0].text

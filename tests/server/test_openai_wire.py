@@ -21,6 +21,13 @@ def test_defaults_follow_openai() -> None:
     assert read.read_completion({"prompt": ["one"]}).call.prompt == "one"
 
 
+def test_stream_interval_extension() -> None:
+    call = read.read_completion({"prompt": "x", "stream_interval": 8, "stream_interval_ms": 0}).call
+    assert (call.stream_interval, call.stream_interval_ms) == (8, 0)
+    call = read.read_chat({"messages": [{"role": "user", "content": "x"}]}).call
+    assert (call.stream_interval, call.stream_interval_ms) == (None, None)  # the server's
+
+
 def test_chat_roles_and_content_parts() -> None:
     body = read.read_chat({
         "model": "m",
@@ -49,6 +56,9 @@ def test_chat_roles_and_content_parts() -> None:
         ({"prompt": "x", "frequency_penalty": 1}, "frequency_penalty"),
         ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "stream_interval": 0}, "stream_interval"),
+        ({"prompt": "x", "stream_interval": True}, "stream_interval"),
+        ({"prompt": "x", "stream_interval_ms": 10_001}, "stream_interval_ms"),
         ({"prompt": "x", "seed": 1.5}, "seed"),
         ({"prompt": "x", "tools": []}, "tools"),  # a chat parameter on /v1/completions
         ({"prompt": "x", "stream": True, "stream_options": {"extra": 1}}, "stream_options"),

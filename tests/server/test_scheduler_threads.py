@@ -158,3 +158,33 @@ def test_threaded_steps_match_a_single_threaded_replay(tokenizer: Tokenizer, see
     assert any(len(e.token_ids) > 1 for got in seen.values() for _, e in got)  # coalesced
     finishes = {got[-1][1].finish_reason for got in seen.values()}
     assert {FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH, None} <= finishes
+
+
+def test_a_first_token_is_handed_over_before_the_next_step(tokenizer: Tokenizer) -> None:
+    """While the event loop is busy, the worker waits with the next step until the first
+    token is taken: the consumer's first event holds that token alone, not every token
+    made while the loop was away (the later ones coalesce as before)."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    backend = ScriptedDecoder(tokenizer.get_vocab_size(), eos, max_slots=2, max_context=48)
+    scheduler = DecoderScheduler("handoff", backend, tokenizer, max_batch=2, max_queue=4,
+                                 eos_token_id=eos, max_context=48)  # fmt: skip
+    scheduler.first_token_handoff_s = 30.0  # the bound out of the way: no timing in the test
+    prompt = tuple(tokenizer.encode("the quick fox").ids)
+    params = GenerateParams(prompt, 20, SamplingParams(ignore_eos=True))
+
+    async def main() -> list[TokenEvent]:
+        await scheduler.start()
+        await asyncio.sleep(0.05)  # the worker thread runs its step loop
+        stream = scheduler.submit(params)
+        time.sleep(0.1)  # noqa: ASYNC251 - the loop is busy; the worker has prefilled and waits for it
+        events = [await stream.next_event()]
+        await asyncio.sleep(0)  # the loop tells the worker that the first token is out
+        time.sleep(0.1)  # noqa: ASYNC251 - busy again: the other tokens are made meanwhile, and coalesce
+        while events[-1].finish_reason is None:
+            events.append(await stream.next_event())
+        await scheduler.stop()
+        return events
+
+    events = asyncio.run(asyncio.wait_for(main(), 60))
+    assert len(events[0].token_ids) == 1
+    assert sum(len(e.token_ids) for e in events) == 20 and len(events) <= 3
