@@ -18,7 +18,7 @@ UNAVAILABLE (retryable), health says NOT_SERVING, until the restarted engine's c
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +148,12 @@ class RemoteGeneratorModel(GeneratorModel):
     def close(self) -> None:
         return None
 
-    async def generate(self, params: GenerateParams) -> AsyncGenerator[TokenEvent, None]:
+    async def generate(
+        self, params: GenerateParams, on_queued: Callable[[], None] | None = None
+    ) -> AsyncGenerator[TokenEvent, None]:
         events = self.client.generate(self.name, self.version, params)
+        if on_queued is not None:  # sent to the engine with the first step below
+            on_queued()
         try:
             async for event in events:
                 yield event
