@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Classify calls/s with one text per call on the torch CUDA backend, with 1 and with several
-# front-end processes (`headrace serve --workers N`, SO_REUSEPORT on one port).
+# front-end processes (`headrace serve --workers N`, SO_REUSEPORT on one port), as whole
+# servers or as front ends of one engine process (`--engine-process`).
 #
 #   bench/gpu_workers.sh                                   # a tiny random classifier
 #   MODELS=models MODEL=sentiment bench/gpu_workers.sh     # a real repository and model
-#   WORKERS_LIST="1 2 4 8" LOADGENS=8 CONC=8 DURATION=15 bench/gpu_workers.sh
+#   RUNS="1:whole 2:whole 2:engine 4:engine 8:engine" LOADGENS=8 CONC=8 bench/gpu_workers.sh
+#   PROFILE=cpu BACKEND=onnxruntime RUNS="1:whole 2:whole 2:engine" LOADGENS=2 CONC=32 \
+#     bench/gpu_workers.sh                                 # the same run on a CPU box
 #
 # Needs an NVIDIA GPU and a CUDA build of torch in the environment that runs it
-# (DEVELOPERS.md, "GPU tests"). Not yet run: the machines this was written on have no GPU.
+# (DEVELOPERS.md, "GPU tests"), unless PROFILE=cpu.
 #
-# Each N: the server with --workers N (each worker its own CUDA context, model copy and
-# batcher), then LOADGENS load generator processes at once, CONC callers each (one gRPC
+# Each N:MODE: the server with --workers N, MODE whole (each worker its own CUDA context,
+# model copy and batcher) or engine (one engine process owns the model and the batcher, N
+# front ends reach it over a Unix socket), then LOADGENS load generator processes at once, CONC callers each (one gRPC
 # connection per process: the kernel hands each connection to one worker, so use more
 # processes than workers), DURATION seconds measured after a warm-up; then one caller
 # alone for the latency. Prints one JSON line per N (calls/s summed over the processes,
@@ -18,7 +22,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-WORKERS_LIST=${WORKERS_LIST:-"1 2 4"}
+RUNS=${RUNS:-"1:whole 1:engine 2:whole 2:engine 4:whole 4:engine"}
 LOADGENS=${LOADGENS:-8}
 CONC=${CONC:-8}
 DURATION=${DURATION:-15}
@@ -40,15 +44,25 @@ if [ -z "${MODELS:-}" ]; then
 from pathlib import Path
 from headrace.build.tiny import make_tiny_classifier
 make_tiny_classifier(Path('$MODELS') / 'tiny-classifier' / '1')"
+  if [ "$BACKEND" = onnxruntime ]; then
+    "$PY" -c "
+from pathlib import Path
+from headrace.build.export import export_version
+export_version(Path('$MODELS') / 'tiny-classifier' / '1')"
+  fi
 fi
 MODEL=${MODEL:?set MODEL to a classify model of \$MODELS}
 : > "$OUT/summary.jsonl"
 
-for n in $WORKERS_LIST; do
+for run in $RUNS; do
+  n=${run%%:*}
+  mode=${run#*:}
+  engine=--no-engine-process
+  [ "$mode" = engine ] && engine=--engine-process
   rm -f "$WORK/port"
   "$PY" -m headrace.server serve --models "$MODELS" --workers "$n" --profile "$PROFILE" \
-    --backend "$BACKEND" --port 0 --port-file "$WORK/port" --poll-interval 0 --log-level warning \
-    2> "$OUT/server-$n.log" &
+    --backend "$BACKEND" $engine --port 0 --port-file "$WORK/port" --poll-interval 0 \
+    --log-level warning 2> "$OUT/server-$n-$mode.log" &
   server=$!
   for _ in $(seq 600); do [ -s "$WORK/port" ] && break; sleep 0.5; done
   [ -s "$WORK/port" ] || { echo "server with --workers $n did not start"; kill $server; exit 1; }
@@ -56,27 +70,28 @@ for n in $WORKERS_LIST; do
   pids=()
   for i in $(seq "$LOADGENS"); do
     "$PY" -m bench.loadgen classify --target "$target" --model "$MODEL" --concurrency "$CONC" \
-      --duration "$DURATION" --warmup "$WARMUP" --out "$OUT/load-$n-$i.json" > /dev/null &
+      --duration "$DURATION" --warmup "$WARMUP" --out "$OUT/load-$n-$mode-$i.json" > /dev/null &
     pids+=($!)
   done
   for p in "${pids[@]}"; do wait "$p"; done
   "$PY" -m bench.loadgen classify --target "$target" --model "$MODEL" --concurrency 1 \
-    --duration "$DURATION" --warmup "$WARMUP" --out "$OUT/one-$n.json" > /dev/null
+    --duration "$DURATION" --warmup "$WARMUP" --out "$OUT/one-$n-$mode.json" > /dev/null
   kill -TERM $server
   wait $server || true
-  "$PY" - "$OUT" "$n" "$LOADGENS" "$CONC" "$PROFILE" "$BACKEND" <<'EOF' | tee -a "$OUT/summary.jsonl"
+  "$PY" - "$OUT" "$n" "$LOADGENS" "$CONC" "$PROFILE" "$BACKEND" "$mode" <<'EOF' | tee -a "$OUT/summary.jsonl"
 import json, sys
 from pathlib import Path
 out, n, loadgens, conc = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-points = [json.loads((out / f"load-{n}-{i}.json").read_text())["points"][0]
+mode = sys.argv[7]
+points = [json.loads((out / f"load-{n}-{mode}-{i}.json").read_text())["points"][0]
           for i in range(1, loadgens + 1)]
-one = json.loads((out / f"one-{n}.json").read_text())["points"][0]
+one = json.loads((out / f"one-{n}-{mode}.json").read_text())["points"][0]
 errors = {}
 for p in points:
     for code, count in p["errors"].items():
         errors[code] = errors.get(code, 0) + count
 print(json.dumps({
-    "workers": n, "profile": sys.argv[5], "backend": sys.argv[6], "callers": loadgens * conc,
+    "workers": n, "mode": mode, "profile": sys.argv[5], "backend": sys.argv[6], "callers": loadgens * conc,
     "calls_per_s": round(sum(p["throughput"] for p in points), 1),
     "per_process_calls_per_s": [round(p["throughput"], 1) for p in points],
     "one_caller_p50_ms": one["p50_ms"], "one_caller_p99_ms": one["p99_ms"],
@@ -84,3 +99,6 @@ print(json.dumps({
 }))
 EOF
 done
+# the IPC's own cost: round trips of an empty request to an engine process on this repository
+"$PY" -m bench.ipc_roundtrip --models "$MODELS" --profile "$PROFILE" --backend "$BACKEND" \
+  --out "$OUT/ipc.json" 2> "$OUT/ipc.log" | sed 's/^/{"ipc_roundtrip": /; s/$/}/' | tee -a "$OUT/summary.jsonl"

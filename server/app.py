@@ -103,17 +103,29 @@ class Server:
         self.auth: Authenticator | None = None
         if config.api_key_file is not None:
             self.auth = Authenticator(config.api_key_file, config.auth_exempt)
-        self.repository = ModelRepository(
-            config.models,
-            profile=config.profile,
-            device=config.device,
-            backend=config.backend,
-            poll_interval_s=config.poll_interval_s,
-            backend_options=config.backend_options(),
-            defaults=config.defaults(),
-            load_timeout_s=config.load_timeout_s,
-            stream=config.stream_defaults(),
-        )
+        self.repository: ModelRepository
+        if config.engine_socket is not None:  # a front end: the models are the engine's
+            from headrace.server.engine_ipc.remote import RemoteRepository
+
+            self.repository = RemoteRepository(
+                config.engine_socket,
+                profile=config.profile,
+                defaults=config.defaults(),
+                stream=config.stream_defaults(),
+                connect_timeout_s=config.load_timeout_s,
+            )
+        else:
+            self.repository = ModelRepository(
+                config.models,
+                profile=config.profile,
+                device=config.device,
+                backend=config.backend,
+                poll_interval_s=config.poll_interval_s,
+                backend_options=config.backend_options(),
+                defaults=config.defaults(),
+                load_timeout_s=config.load_timeout_s,
+                stream=config.stream_defaults(),
+            )
         self.gate = Gate()  # drain flag and running calls of every front
         self.service = InferenceService(self.repository, self.gate)
         self.kserve = OpenInferenceService(self.repository, self.gate)

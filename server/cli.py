@@ -25,7 +25,7 @@ SERVE_FIELDS = (
     "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
-    "stream_interval", "stream_interval_ms", "workers", "otlp_endpoint",
+    "stream_interval", "stream_interval_ms", "workers", "engine_process", "otlp_endpoint",
 )  # fmt: skip
 
 
@@ -113,6 +113,14 @@ def _add_serve(subparsers: Any) -> None:
         "1 on the datacenter profile)",
     )  # fmt: skip
     p.add_argument(
+        "--engine-process", action=argparse.BooleanOptionalAction, default=None,
+        help="one engine process loads the models and runs their batchers and decode loops "
+        "(one batch for every worker's calls, one copy of each model on the device), and the "
+        "--workers N processes are front ends (parsing, tokenizing, checks, logs, metrics) "
+        "reaching it over a Unix socket (default: on for the datacenter profile with "
+        "--workers N > 1, off for edge and cpu)",
+    )  # fmt: skip
+    p.add_argument(
         "--stream-interval", type=int, metavar="TOKENS",
         help="GenerateStream: tokens per message unless a request sets its own (default 1)",
     )  # fmt: skip
@@ -182,6 +190,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     workers = config.workers or default_workers(config.profile)
     try:
+        engine = config.engine_process
+        if engine is None:  # the default: on for the datacenter profile with several workers
+            engine = workers > 1 and config.profile == "datacenter"
+        if engine:
+            from headrace.server.engine_ipc.supervisor import run_engine_workers
+
+            return run_engine_workers(config, workers)
         if workers > 1:
             return run_workers(config, workers)
         return run(config)

@@ -85,6 +85,11 @@ class ServerConfig:
     # 1 on the datacenter profile
     workers: int | None = None
     reuse_port: bool = False  # share the ports with other processes (set for each worker)
+    # with workers > 1: one engine process owns the models, batchers and decode loops and
+    # the workers are front ends reaching it over a Unix socket (server/engine_ipc/);
+    # None: on for the datacenter profile, off elsewhere
+    engine_process: bool | None = None
+    engine_socket: Path | None = None  # a front end's engine (set by the supervisor)
     # Security (docs/serving.md#security). TLS files are re-read when they change.
     tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and HTTP ports
     tls_key: Path | None = None  # PEM private key of tls_cert (unencrypted)
@@ -172,7 +177,7 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig)}
-_PATHS = {"models", "port_file", "tls_cert", "tls_key", "tls_client_ca", "api_key_file"}
+_PATHS = {"models", "port_file", "engine_socket", "tls_cert", "tls_key", "tls_client_ca", "api_key_file"}
 _INTS = {
     "port",
     "metrics_port",
@@ -185,7 +190,7 @@ _INTS = {
     "workers",
 }
 _FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s", "load_timeout_s"}
-_BOOLS = {"metrics_tls", "reuse_port"}
+_BOOLS = {"metrics_tls", "reuse_port", "engine_process"}
 _LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
 
 

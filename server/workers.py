@@ -179,11 +179,14 @@ class Supervisor:
             signal.signal(sig, self._on_signal)
         metrics = self._serve_metrics()
         try:
+            if not self._before_workers():
+                return 1
             self.workers = [self._spawn(i) for i in range(self.n)]
             return self._watch()
         finally:
             if metrics is not None:
                 metrics.shutdown()
+            self._after_workers(kill=True)
             for w in self.workers:
                 if w.proc.poll() is None:
                     w.proc.kill()
@@ -207,6 +210,7 @@ class Supervisor:
         while True:
             if self._stop.is_set():
                 return self._drain()
+            self._tick()
             for i, w in enumerate(self.workers):
                 if not w.serving and w.port_file.exists():
                     w.serving = True
@@ -253,8 +257,22 @@ class Supervisor:
                 log.warning("worker_killed", worker=w.index, worker_pid=w.proc.pid)
                 w.proc.kill()
             codes.append(w.proc.wait())
+        codes.extend(self._after_workers(kill=False))
         log.info("stopped", workers=self.n, codes=codes)
         return 0 if all(c == 0 for c in codes) else 1
+
+    # -- what a supervisor with an engine process adds (server/engine_ipc/supervisor.py) --
+
+    def _before_workers(self) -> bool:
+        """Before the first worker starts; False stops the start."""
+        return True
+
+    def _tick(self) -> None:
+        """Once per pass of the watch loop."""
+
+    def _after_workers(self, *, kill: bool) -> list[int]:
+        """Once every worker has exited: the exit codes of what else ran."""
+        return []
 
     def _mark_dead(self, pid: int) -> None:
         from prometheus_client import multiprocess
