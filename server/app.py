@@ -115,17 +115,7 @@ class Server:
                 connect_timeout_s=config.load_timeout_s,
             )
         else:
-            self.repository = ModelRepository(
-                config.models,
-                profile=config.profile,
-                device=config.device,
-                backend=config.backend,
-                poll_interval_s=config.poll_interval_s,
-                backend_options=config.backend_options(),
-                defaults=config.defaults(),
-                load_timeout_s=config.load_timeout_s,
-                stream=config.stream_defaults(),
-            )
+            self.repository = ModelRepository.from_config(config)
         self.gate = Gate()  # drain flag and running calls of every front
         self.service = InferenceService(self.repository, self.gate)
         self.kserve = OpenInferenceService(self.repository, self.gate)

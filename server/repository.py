@@ -21,7 +21,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from headrace.server.errors import ModelNotFound
 from headrace.server.loader import LoadedVersion, LoadFailed, VersionLoader
@@ -31,6 +31,9 @@ from headrace.server.model_state import ModelEntry, ModelState, ModelStates
 from headrace.server.models import ServedModel
 from headrace.server.profiles import resolve_profile
 from headrace.server.types import StreamInterval, Task
+
+if TYPE_CHECKING:
+    from headrace.server.config import ServerConfig
 
 __all__ = ["Lease", "LoadedVersion", "ModelEntry", "ModelRepository", "scan"]
 
@@ -119,6 +122,22 @@ class ModelRepository:
         self._poller: asyncio.Task[None] | None = None
         self._retiring: dict[asyncio.Task[None], LoadedVersion] = {}
         self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> ModelRepository:
+        """The repository `headrace serve` runs (in the server, or in its engine process)."""
+        assert config.models is not None
+        return cls(
+            config.models,
+            profile=config.profile,
+            device=config.device,
+            backend=config.backend,
+            poll_interval_s=config.poll_interval_s,
+            backend_options=config.backend_options(),
+            defaults=config.defaults(),
+            load_timeout_s=config.load_timeout_s,
+            stream=config.stream_defaults(),
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 

@@ -80,17 +80,7 @@ class Engine:
         assert config.models is not None
         self.config = config
         self.socket_path = socket_path
-        self.repository = ModelRepository(
-            config.models,
-            profile=config.profile,
-            device=config.device,
-            backend=config.backend,
-            poll_interval_s=config.poll_interval_s,
-            backend_options=config.backend_options(),
-            defaults=config.defaults(),
-            load_timeout_s=config.load_timeout_s,
-            stream=config.stream_defaults(),
-        )
+        self.repository = ModelRepository.from_config(config)
         self.senders: set[wire.Sender] = set()
         self.calls: set[asyncio.Task[None]] = set()
         self.stopping = False
