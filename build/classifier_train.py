@@ -134,8 +134,11 @@ def train_teacher(cfg: Any, base: Path, split: Split, out_hf: Path) -> dict[str,
             input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), labels=y[idx]
         ).loss
 
+    precision = resolve_precision(cfg.train_precision)
+
     def checkpoint(step: int, loss: float) -> bool:
-        pred = classifier_logits(model, val_rows, desc="  validation").argmax(-1)
+        pred = classifier_logits(model, val_rows, desc="  validation", precision=precision)
+        pred = pred.argmax(-1)
         acc = accuracy(pred, val_gold)
         point = {
             "epoch": round(step * cfg.batch_size / len(rows), 3),
@@ -169,7 +172,7 @@ def train_teacher(cfg: Any, base: Path, split: Split, out_hf: Path) -> dict[str,
         desc="teacher",
         every=every,
         checkpoint=checkpoint,
-        precision=resolve_precision(cfg.train_precision),
+        precision=precision,
     )
     model.load_state_dict(best["state"])
     model.save_pretrained(out_hf)
@@ -185,7 +188,7 @@ def train_teacher(cfg: Any, base: Path, split: Split, out_hf: Path) -> dict[str,
         "validation_texts": len(val_rows),
         "examples_seen": result["steps"] * cfg.batch_size,
         "frozen_word_embeddings": bool(cfg.freeze_embeddings),
-        "precision": resolve_precision(cfg.train_precision),
+        "precision": precision,
         "layers": int(model.config.num_hidden_layers),
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -197,9 +200,11 @@ def teacher_logits(cfg: Any, teacher_hf: Path, texts: list[str], out: Path) -> d
 
     model = AutoModelForSequenceClassification.from_pretrained(teacher_hf).eval()
     tok = load_tokenizer(teacher_hf / "tokenizer.json", max_len=cfg.max_input_tokens)
-    logits = classifier_logits(model, encode_texts(tok, texts), desc="teacher logits")
+    precision = resolve_precision(cfg.train_precision)
+    rows = encode_texts(tok, texts)
+    logits = classifier_logits(model, rows, desc="teacher logits", precision=precision)
     np.save(out, logits)
-    return {"examples": len(texts)}
+    return {"examples": len(texts), "precision": precision}
 
 
 # --------------------------------------------------------------------------- students

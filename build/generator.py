@@ -50,7 +50,7 @@ class GeneratorConfig:
     teacher_steps: int = 600
     teacher_lr: float = 2e-3
     warmup_fraction: float = 0.06  # of the steps; then linear decay to 0
-    precision: str = "auto"  # training matmuls: "bf16" | "fp32" | "auto" (bf16 where native)
+    train_precision: str = "auto"  # training matmuls: "bf16" | "fp32" | "auto" (bf16 where native)
     student_layers: int = 2
     student_steps: int = 0  # 0: no student (the version holds the teacher)
     student_lr: float = 1e-3
@@ -205,10 +205,10 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
                 "teacher_steps",
                 "teacher_lr",
                 "warmup_fraction",
-                "precision",
                 "seed",
             )
         },
+        "precision": cfg.train_precision,
     }
     with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
         if not s.done:
@@ -224,9 +224,9 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
                 "student_lr",
                 "temperature",
                 "alpha",
-                "precision",
             )
         },
+        "precision": cfg.train_precision,
     }
     roles: tuple[str, ...] = ("teacher", "student") if cfg.student_steps > 0 else ("teacher",)
     student_result: dict[str, Any] = {}

@@ -31,10 +31,13 @@ def generator_parser(sub: Any) -> None:
     ):
         p.add_argument(flag, type=kind, default=None, help=what)
     p.add_argument(
-        "--precision",
+        "--train-precision",
+        "--precision",  # the earlier name, kept working
+        dest="train_precision",
         choices=("auto", "bf16", "fp32"),
         default=None,
-        help="training matmuls (default auto: bf16 where the CPU has native bf16)",
+        help="training steps in fp32 or under bf16 autocast (fp32 weights and optimizer); "
+        "auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32 (default auto)",
     )
     p.add_argument(
         "--serve",
@@ -64,7 +67,7 @@ def cmd_generator(args: argparse.Namespace) -> int:
         "block_size",
         "batch_size",
         "teacher_lr",
-        "precision",
+        "train_precision",
         "student_layers",
         "serve",
     )

@@ -11,12 +11,12 @@ functions.
 from __future__ import annotations
 
 import shutil
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from headrace.build.steps import seed_everything
+from headrace.build.training import autocast, resolve_precision
 
 EOS = "<|endoftext|>"
 
@@ -38,23 +38,6 @@ def model_config(cfg: Any, vocab: int, eos: int) -> Any:
     )
 
 
-def training_precision(requested: str) -> str:
-    """ "auto" -> "bf16" where oneDNN has native bf16 kernels on this CPU, else "fp32"."""
-    if requested != "auto":
-        if requested not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32, not {requested!r}")
-        return requested
-    import torch
-
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
-def autocast(precision: str) -> AbstractContextManager[Any]:
-    import torch
-
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
-
-
 def random_blocks(n: int, batch: int, seed: int) -> Any:
     rng = np.random.default_rng(seed)
     while True:
@@ -73,7 +56,7 @@ def train_teacher(cfg: Any, tok_path: Path, blocks: np.ndarray, out_hf: Path) ->
     assert eos is not None, "the tokenizer lacks <|endoftext|>"
     model = GPT2LMHeadModel(model_config(cfg, tok.get_vocab_size(), eos))
     data = torch.from_numpy(blocks)
-    precision = training_precision(cfg.precision)
+    precision = resolve_precision(cfg.train_precision)
 
     def loss_fn(m: Any, idx: np.ndarray) -> Any:
         ids = data[torch.from_numpy(idx)]
@@ -113,7 +96,7 @@ def train_student(cfg: Any, teacher_hf: Path, blocks: np.ndarray, out_hf: Path) 
     layers = pick_layers(cfg.n_layer, cfg.student_layers)
     student = student_from_teacher(teacher, layers)
     data = torch.from_numpy(blocks)
-    precision = training_precision(cfg.precision)
+    precision = resolve_precision(cfg.train_precision)
 
     def loss_fn(m: Any, idx: np.ndarray) -> Any:
         ids = data[torch.from_numpy(idx)]

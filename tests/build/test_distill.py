@@ -120,3 +120,24 @@ def test_shuffled_batches_cover_every_index_each_epoch() -> None:
     assert [next(shuffled_batches(10, 5, seed=1)) for _ in range(2)] == [
         next(shuffled_batches(10, 5, seed=1))
     ] * 2
+
+
+def test_classifier_logits_in_bf16_are_float32_and_close_to_fp32(tiny_models: Path) -> None:
+    from headrace.build.training import classifier_logits
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        tiny_models / "tiny-classifier" / "1" / "hf"
+    )
+    seen: set[torch.dtype] = set()
+    model.classifier.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+    rng = np.random.default_rng(1)
+    rows = [list(rng.integers(5, 100, rng.integers(3, 12))) for _ in range(20)]
+    fp32 = classifier_logits(model, rows, batch_size=8)
+    assert seen == {torch.float32}
+    seen.clear()
+    bf16 = classifier_logits(model, rows, batch_size=8, precision="bf16")
+    assert seen == {torch.bfloat16}  # the forward ran under autocast
+    assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert np.abs(bf16 - fp32).max() < 0.1
+    assert not np.array_equal(bf16, fp32)

@@ -175,7 +175,7 @@ def test_generator_without_a_student_holds_the_teacher(tmp_path: Path, text_file
         batch_size=4,
         teacher_steps=4,
         student_steps=0,
-        precision="bf16",
+        train_precision="bf16",
         prompts=1,
         greedy_tokens=4,
     )
