@@ -168,20 +168,27 @@ class InferenceService(pb_grpc.InferenceServicer):
                 queue.put_nowait(None)
 
         reader = asyncio.create_task(read())
-        started: list[asyncio.Task[pb.ClassifyResponse]] = []
+        # only the requests still running: a stream may carry millions over its life
+        running: set[asyncio.Task[pb.ClassifyResponse]] = set()
         try:
             while (item := await queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                started.append(item)
-                response = await item
+                running.add(item)
+                try:
+                    response = await item
+                finally:
+                    running.discard(item)
                 window.release()
                 yield response
         finally:
             reader.cancel()
-            for task in started:
+            while not queue.empty():  # started by the reader, not yet awaited here
+                if isinstance(item := queue.get_nowait(), asyncio.Task):
+                    running.add(item)
+            for task in running:
                 task.cancel()
-            await asyncio.gather(reader, *started, return_exceptions=True)
+            await asyncio.gather(reader, *running, return_exceptions=True)
 
     # -- generate ----------------------------------------------------------------------------
 
