@@ -277,11 +277,8 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             s.result = train.train_teacher(cfg, base, split, hf["teacher"])
     trained: dict[str, dict[str, Any]] = {"teacher": s.result}
     fp: dict[str, str] = {"teacher": fingerprint(t_params)}
-    l_params = {
-        "teacher": fp["teacher"],
-        "examples": cfg.distill_examples,
-        "precision": resolve_precision(cfg.train_precision),
-    }
+    precision = resolve_precision(cfg.train_precision)
+    l_params = {"teacher": fp["teacher"], "examples": cfg.distill_examples, "precision": precision}
     logits = work / "teacher-logits" / "logits.npy"
     examples = distill_set(cfg, split)
     with plan.step(logits.parent, "teacher-logits", l_params, outputs=["logits.npy"]) as s:
