@@ -61,6 +61,8 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
 
 
 def _classifier_parser(sub: Any) -> None:
+    from headrace.build.training import add_train_precision_flag
+
     p = sub.add_parser(
         "classifier",
         help="fine-tune a teacher, distill a student, export ONNX + int8, evaluate, write a card",
@@ -84,13 +86,7 @@ def _classifier_parser(sub: Any) -> None:
         help="most teacher epochs; it stops earlier when validation accuracy plateaus (default 2)",
     )
     p.add_argument("--teacher-lr", type=float, default=None)
-    p.add_argument(
-        "--train-precision",
-        choices=("auto", "fp32", "bf16"),
-        default=None,
-        help="training steps in fp32 or under bf16 autocast (fp32 weights and optimizer); "
-        "auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32 (default auto)",
-    )
+    add_train_precision_flag(p)
     p.add_argument(
         "--student-layers",
         type=_int_tuple,

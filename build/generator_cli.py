@@ -8,6 +8,7 @@ from typing import Any
 
 def generator_parser(sub: Any) -> None:
     from headrace.build.cli import _common
+    from headrace.build.training import add_train_precision_flag
 
     p = sub.add_parser(
         "generator",
@@ -30,15 +31,7 @@ def generator_parser(sub: Any) -> None:
         ("--student-layers", int, "student layers (default 2)"),
     ):
         p.add_argument(flag, type=kind, default=None, help=what)
-    p.add_argument(
-        "--train-precision",
-        "--precision",  # the earlier name, kept working
-        dest="train_precision",
-        choices=("auto", "bf16", "fp32"),
-        default=None,
-        help="training steps in fp32 or under bf16 autocast (fp32 weights and optimizer); "
-        "auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32 (default auto)",
-    )
+    add_train_precision_flag(p, "--precision")  # --precision: the earlier name, kept working
     p.add_argument(
         "--serve",
         choices=("teacher", "student", "auto"),

@@ -81,6 +81,19 @@ def shuffled_batches(
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def add_train_precision_flag(parser: Any, *aliases: str) -> None:
+    """`--train-precision` (and `aliases`) on a build command's argparse parser."""
+    parser.add_argument(
+        "--train-precision",
+        *aliases,
+        dest="train_precision",
+        choices=TRAIN_PRECISIONS,
+        default=None,
+        help="training steps in fp32 or under bf16 autocast (fp32 weights and optimizer); "
+        "auto: bf16 where the CPU has native bf16 (AVX512-BF16, AMX), else fp32 (default auto)",
+    )
+
+
 def bf16_is_native() -> bool:
     """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX). There a
     MiniLM-L6 training step under bf16 autocast took 0.55-0.65 of the fp32 step's time; on

@@ -63,3 +63,16 @@ def test_tiny_and_card_commands(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert main(["card", str(version)]) == 0
     assert "# Model card: tiny" in capsys.readouterr().out
     assert (version / "MODEL_CARD.md").exists()
+
+
+@pytest.mark.parametrize("command", ["classifier", "generator"])
+def test_train_precision_has_one_name_on_both_pipelines(command: str) -> None:
+    args = _parser().parse_args(["build", command, "--train-precision", "fp32"])
+    assert args.train_precision == "fp32"
+    with pytest.raises(SystemExit):  # choices are checked
+        _parser().parse_args(["build", command, "--train-precision", "fp16"])
+
+
+def test_generator_keeps_its_earlier_precision_flag() -> None:
+    args = _parser().parse_args(["build", "generator", "--precision", "bf16"])
+    assert args.train_precision == "bf16"
