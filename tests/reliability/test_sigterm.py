@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from headrace.server.app import QUIET_S
 from headrace.server.kserve.pb import grpc_service_pb2 as kpb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as kpb_grpc
 from headrace.v1 import inference_pb2 as pb
@@ -169,7 +170,10 @@ def test_sigterm_lets_every_call_in_flight_finish(serve) -> None:
     served = serve(30.0)
     outcomes = _run_then_sigterm(served, tokens=200)
     assert outcomes == ["OK"] * len(outcomes), outcomes
-    with grpc.insecure_channel(served.address) as channel:  # a new call is not taken
+    # Calls that come in within QUIET_S of the last one are still served (clients are
+    # moving away; server/app.py); past that window a new call is not taken.
+    time.sleep(2 * QUIET_S)
+    with grpc.insecure_channel(served.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
             stub.Classify(pb.ClassifyRequest(texts=["late"]), timeout=10)
