@@ -251,6 +251,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
     plan = Plan(names, estimates=cfg.estimates)
     split, data_result = _load_data(cfg, plan, work)
     base = Path(cfg.base) if cfg.base else base_checkpoint(work.parent / "base")
+    precision = resolve_precision(cfg.train_precision)  # every training step's cache key
     t_params = {
         "split": data_result["fingerprint"],
         "base": str(base),
@@ -269,7 +270,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                 "max_input_tokens",
             )
         },
-        "precision": resolve_precision(cfg.train_precision),
+        "precision": precision,
     }
     hf = {key: work / key / "hf" for key in keys}
     with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
@@ -277,7 +278,6 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             s.result = train.train_teacher(cfg, base, split, hf["teacher"])
     trained: dict[str, dict[str, Any]] = {"teacher": s.result}
     fp: dict[str, str] = {"teacher": fingerprint(t_params)}
-    precision = resolve_precision(cfg.train_precision)
     l_params = {"teacher": fp["teacher"], "examples": cfg.distill_examples, "precision": precision}
     logits = work / "teacher-logits" / "logits.npy"
     examples = distill_set(cfg, split)
@@ -292,7 +292,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
             k: getattr(cfg, k)
             for k in ("student_epochs", "student_lr", "temperature", "alpha", "prune_vocab")
         },
-        "precision": resolve_precision(cfg.train_precision),
+        "precision": precision,
     }
     for layers in cfg.student_layers:
         key = f"student-{layers}L"
@@ -314,7 +314,7 @@ def build_classifier(cfg: ClassifierConfig) -> dict[str, Any]:
                     k: getattr(cfg, k)
                     for k in ("prune_target", "prune_epochs", "prune_texts", "threads")
                 },
-                "precision": resolve_precision(cfg.train_precision),
+                "precision": precision,
             }
             with plan.step(work / key, f"train {key}", params, outputs=["hf/config.json"]) as s:
                 if not s.done:
