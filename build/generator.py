@@ -19,6 +19,7 @@ import numpy as np
 from headrace.build.data import SPLIT_NAME, Example, Split, load_split, read_texts, stratified_split
 from headrace.build.generator_train import EOS, train_student, train_teacher
 from headrace.build.steps import Plan, fingerprint
+from headrace.build.training import resolve_precision
 from headrace.build.versions import (
     card_if_built,
     is_published,
@@ -192,6 +193,7 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
     tok_result = s.result
     tok = Tokenizer.from_file(str(tok_path))
     blocks = pack(tok, [e.text for e in split.train], cfg.block_size)
+    precision = resolve_precision(cfg.train_precision)  # the cache keys name what ran
     t_params = {
         **tk_params,
         **{
@@ -208,7 +210,7 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
                 "seed",
             )
         },
-        "precision": cfg.train_precision,
+        "precision": precision,
     }
     with plan.step(work / "teacher", "teacher", t_params, outputs=["hf/config.json"]) as s:
         if not s.done:
@@ -226,7 +228,7 @@ def build_generator(cfg: GeneratorConfig) -> dict[str, Any]:
                 "alpha",
             )
         },
-        "precision": cfg.train_precision,
+        "precision": precision,
     }
     roles: tuple[str, ...] = ("teacher", "student") if cfg.student_steps > 0 else ("teacher",)
     student_result: dict[str, Any] = {}

@@ -30,16 +30,17 @@ CHAT_MODEL = "chat-generator"
 def page_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: Path
 ) -> Iterator[RunningServer]:
-    """tiny-classifier plus a tiny LM with room for 1,000 tokens and no EOS, so a reply is
-    still streaming when the test presses Stop."""
+    """tiny-classifier plus a tiny LM with room for 8,000 tokens and no EOS, so a reply is
+    still streaming when the test presses Stop (1,000 tokens took 2.5 s: a loaded box
+    could reach Stop after the end)."""
     from headrace.build.tiny import make_tiny_generator
 
     root = tmp_path_factory.mktemp("page-models")
     shutil.copytree(tiny_models / "tiny-classifier", root / "tiny-classifier")
-    make_tiny_generator(root / CHAT_MODEL / "1", max_context=1024)
+    make_tiny_generator(root / CHAT_MODEL / "1", max_context=8448)
     path = root / CHAT_MODEL / "1" / "headrace.json"
     manifest = json.loads(path.read_text())
-    manifest["limits"].update(max_input_tokens=256, max_new_tokens=1000)
+    manifest["limits"].update(max_input_tokens=256, max_new_tokens=8000)
     manifest["generation"]["eos_token_id"] = None
     path.write_text(json.dumps(manifest))
     running = RunningServer(make_config(root, http_port=free_port()))
@@ -92,7 +93,7 @@ def test_chat_page_streams_stops_and_classifies(
     find(By.CSS_SELECTOR, "#settings summary").click()
     max_tokens = find(By.ID, "max-tokens")
     max_tokens.clear()
-    max_tokens.send_keys("1000")
+    max_tokens.send_keys("8000")
     find(By.ID, "prompt").send_keys("hello there")
     find(By.ID, "send").click()
     reply = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant .text")))

@@ -123,6 +123,30 @@ def test_classify_stream_error_ends_stream(stub) -> None:
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and bad_request_field(err) == "texts"
 
 
+def test_cancelled_classify_stream_drops_its_queued_requests(
+    start_server, model_repo: Path
+) -> None:
+    # a batcher that holds rows for 3 s: the stream's 8 requests (its window) all wait there
+    add_variant(
+        model_repo, "tiny-classifier", "slow", batching={"max_batch": 64, "max_delay_ms": 3000}
+    )
+    running = start_server(model_repo)
+    batcher = running.model("slow").batcher
+    with grpc.insecure_channel(running.address) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        requests = [pb.ClassifyRequest(texts=["a"], model="slow")] * 8
+        call = stub.ClassifyStream(iter(requests), wait_for_ready=True)
+        wait_for(lambda: batcher.queue_depth == 8)
+        cancelled_at = time.monotonic()
+        call.cancel()
+        # every request of the stream leaves the queue, well before its batch was due
+        wait_for(lambda: batcher.queue_depth == 0, timeout=1.5)
+        assert time.monotonic() - cancelled_at < 1.5
+        # and the model still answers
+        resp = stub.Classify(pb.ClassifyRequest(texts=["b"], model="tiny-classifier"))
+        assert len(resp.results) == 1
+
+
 def test_generate_and_stream_agree(stub) -> None:
     req = pb.GenerateRequest(prompt="the service answered", max_new_tokens=12, request_id="g1")
     resp = stub.Generate(req)
