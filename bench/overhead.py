@@ -3,7 +3,7 @@
     python -m bench.overhead --models models                      # demo sentiment + tweetgpt
     python -m bench.overhead --models models --baseline /src/old  # + another checkout's server
     python -m bench.overhead --baseline before=/src/old --baseline cut1=/src/cut1  # several
-    python -m bench.overhead --tiny                               # tiny models built here
+    python -m bench.overhead                                      # tiny models built here
 
 One after another, each server in its own process and the load generator
 (bench/loadgen.py) in another, so no two measurements share the CPU:
