@@ -219,20 +219,41 @@ def _add_models(subparsers: Any) -> None:
     p.add_argument("--models", type=Path, metavar="DIR", help="model repository folder")
     p.add_argument(
         "--server", metavar="HOST:PORT",
-        help="ask this running server (plaintext gRPC; the key from $HEADRACE_API_KEY if set)",
+        help="ask this running server (gRPC, plaintext unless --tls-ca; the API key from "
+        "$HEADRACE_API_KEY if set)",
     )  # fmt: skip
+    p.add_argument("--tls-ca", type=Path, metavar="PEM",
+                   help="with --server: TLS, verifying the server against this CA")  # fmt: skip
+    p.add_argument("--tls-cert", type=Path, metavar="PEM",
+                   help="with --tls-ca: this client certificate, for a server that asks (mTLS)")  # fmt: skip
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="the key of --tls-cert")
     p.add_argument("--config", type=Path, metavar="FILE", help="TOML file naming `models`")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_models)
 
 
-def _server_models(address: str, as_json: bool) -> int:
+def _server_models(args: argparse.Namespace) -> int:
     import os
 
     from headrace.client import Client, HeadraceError
 
+    address: str = args.server
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_cert and not args.tls_ca):
+        print("headrace models: --tls-cert and --tls-key go together, with --tls-ca",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    tls: dict[str, Any] = {}
     try:
-        with Client(address, api_key=os.environ.get("HEADRACE_API_KEY") or None) as client:
+        if args.tls_ca is not None:
+            tls = {"tls": True, "root_certificates": args.tls_ca.read_bytes()}
+        if args.tls_cert is not None:
+            tls.update(client_cert=args.tls_cert.read_bytes(), client_key=args.tls_key.read_bytes())
+    except OSError as exc:
+        print(f"headrace models: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    try:
+        key = os.environ.get("HEADRACE_API_KEY") or None
+        with Client(address, api_key=key, **tls) as client:
             models = client.models(timeout=10)
     except HeadraceError as exc:
         print(f"headrace models: {address}: {exc}", file=sys.stderr)
@@ -249,7 +270,7 @@ def _server_models(address: str, as_json: bool) -> int:
                 "reason": s.reason,
                 "backend": m.backend if s.version in m.versions else "",
             })  # fmt: skip
-    if as_json:
+    if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
@@ -273,7 +294,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         if args.models is not None or args.config is not None:
             print("headrace models: --server or --models/--config, not both", file=sys.stderr)
             return 2
-        return _server_models(args.server, args.json)
+        return _server_models(args)
+    if args.tls_ca or args.tls_cert or args.tls_key:
+        print("headrace models: --tls-ca, --tls-cert and --tls-key go with --server",
+              file=sys.stderr)  # fmt: skip
+        return 2
     from headrace.server.config import ConfigError, load_config
     from headrace.server.manifest import ManifestError, read_manifest
     from headrace.server.repository import scan

@@ -7,9 +7,12 @@ health, reflection) and the metrics endpoint, through raw stubs and through the 
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import shutil
 import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -110,6 +113,38 @@ def test_mutual_tls_wants_a_client_certificate_from_the_ca(
         client_key=c.key,
     ) as client:  # fmt: skip
         assert client.classify("over mutual TLS").results
+
+
+@needs_openssl
+def test_the_models_command_reaches_a_server_over_mutual_tls_with_a_key(
+    start_server, tiny_models: Path, pki, tmp_path: Path
+) -> None:
+    s, c, key = pki["server"], pki["client"], new_key()
+    (tmp_path / "keys").write_text(key + "\n")
+    running = start_server(
+        tiny_models, tls_cert=s.cert, tls_key=s.key, tls_client_ca=pki["ca"].cert,
+        api_key_file=tmp_path / "keys",
+    )  # fmt: skip
+    cli = [sys.executable, "-m", "headrace.server", "models", "--server", running.address]
+    mtls = ["--tls-ca", str(pki["ca"].cert), "--tls-cert", str(c.cert), "--tls-key", str(c.key)]
+
+    def models(*args: str, api_key: str = key) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "HEADRACE_API_KEY": api_key}
+        return subprocess.run([*cli, *args], capture_output=True, text=True, env=env, timeout=60)
+
+    ok = models(*mtls)
+    assert ok.returncode == 0, ok.stderr
+    assert {line.split()[0] for line in ok.stdout.splitlines()[1:]} == {
+        "tiny-classifier", "tiny-generator",
+    }  # fmt: skip
+    assert models(*mtls, api_key="wrong").returncode == 1  # UNAUTHENTICATED, said on stderr
+    assert models("--tls-ca", str(pki["ca"].cert)).returncode == 1  # no client certificate
+    assert models().returncode == 1  # plaintext to a TLS port
+    bad = models("--tls-cert", str(c.cert))  # a certificate without its key
+    assert bad.returncode == 2 and "--tls-key" in bad.stderr
+    missing = models("--tls-ca", str(tmp_path / "nope.pem"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    assert "Traceback" not in bad.stderr + missing.stderr
 
 
 @needs_openssl
