@@ -18,6 +18,9 @@ One after another, each server in its own process and the load generator
   baseline   `--baseline [TAG=]DIR` (repeatable): headrace from another checkout (DIR/src),
              same settings; reported under TAG (default "baseline")
   variant    `--variant TAG=TOML` (repeatable): this checkout's server with other settings
+  workers    `headrace serve --workers 2` and with one worker, threads split, each driven by
+             4 load generator processes x 16 callers (bench/overhead_workers.py;
+             `--no-workers` skips it)
 
 Classify sends one short tweet per call (64 callers, then 1); generation runs 16
 streams of 64 tokens at each `--gen-intervals` tokens per message (the request's
@@ -33,6 +36,8 @@ of the per-request cost budget are printed at the end:
   server CPU per call at 64 callers   <= 1.3 x (floor's CPU per call + 1/raw)
   generate, 16 streams                >= 80 % of the raw decode tokens/s at 16 slots
   TTFT p50 at 1 stream                <= raw prefill + 1 ms
+  --workers 2                         calls/s and one caller's p50 no worse than one
+                                      worker's (within 5 %)
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import overhead_workers
 from bench.common import newest_version, read_json, write_json
 from bench.servers import (
     ROOT,
@@ -364,6 +370,7 @@ def main(argv: list[str] | None = None) -> None:
         help="this checkout's server with another settings file (repeatable)",
     )
     p.add_argument("--no-default", action="store_true", help="skip the no-settings server")
+    p.add_argument("--no-workers", action="store_true", help="skip --workers 2 against one worker")
     p.add_argument(
         "--gen-intervals",
         type=lambda v: [int(x) for x in v.split(",")],
@@ -404,11 +411,14 @@ def main(argv: list[str] | None = None) -> None:
             run.headrace(tag, Path(toml).resolve(), None, full=True)
         if not (a.no_default or a.generate_only):
             run.headrace("default", None, None, full=False)
+        if not (a.no_workers or a.generate_only):
+            run.results["workers"] = overhead_workers.measure(run)
         r = run.results
         r["figures"] = figures(r, a.duration)
+        r["figures"]["workers"] = r.get("workers", {})
         r["machine"] = {"cpus": len(os.sched_getaffinity(0)), "loadavg": os.getloadavg()}
         r["seconds"] = round(time.monotonic() - t0, 1)
-    text = report(r["figures"])
+    text = "\n".join([report(r["figures"]), *overhead_workers.report_lines(r.get("workers", {}))])
     r["report"] = text.splitlines()
     write_json(a.out, r)
     print(text)
