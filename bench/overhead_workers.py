@@ -10,6 +10,7 @@ worse than one, within TOLERANCE (one run on a shared box moves more than that).
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -48,7 +49,7 @@ def measure(run: Run, counts: tuple[int, ...] = (1, 2)) -> dict[int, Any]:
             cmd += ["--config", str(a.settings)]
         with ServerProcess(f"workers-{n}", cmd, run.work / f"workers-{n}.log") as server:
             target = f"127.0.0.1:{port}"
-            server.wait_ready(lambda t=target: models_ready(t, [model]), timeout=300)
+            server.wait_ready(functools.partial(models_ready, target, [model]), timeout=300)
             points = _clients(run, target, CLIENTS, PER_CLIENT)
             one = run.loadgen("classify", target, server.pid, "1", model=model)[1]
         out[n] = {
