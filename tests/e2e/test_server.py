@@ -126,9 +126,9 @@ def test_classify_stream_error_ends_stream(stub) -> None:
 def test_cancelled_classify_stream_drops_its_queued_requests(
     start_server, model_repo: Path
 ) -> None:
-    # a batcher that holds rows for 3 s: the stream's 8 requests (its window) all wait there
+    # a batcher that holds rows for 10 s: the stream's 8 requests (its window) all wait there
     add_variant(
-        model_repo, "tiny-classifier", "slow", batching={"max_batch": 64, "max_delay_ms": 3000}
+        model_repo, "tiny-classifier", "slow", batching={"max_batch": 64, "max_delay_ms": 10_000}
     )
     running = start_server(model_repo)
     batcher = running.model("slow").batcher
@@ -140,8 +140,8 @@ def test_cancelled_classify_stream_drops_its_queued_requests(
         cancelled_at = time.monotonic()
         call.cancel()
         # every request of the stream leaves the queue, well before its batch was due
-        wait_for(lambda: batcher.queue_depth == 0, timeout=1.5)
-        assert time.monotonic() - cancelled_at < 1.5
+        wait_for(lambda: batcher.queue_depth == 0, timeout=4)
+        assert time.monotonic() - cancelled_at < 4
         # and the model still answers
         resp = stub.Classify(pb.ClassifyRequest(texts=["b"], model="tiny-classifier"))
         assert len(resp.results) == 1
