@@ -195,11 +195,13 @@ def test_killed_worker_is_replaced_and_no_call_is_lost(workers: Workers) -> None
     for t in threads:
         t.start()
     wait_for(lambda: calls[0] > 20)
-    victim = sorted(workers.worker_pids())[0]
+    before = workers.worker_pids()
+    victim = sorted(before)[0]
     os.kill(victim, signal.SIGKILL)
     wait_for(lambda: victim not in workers.worker_pids(), timeout=30)
     wait_for(lambda: len(workers.worker_pids()) == 2, timeout=30)  # restarted
-    wait_for(lambda: len(workers.events("serving")) >= 1)
+    [new] = workers.worker_pids() - before
+    wait_for(lambda: any(line.get("pid") == new for line in workers.events("serving")), timeout=60)
     time.sleep(1.0)
     done.set()
     for t in threads:
