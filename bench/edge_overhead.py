@@ -5,8 +5,8 @@
     python bench/edge_overhead.py --models DIR --threads 2 --n 300 --out result.json
 
 Measured (server in a subprocess, `headrace serve --profile edge` over the first
-classify and generate model of the folder alone, so client and server do not share a GIL; raw calls in this process on the same .onnx files
-with the same thread settings):
+classify and generate model of the folder alone, so client and server do not share a
+GIL; raw calls in this process on the same .onnx files with the same thread settings):
 
   cold start        Popen -> grpc.health.v1 answers SERVING (median of --starts runs)
   rss               server VmRSS after both models are loaded and warmed; VmHWM (peak)
