@@ -184,6 +184,15 @@ class ScriptedInference(pb_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateChunk]:
         md = self._seen("GenerateStream", request, context)
         rid = request.request_id
+        ended = False  # by the script: finished, or aborted
+
+        def on_done(_: Any) -> None:
+            # The call ended before the script did: the client cancelled. A cancel that
+            # lands while a chunk is being written never raises CancelledError in here.
+            if not ended:
+                self.record.event(self.record.cancelled, rid).set()
+
+        context.add_done_callback(on_done)
         try:
             await self._script(request.model, rid, md, context)
             # "endless": a chunk every 20 ms until cancelled (or 10 s); else one per char.
@@ -211,9 +220,13 @@ class ScriptedInference(pb_grpc.InferenceServicer):
                 )
                 if request.model == "endless":
                     await asyncio.sleep(0.02)
+            ended = True
             self.record.event(self.record.finished, rid).set()
         except asyncio.CancelledError:
             self.record.event(self.record.cancelled, rid).set()
+            raise
+        except BaseException:
+            ended = True
             raise
 
     async def ListModels(
