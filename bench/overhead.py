@@ -12,6 +12,10 @@ One after another, each server in its own process and the load generator
              time; decode tokens/s at 16 slots, one prompt's prefill time)
   floor      bench/bare_server.py: grpc.aio answering Classify with a canned response,
              and GenerateStream with canned chunks (the streaming floor)
+  engine     bench/engine_server.py: grpc.aio and headrace's batcher and model (its
+             repository, the same settings) behind a canned response: headrace minus
+             this is what the service layers (checks, lease, conversion, log line,
+             metrics) cost per call
   headrace   `headrace serve` with the edge settings (deploy/edge/headrace-edge.toml:
              2 intra-op threads, no spinning), the log line per RPC and /metrics on
   default    the same with no settings file (only at 1 caller: idle spinning shows there)
@@ -131,6 +135,20 @@ class Run:
             if self.a.generate_model:  # canned chunks: the streaming floor
                 self.results["floor_generate"] = self.generate(target, server.pid)
 
+    def engine(self) -> None:
+        repo = single_model_repo(self.models, [self.a.classify_model], self.work / "repo-engine")
+        port = free_port()
+        cmd = [sys.executable, "-m", "bench.engine_server", "--port", str(port),
+               "--models", str(repo), "--model", self.a.classify_model]  # fmt: skip
+        if self.a.settings:
+            cmd += ["--settings", str(self.a.settings)]
+        with ServerProcess("engine", cmd, self.work / "engine.log") as server:
+            target = f"127.0.0.1:{port}"
+            server.wait_ready(lambda: channel_ready(target), timeout=120)
+            self.results["engine"] = self.loadgen(
+                "classify", target, server.pid, "64,1", model=self.a.classify_model
+            )
+
     def headrace(self, tag: str, settings: Path | None, src: Path | None, full: bool) -> None:
         names = [n for n in (self.a.classify_model, self.a.generate_model) if n]
         repo = single_model_repo(self.models, names, self.work / f"repo-{tag}")
@@ -204,6 +222,13 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
             "raw_batch1_ms": raw_b1_ms,
             "L_calls_per_s": limit,
         }
+    engine = r.get("engine")
+    if engine:
+        f |= {
+            "engine_calls_per_s": engine[64]["throughput"],
+            "engine_cpu_us_per_call": per_call_us(engine[64], duration),
+            "engine_p50_ms_1": engine[1]["p50_ms"],
+        }
     gen = r.get("raw_generate")
     if gen:
         rows = {row["batch"]: row for row in gen["by_batch"]}
@@ -233,6 +258,11 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
                 "cpu_us_per_call_64": cpu,
                 "cpu_budget_us": 1.3 * (floor_cpu + 1e6 / raw_tps),
             }
+            if engine:  # what the service layers add per call, by thread
+                base = f["engine_cpu_us_per_call"]
+                s["layers_cpu_us_per_call_64"] = {
+                    k: v - base.get(k, 0.0) for k, v in cpu.items() if k in base
+                }
         if 1 in cls:
             p1 = cls[1]
             s |= {
@@ -274,6 +304,14 @@ def report(f: dict[str, Any]) -> str:
             f"batch 1 {f['raw_batch1_ms']:.3f} ms",
             f"L = 1/(1/floor + 1/raw) = {f['L_calls_per_s']:.0f} calls/s",
         ]
+    if "engine_calls_per_s" in f:
+        cpu = f["engine_cpu_us_per_call"]
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in cpu.items() if k != "total" and v >= 1)
+        lines.append(
+            f"floor + engine (batcher and model, canned answer): {f['engine_calls_per_s']:.0f} "
+            f"calls/s at 64, p50 {f['engine_p50_ms_1']:.3f} ms at 1, "
+            f"{cpu['total']:.0f} µs CPU/call ({parts})"
+        )
     if "raw_decode_tokens_per_s_16" in f:
         lines.append(
             f"raw decode: {f['raw_decode_tokens_per_s_16']:.0f} tokens/s at 16 slots, "
@@ -301,6 +339,10 @@ def report(f: dict[str, Any]) -> str:
                 f"  CPU/call at 64: {cpu['total']:.0f} µs ({parts}); budget "
                 f"{s['cpu_budget_us']:.0f} µs {'MET' if ok else 'not met'}"
             )
+        if "layers_cpu_us_per_call_64" in s:
+            d = s["layers_cpu_us_per_call_64"]
+            parts = ", ".join(f"{k} {v:+.0f}" for k, v in d.items() if k != "total")
+            lines.append(f"  service layers over floor + engine: {d['total']:+.0f} µs/call ({parts})")
         if "p50_ms_1" in s:
             ok = s["p50_ms_1"] <= s["p50_budget_ms"]
             lines.append(
@@ -398,6 +440,8 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.monotonic()
         run.raw()
         run.floor()
+        if not a.generate_only:
+            run.engine()
         run.headrace("headrace", a.settings, None, full=True)
         run.results["baseline_tags"] = []
         for spec in a.baseline:
