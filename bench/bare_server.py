@@ -19,13 +19,14 @@ uvloop when installed and the transport's channel arguments (server/transport.py
 from __future__ import annotations
 
 import argparse
-import asyncio
 from typing import Any
 
 import grpc
 from headrace.server.transport import server_options
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pbg
+
+from bench.common import run_loop
 
 
 def canned(labels: int) -> pb.ClassifyResponse:
@@ -94,13 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--initial-metadata", action="store_true", help="send x-request-id first")
     p.add_argument("--reject", action="store_true", help="refuse every call (RESOURCE_EXHAUSTED)")
     a = p.parse_args(argv)
-    main_coro = serve(a.port, a.labels, a.initial_metadata, a.reject)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main_coro)
-        return
-    uvloop.run(main_coro)
+    run_loop(serve(a.port, a.labels, a.initial_metadata, a.reject))
 
 
 if __name__ == "__main__":

@@ -148,18 +148,20 @@ def thread_cpu_delta(
     return groups
 
 
-def run_and_write(main: Any, out: Path) -> None:
-    """Run the coroutine `main` on uvloop when installed (else asyncio), write its result
-    dict with the loop's name to `out`."""
+def run_loop(main: Any) -> tuple[Any, str]:
+    """Run the coroutine `main` on uvloop when installed (else asyncio) -> (its result,
+    the loop's name)."""
     try:
         import uvloop
-
-        loop = "uvloop"
-        result = uvloop.run(main)
     except ImportError:
         import asyncio
 
-        loop = "asyncio"
-        result = asyncio.run(main)
+        return asyncio.run(main), "asyncio"
+    return uvloop.run(main), "uvloop"
+
+
+def run_and_write(main: Any, out: Path) -> None:
+    """`run_loop(main)`, then write its result dict with the loop's name to `out`."""
+    result, loop = run_loop(main)
     result["event_loop"] = loop
     write_json(out, result)

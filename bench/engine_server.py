@@ -18,7 +18,6 @@ costs (the thread hop, tokenizing, padding, the backend).
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pbg
 
 from bench.bare_server import canned
+from bench.common import run_loop
 
 
 class EngineOnly(pbg.InferenceServicer):
@@ -69,13 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="the classifier to serve")
     p.add_argument("--settings", type=Path, help="headrace settings TOML (threads, spinning)")
     a = p.parse_args(argv)
-    main_coro = serve(a.port, a.models.resolve(), a.model, a.settings)
-    try:
-        import uvloop
-    except ImportError:
-        asyncio.run(main_coro)
-        return
-    uvloop.run(main_coro)
+    run_loop(serve(a.port, a.models.resolve(), a.model, a.settings))
 
 
 if __name__ == "__main__":
