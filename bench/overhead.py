@@ -260,9 +260,7 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
             }
             if engine:  # what the service layers add per call, by thread
                 base = f["engine_cpu_us_per_call"]
-                s["layers_cpu_us_per_call_64"] = {
-                    k: v - base.get(k, 0.0) for k, v in cpu.items() if k in base
-                }
+                s["layers_cpu_us_per_call_64"] = {k: v - base.get(k, 0.0) for k, v in cpu.items()}
         if 1 in cls:
             p1 = cls[1]
             s |= {
@@ -341,7 +339,7 @@ def report(f: dict[str, Any]) -> str:
             )
         if "layers_cpu_us_per_call_64" in s:
             d = s["layers_cpu_us_per_call_64"]
-            parts = ", ".join(f"{k} {v:+.0f}" for k, v in d.items() if k != "total")
+            parts = ", ".join(f"{k} {v:+.0f}" for k, v in d.items() if k != "total" and abs(v) >= 1)
             lines.append(f"  service layers over floor + engine: {d['total']:+.0f} µs/call ({parts})")
         if "p50_ms_1" in s:
             ok = s["p50_ms_1"] <= s["p50_budget_ms"]
