@@ -24,23 +24,25 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
 )
 CHAT_MODEL = "chat-generator"
+REPLY_ROOM = 30_000  # max_new_tokens of the chat model, asked for in full by the long reply
 
 
 @pytest.fixture(scope="module")
 def page_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_models: Path
 ) -> Iterator[RunningServer]:
-    """tiny-classifier plus a tiny LM with room for 8,000 tokens and no EOS, so a reply is
-    still streaming when the test presses Stop (1,000 tokens took 2.5 s: a loaded box
-    could reach Stop after the end)."""
+    """tiny-classifier plus a tiny LM with room for 30,000 tokens and no EOS, so a reply is
+    still streaming when the test presses Stop. 8,000 were not enough: a loaded 2-core CI
+    box streamed all of them (467 tokens/s) before the test reached Stop; the static KV
+    cache of 30,464 positions also makes each step dearer, so the end is minutes away."""
     from headrace.build.tiny import make_tiny_generator
 
     root = tmp_path_factory.mktemp("page-models")
     shutil.copytree(tiny_models / "tiny-classifier", root / "tiny-classifier")
-    make_tiny_generator(root / CHAT_MODEL / "1", max_context=8448)
+    make_tiny_generator(root / CHAT_MODEL / "1", max_context=REPLY_ROOM + 464)
     path = root / CHAT_MODEL / "1" / "headrace.json"
     manifest = json.loads(path.read_text())
-    manifest["limits"].update(max_input_tokens=256, max_new_tokens=8000)
+    manifest["limits"].update(max_input_tokens=256, max_new_tokens=REPLY_ROOM)
     manifest["generation"]["eos_token_id"] = None
     path.write_text(json.dumps(manifest))
     running = RunningServer(make_config(root, http_port=free_port()))
@@ -93,9 +95,10 @@ def test_chat_page_streams_stops_and_classifies(
     find(By.CSS_SELECTOR, "#settings summary").click()
     max_tokens = find(By.ID, "max-tokens")
     max_tokens.clear()
-    max_tokens.send_keys("8000")
+    max_tokens.send_keys(str(REPLY_ROOM))
     find(By.ID, "prompt").send_keys("hello there")
     find(By.ID, "send").click()
+    sent = time.monotonic()
     reply = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant .text")))
     wait.until(lambda d: len(reply.text) > 0)
     first = len(reply.text)
@@ -105,9 +108,11 @@ def test_chat_page_streams_stops_and_classifies(
     streamed = len(reply.text)
 
     # Stop aborts the fetch; the server frees the slot at its next step.
+    stopped = time.monotonic()
     find(By.ID, "stop").click()
     stats = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".msg.assistant .stats")))
-    assert "stopped" in stats.text and "TTFT" in stats.text and "tok/s" in stats.text
+    took = f"Stop pressed {stopped - sent:.1f} s after Send"
+    assert "stopped" in stats.text and "TTFT" in stats.text and "tok/s" in stats.text, took
     deadline = time.monotonic() + 5
     while slots(page_server) != 0:
         assert time.monotonic() < deadline, "the slot was not freed after Stop"
