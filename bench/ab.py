@@ -9,8 +9,10 @@ Each `--server TAG=DIR[:TOML]` is `headrace serve` from DIR/src (`.`: this check
 with the settings TOML (default deploy/edge/headrace-edge.toml), serving the tiny
 classifier of bench/overhead.py (or `--models`/`--model`). All servers start once and
 stay up (idle, they cost nothing: ONNX Runtime does not spin); the load generator
-(bench/loadgen.py) then drives them in turn, round after round (A B C A B C ...), so
-a burst of load from elsewhere lands on every server alike. Per server it prints the
+(bench/loadgen.py) then drives them in turn, round after round, each round led by the
+next server (A B C, B C A, C A B ...), so a burst of load from elsewhere lands on every
+server alike and none gains from its place in the round (with a fixed order the server
+measured second came out up to 7 % ahead of the same server measured first). Per server it prints the
 median over rounds of calls/s at `--concurrency` callers, server CPU µs per call
 (from /proc, all threads, and the event loop's own), and p50 at 1 caller. With
 `--generate`, the tiny generator instead: GenerateStream tokens/s and server CPU µs per
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             servers.append((tag, server, target))
             rows[tag] = []
         for r in range(a.rounds):
-            for tag, server, target in servers:
+            turn = r % len(servers)  # each server leads a round in turn (A B, B A, ...)
+            for tag, server, target in servers[turn:] + servers[:turn]:
                 if a.generate:
                     rows[tag].append(generate_round(target, server.pid, a, work))
                     print(f"round {r + 1} {tag}: {rows[tag][-1]}", flush=True)
