@@ -199,7 +199,7 @@ class ClassifierModel(ServedModel):
     def tokenize(self, texts: list[str]) -> list[tuple[list[int], bool]]:
         """The batcher's worker thread: texts -> (token ids truncated to the limit, truncated)."""
         # `encode_batch_fast`: the same ids and overflow as encode_batch without the
-        # offsets, which nothing here reads (8-14 % less server CPU per call, measured
+        # offsets, which nothing here reads (7-14 % less engine CPU per call, measured
         # in-process at 64 callers; docs/bench.md). One text runs on this thread.
         encodings = self._truncating.encode_batch_fast(texts)
         return [(enc.ids, bool(enc.overflowing)) for enc in encodings]
