@@ -38,7 +38,7 @@ def backend_options(settings: Path | None) -> dict[str, Any]:
 def _spec(
     model_dir: Path, profile: str, min_slots: int = 1, options: dict[str, Any] | None = None
 ) -> tuple[Any, Any, Path]:
-    from headrace.server.backends.base import BackendSpec
+    from headrace.server.backends.base import BackendSpec, task_options
     from headrace.server.manifest import read_manifest
     from headrace.server.profiles import choose_artifact
 
@@ -54,7 +54,7 @@ def _spec(
         manifest=manifest,
         version_dir=version.resolve(),
         max_slots=max(manifest.batching.max_batch, min_slots),
-        options=dict(options or {}),
+        options=task_options(options or {}, manifest.task),  # as the server's loader does
     )
     return spec, manifest, version
 

@@ -22,7 +22,7 @@ SERVE_FIELDS = (
     "models", "host", "port", "profile", "device", "backend", "metrics_port", "http_port",
     "grace_period_s",
     "poll_interval_s", "load_timeout_s", "intra_op_threads", "inter_op_threads",
-    "default_classify_model",
+    "decoder_intra_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
     "stream_interval", "stream_interval_ms", "workers", "engine_process", "otlp_endpoint",
@@ -83,6 +83,10 @@ def _add_serve(subparsers: Any) -> None:
     )  # fmt: skip
     p.add_argument("--intra-op-threads", type=int, help="threads inside one backend op")
     p.add_argument("--inter-op-threads", type=int, help="threads across backend ops")
+    p.add_argument(
+        "--decoder-intra-op-threads", type=int, metavar="N",
+        help="intra-op threads of generate models (default: --intra-op-threads)",
+    )  # fmt: skip
     p.add_argument(
         "--default-classify-model",
         metavar="NAME",

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from headrace.server import profiles
+from headrace.server.backends.base import DECODER_THREADS
 from headrace.server.backends.registry import backend_names
 from headrace.server.types import (
     MAX_STREAM_INTERVAL,
@@ -67,6 +68,9 @@ class ServerConfig:
     load_timeout_s: float = 300.0
     intra_op_threads: int | None = None  # threads inside one backend op (ORT / torch)
     inter_op_threads: int | None = None  # threads across ops (ORT / torch)
+    # intra-op threads of generate models (None: intra_op_threads): a streaming server's
+    # event loop is busy while they decode, so on few cores fewer threads can win
+    decoder_intra_op_threads: int | None = None
     default_classify_model: str | None = None  # model for a ClassifyRequest with no `model`
     default_generate_model: str | None = None  # model for a GenerateRequest with no `model`
     log_format: str = "json"  # json | console
@@ -128,7 +132,7 @@ class ServerConfig:
             raise ConfigError("poll_interval_s must be >= 0")
         if self.load_timeout_s < 0:
             raise ConfigError("load_timeout_s must be >= 0 (0: no limit)")
-        for name in ("intra_op_threads", "inter_op_threads"):
+        for name in ("intra_op_threads", "inter_op_threads", "decoder_intra_op_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1")
@@ -162,6 +166,8 @@ class ServerConfig:
             options["intra_op_threads"] = self.intra_op_threads
         if self.inter_op_threads is not None:
             options["inter_op_threads"] = self.inter_op_threads
+        if self.decoder_intra_op_threads is not None:  # the loader's, for generate models
+            options[DECODER_THREADS] = self.decoder_intra_op_threads
         return options
 
     def stream_defaults(self) -> StreamInterval:
@@ -184,6 +190,7 @@ _INTS = {
     "http_port",
     "intra_op_threads",
     "inter_op_threads",
+    "decoder_intra_op_threads",
     "max_message_mb",
     "stream_interval",
     "stream_interval_ms",

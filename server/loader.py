@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from headrace.server.backends.base import BackendSpec
+from headrace.server.backends.base import BackendSpec, task_options
 from headrace.server.backends.registry import load_decoder, load_encoder
 from headrace.server.logs import get_logger
 from headrace.server.manifest import Manifest, read_manifest
@@ -140,7 +140,7 @@ class VersionLoader:
             manifest=manifest,
             version_dir=path.resolve(),
             max_slots=manifest.batching.max_batch,
-            options=dict(self.options),
+            options=task_options(self.options, manifest.task),
         )
         tokenizer = load_tokenizer(path / manifest.tokenizer)
         if manifest.task is Task.CLASSIFY:

@@ -80,6 +80,7 @@ def default_workers(profile: str) -> int:
 def worker_config(config: ServerConfig, n: int, port: int, port_file: Path) -> ServerConfig:
     """What each of `n` workers runs: the shared port, its own threads, no metrics port."""
     threads = config.intra_op_threads or max(1, cores() // n)
+    decoder = config.decoder_intra_op_threads
     return dataclasses.replace(
         config,
         port=port,
@@ -88,6 +89,7 @@ def worker_config(config: ServerConfig, n: int, port: int, port_file: Path) -> S
         workers=1,
         reuse_port=True,
         intra_op_threads=threads,
+        decoder_intra_op_threads=None if decoder is None else min(decoder, threads),
     )
 
 

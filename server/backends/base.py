@@ -28,6 +28,20 @@ class BackendUnavailable(RuntimeError):
     """The backend's runtime is missing here (e.g. no tensorrt, no CUDA)."""
 
 
+# The server's options carry this key when generate models get their own intra-op
+# thread count; `task_options` turns it into their "intra_op_threads".
+DECODER_THREADS = "decoder_intra_op_threads"
+
+
+def task_options(options: Mapping[str, Any], task: Task) -> dict[str, Any]:
+    """The server's backend options as a model of `task` gets them."""
+    out = dict(options)
+    decoder = out.pop(DECODER_THREADS, None)
+    if decoder is not None and task is Task.GENERATE:
+        out["intra_op_threads"] = decoder
+    return out
+
+
 @dataclass(frozen=True)
 class BackendSpec:
     """Everything a backend needs to load one model version."""

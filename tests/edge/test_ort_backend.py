@@ -153,3 +153,32 @@ def test_encoder_errors(onnx_models: Path, tmp_path: Path) -> None:
         OrtEncoder(wrong)
     with pytest.raises(ValueError, match="lacks decoder metadata"):
         OrtDecoder(dataclasses.replace(spec, task=Task.GENERATE))
+
+
+def test_generate_models_get_their_own_intra_op_threads(onnx_models: Path, tmp_path: Path) -> None:
+    """`decoder_intra_op_threads` reaches the generator's ORT session through the real
+    config and repository; the classifier keeps `intra_op_threads`."""
+    import asyncio
+
+    from headrace.server.config import load_config
+    from headrace.server.models import ClassifierModel, GeneratorModel
+    from headrace.server.repository import ModelRepository
+
+    path = tmp_path / "edge.toml"
+    path.write_text('profile = "edge"\nintra_op_threads = 2\ndecoder_intra_op_threads = 1\n')
+    config = load_config(path, {"models": onnx_models, "poll_interval_s": 0.0})
+
+    async def threads() -> dict[str, int]:
+        repo = ModelRepository.from_config(config)
+        await repo.start()
+        try:
+            found = {}
+            models = (("tiny-classifier", ClassifierModel), ("tiny-generator", GeneratorModel))
+            for name, kind in models:
+                backend: Any = repo.get(name, None, kind).backend
+                found[name] = backend._session.get_session_options().intra_op_num_threads
+            return found
+        finally:
+            await repo.stop()
+
+    assert asyncio.run(threads()) == {"tiny-classifier": 2, "tiny-generator": 1}

@@ -47,6 +47,7 @@ def test_file_then_flags(tmp_path: Path) -> None:
         ("load_timeout_s = -1", "load_timeout_s"),
         ('load_timeout_s = "soon"', "load_timeout_s"),
         ("intra_op_threads = 0", "intra_op_threads"),
+        ("decoder_intra_op_threads = 0", "decoder_intra_op_threads"),
         ('log_level = "loud"', "log_level"),
         ("port = [", "TOML"),
         ("http_port = 70000", "http_port"),
@@ -65,3 +66,27 @@ def test_missing_file_and_unknown_flag(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml")
     with pytest.raises(ConfigError, match="'colour'"):
         load_config(None, {"colour": "blue"})
+
+
+def test_decoder_threads_only_for_generate_models(tmp_path: Path) -> None:
+    from headrace.server.backends.base import task_options
+
+    path = tmp_path / "server.toml"
+    path.write_text("intra_op_threads = 2\ndecoder_intra_op_threads = 1\n")
+    options = load_config(path).backend_options()
+    assert task_options(options, Task.CLASSIFY) == {"intra_op_threads": 2}
+    assert task_options(options, Task.GENERATE) == {"intra_op_threads": 1}
+    unset = load_config(None, {"decoder_intra_op_threads": 3}).backend_options()
+    assert task_options(unset, Task.CLASSIFY) == {}  # the backend's own default
+    assert task_options(unset, Task.GENERATE) == {"intra_op_threads": 3}
+
+
+def test_workers_split_decoder_threads_too(tmp_path: Path) -> None:
+    from headrace.server.workers import cores, worker_config
+
+    config = load_config(None, {"decoder_intra_op_threads": 64})
+    each = worker_config(config, 2, 50051, tmp_path / "port")
+    assert each.intra_op_threads == max(1, cores() // 2)
+    assert each.decoder_intra_op_threads == each.intra_op_threads  # never more than its share
+    alone = worker_config(load_config(None, {}), 2, 50051, tmp_path / "port")
+    assert alone.decoder_intra_op_threads is None
