@@ -54,7 +54,7 @@ def _spec(
         manifest=manifest,
         version_dir=version.resolve(),
         max_slots=max(manifest.batching.max_batch, min_slots),
-        options=task_options(options or {}, manifest.task),  # as the server's loader does
+        options=task_options(options or {}, manifest.task, choice.backend),  # as the server's loader does
     )
     return spec, manifest, version
 

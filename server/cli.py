@@ -85,7 +85,7 @@ def _add_serve(subparsers: Any) -> None:
     p.add_argument("--inter-op-threads", type=int, help="threads across backend ops")
     p.add_argument(
         "--decoder-intra-op-threads", type=int, metavar="N",
-        help="intra-op threads of generate models (default: --intra-op-threads)",
+        help="intra-op threads of generate models on ONNX Runtime (default: --intra-op-threads)",
     )  # fmt: skip
     p.add_argument(
         "--default-classify-model",

@@ -68,8 +68,9 @@ class ServerConfig:
     load_timeout_s: float = 300.0
     intra_op_threads: int | None = None  # threads inside one backend op (ORT / torch)
     inter_op_threads: int | None = None  # threads across ops (ORT / torch)
-    # intra-op threads of generate models (None: intra_op_threads): a streaming server's
-    # event loop is busy while they decode, so on few cores fewer threads can win
+    # intra-op threads of generate models on ONNX Runtime (None: intra_op_threads; torch
+    # has one count per process): a streaming server's event loop is busy while they
+    # decode, so on few cores fewer threads can win (docs/bench.md)
     decoder_intra_op_threads: int | None = None
     default_classify_model: str | None = None  # model for a ClassifyRequest with no `model`
     default_generate_model: str | None = None  # model for a GenerateRequest with no `model`

@@ -140,7 +140,7 @@ class VersionLoader:
             manifest=manifest,
             version_dir=path.resolve(),
             max_slots=manifest.batching.max_batch,
-            options=task_options(self.options, manifest.task),
+            options=task_options(self.options, manifest.task, choice.backend),
         )
         tokenizer = load_tokenizer(path / manifest.tokenizer)
         if manifest.task is Task.CLASSIFY:

@@ -29,15 +29,18 @@ class BackendUnavailable(RuntimeError):
 
 
 # The server's options carry this key when generate models get their own intra-op
-# thread count; `task_options` turns it into their "intra_op_threads".
+# thread count; `task_options` turns it into their "intra_op_threads" where the backend
+# keeps a thread count per model (an ONNX Runtime session). torch's is one per process
+# (`torch.set_num_threads`): a torch model keeps `intra_op_threads`.
 DECODER_THREADS = "decoder_intra_op_threads"
+THREADS_PER_MODEL = frozenset({"onnxruntime"})
 
 
-def task_options(options: Mapping[str, Any], task: Task) -> dict[str, Any]:
-    """The server's backend options as a model of `task` gets them."""
+def task_options(options: Mapping[str, Any], task: Task, backend: str) -> dict[str, Any]:
+    """The server's backend options as a `task` model on `backend` gets them."""
     out = dict(options)
     decoder = out.pop(DECODER_THREADS, None)
-    if decoder is not None and task is Task.GENERATE:
+    if decoder is not None and task is Task.GENERATE and backend in THREADS_PER_MODEL:
         out["intra_op_threads"] = decoder
     return out
 

@@ -74,11 +74,14 @@ def test_decoder_threads_only_for_generate_models(tmp_path: Path) -> None:
     path = tmp_path / "server.toml"
     path.write_text("intra_op_threads = 2\ndecoder_intra_op_threads = 1\n")
     options = load_config(path).backend_options()
-    assert task_options(options, Task.CLASSIFY) == {"intra_op_threads": 2}
-    assert task_options(options, Task.GENERATE) == {"intra_op_threads": 1}
+    ort = "onnxruntime"
+    assert task_options(options, Task.CLASSIFY, ort) == {"intra_op_threads": 2}
+    assert task_options(options, Task.GENERATE, ort) == {"intra_op_threads": 1}
+    # torch's thread count is one per process: a torch generator keeps intra_op_threads
+    assert task_options(options, Task.GENERATE, "torch") == {"intra_op_threads": 2}
     unset = load_config(None, {"decoder_intra_op_threads": 3}).backend_options()
-    assert task_options(unset, Task.CLASSIFY) == {}  # the backend's own default
-    assert task_options(unset, Task.GENERATE) == {"intra_op_threads": 3}
+    assert task_options(unset, Task.CLASSIFY, ort) == {}  # the backend's own default
+    assert task_options(unset, Task.GENERATE, ort) == {"intra_op_threads": 3}
 
 
 def test_workers_split_decoder_threads_too(tmp_path: Path) -> None:
