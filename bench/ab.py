@@ -17,7 +17,7 @@ median over rounds of calls/s at `--concurrency` callers, server CPU µs per cal
 (from /proc, all threads, and the event loop's own), and p50 at 1 caller. With
 `--generate`, the tiny generator instead: GenerateStream tokens/s and server CPU µs per
 token at 16 streams x 64 tokens, one message per token (stream_interval 1) and 8 per
-message, and the time to first token of one stream.
+message, and the time to first token and inter-token latency of one stream.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {tag:>12}: 16 streams {m['tokens_per_s_i1']:6.0f} tok/s "
                 f"({m['cpu_us_per_token_i1']:4.0f} µs CPU/token) at 1 token/message, "
                 f"{m['tokens_per_s_i8']:6.0f} tok/s ({m['cpu_us_per_token_i8']:4.0f} µs) at 8; "
-                f"1 stream: TTFT p50 {m['ttft_p50_ms_1']:.3f} ms"
+                f"1 stream: TTFT p50 {m['ttft_p50_ms_1']:.3f} ms, ITL p50 {m['itl_p50_ms_1']:.3f} ms"
             )
         return
     print(f"median of {a.rounds} rounds, {a.concurrency} callers:")
@@ -142,6 +142,7 @@ def generate_round(target: str, pid: int, a: argparse.Namespace, work: Path) -> 
         )
     one = loadgen(target, pid, 1, a, work, interval=1)
     row["ttft_p50_ms_1"] = one["ttft_p50_ms"]
+    row["itl_p50_ms_1"] = one["itl_p50_ms"]  # a lone stream's pace (a chat user's view)
     return row
 
 
