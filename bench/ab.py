@@ -12,8 +12,8 @@ stay up (idle, they cost nothing: ONNX Runtime does not spin); the load generato
 (bench/loadgen.py) then drives them in turn, round after round, each round led by the
 next server (A B C, B C A, C A B ...), so a burst of load from elsewhere lands on every
 server alike and none gains from its place in the round (with a fixed order the server
-measured second came out up to 7 % ahead of the same server measured first). Per server it prints the
-median over rounds of calls/s at `--concurrency` callers, server CPU µs per call
+measured second came out up to 7 % ahead of the same server measured first). Per
+server it prints the median over rounds of calls/s at `--concurrency` callers, server CPU µs per call
 (from /proc, all threads, and the event loop's own), and p50 at 1 caller. With
 `--generate`, the tiny generator instead: GenerateStream tokens/s and server CPU µs per
 token at 16 streams x 64 tokens, one message per token (stream_interval 1) and 8 per
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"  {tag:>12}: 16 streams {m['tokens_per_s_i1']:6.0f} tok/s "
                 f"({m['cpu_us_per_token_i1']:4.0f} µs CPU/token) at 1 token/message, "
                 f"{m['tokens_per_s_i8']:6.0f} tok/s ({m['cpu_us_per_token_i8']:4.0f} µs) at 8; "
-                f"1 stream: TTFT p50 {m['ttft_p50_ms_1']:.3f} ms, ITL p50 {m['itl_p50_ms_1']:.3f} ms"
+                f"1 stream: TTFT p50 {m['ttft_p50_ms_1']:.3f} ms, "
+                f"ITL p50 {m['itl_p50_ms_1']:.3f} ms"
             )
         return
     print(f"median of {a.rounds} rounds, {a.concurrency} callers:")

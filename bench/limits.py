@@ -54,7 +54,8 @@ def _spec(
         manifest=manifest,
         version_dir=version.resolve(),
         max_slots=max(manifest.batching.max_batch, min_slots),
-        options=task_options(options or {}, manifest.task, choice.backend),  # as the server's loader does
+        # as the server's loader gives them (a generator's own intra-op threads)
+        options=task_options(options or {}, manifest.task, choice.backend),
     )
     return spec, manifest, version
 
