@@ -13,8 +13,9 @@ stay up (idle, they cost nothing: ONNX Runtime does not spin); the load generato
 next server (A B C, B C A, C A B ...), so a burst of load from elsewhere lands on every
 server alike and none gains from its place in the round (with a fixed order the server
 measured second came out up to 7 % ahead of the same server measured first). Per
-server it prints the median over rounds of calls/s at `--concurrency` callers, server CPU µs per call
-(from /proc, all threads, and the event loop's own), and p50 at 1 caller. With
+server it prints the median over rounds of calls/s at `--concurrency` callers, server
+CPU µs per call (from /proc, all threads, and the event loop's own), and p50 at 1
+caller. With
 `--generate`, the tiny generator instead: GenerateStream tokens/s and server CPU µs per
 token at 16 streams x 64 tokens, one message per token (stream_interval 1) and 8 per
 message, and the time to first token and inter-token latency of one stream.
