@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +139,18 @@ class OrtDecoder:
     """A causal LM graph with a KV cache of `max_slots` sequences, in host memory.
 
     cache: [max_slots, layers, 2 (key, value), heads, max_context, head_dim] float32,
-    allocated zeroed (calloc: pages become resident only as slots fill them).
-    A decode step gathers each slot's past, padded to the longest with mask
-    zeros, runs one step for all of them, and writes each new key/value back.
+    allocated zeroed (calloc: pages become resident only as slots fill them), is
+    where each slot's keys and values are kept, contiguous from position 0.
+
+    A decode step runs with IO binding over two preallocated buffer sets: the
+    past is read from one, ONNX Runtime writes the presents [B, H, P + 1, D] into
+    the other, and each new key/value is also written back into the cache. When
+    the next step has the same slots in the same order (most steps), those
+    presents are its past as they are: nothing is gathered. Otherwise each slot's
+    past is copied from the cache into a buffer, padded to the longest with mask
+    zeros. A row's past may so hold masked gaps (where a shorter slot was padded);
+    position ids come from each slot's own length, so its logits do not change.
+    The buffers hold at most twice the batch's past (docs/edge.md has the figures).
     """
 
     name = NAME
@@ -182,6 +192,11 @@ class OrtDecoder:
         )
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)  # tokens held per slot
         self._empty_past = np.zeros((1, self.num_heads, 0, self.head_dim), dtype=np.float32)
+        # two sets of flat buffers, one per past/present tensor, each room for a full batch
+        room = self.max_slots * self.num_heads * self.max_context * self.head_dim
+        self._buffers = [[np.zeros(room, np.float32) for _ in self._past] for _ in range(2)]
+        self._batch: _Batch | None = None  # the last decode's presents, if still valid
+        self._binding = self._session.io_binding()
         if spec.options.get("warmup", True):  # the first runs allocate: not on a request's time
             self.prefill(0, [0] * max(1, min(8, self.max_context - 1)))
             if self.length(0) < self.max_context:
@@ -199,6 +214,7 @@ class OrtDecoder:
     def prefill(self, slot: int, token_ids: Sequence[int]) -> np.ndarray:
         """Run the prompt into `slot` (zero-length past) -> logits [vocab] of its last token."""
         self._check_slot(slot)
+        self._forget(slot)
         n = len(token_ids)
         if n == 0:
             raise ValueError("prefill needs at least one token")
@@ -219,31 +235,63 @@ class OrtDecoder:
         """One step for each slot: last_tokens[i] goes to slots[i] -> logits [len(slots), V]."""
         if len(slots) != len(last_tokens) or not slots:
             raise ValueError("decode needs one last token per slot, and at least one slot")
-        idx = np.asarray(slots, dtype=np.int64)  # [B]
-        for slot in slots:
-            self._check_slot(int(slot))
+        key = tuple(int(slot) for slot in slots)
+        for slot in key:
+            self._check_slot(slot)
+        if len(set(key)) != len(key):
+            raise ValueError("decode got a slot twice")
+        idx = np.asarray(key, dtype=np.int64)  # [B]
         lens = self._lengths[idx]  # [B] tokens already cached per slot
         if (lens == 0).any():
             raise ValueError("decode on a slot that was not prefilled")
         if (lens >= self.max_context).any():
             raise ValueError(f"a slot is full ({self.max_context} tokens)")
-        past = int(lens.max())
-        # attention_mask: [B, past + 1]; ones over each slot's own tokens and the new one
-        mask = (np.arange(past + 1)[None, :] < lens[:, None]).astype(np.int64)
-        mask[:, past] = 1
-        feeds: dict[str, np.ndarray] = {
-            "input_ids": np.asarray(last_tokens, dtype=np.int64)[:, None],  # [B, 1]
-            "attention_mask": mask,
-            "position_ids": lens[:, None].copy(),  # [B, 1]
-        }
-        for j, name in enumerate(self._past):
-            # [B, H, past, D]; positions past a slot's length are masked out
-            feeds[name] = self._cache[idx, j // 2, j % 2, :, :past, :]
-        logits, *presents = self._session.run(self._outputs, feeds)
+        batch = self._batch
+        if batch is None or batch.slots != key:
+            batch = self._gather(key, lens)
+        rows, past = batch.mask.shape
+        # attention_mask: [B, past + 1]; the past's mask and the new token
+        mask = np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+        presents = self._views(1 - batch.buffer, rows, past + 1)
+        logits = np.empty((rows, self.vocab_size), dtype=np.float32)
+        io = self._binding
+        io.bind_cpu_input("input_ids", np.asarray(last_tokens, dtype=np.int64)[:, None])
+        io.bind_cpu_input("attention_mask", mask)
+        io.bind_cpu_input("position_ids", lens[:, None].copy())  # [B, 1]
+        for name, array in zip(self._past, batch.pasts, strict=True):
+            io.bind_cpu_input(name, array)
+        io.bind_ortvalue_output("logits", _ortvalue(logits))
+        for name, array in zip(self._outputs[1:], presents, strict=True):
+            io.bind_ortvalue_output(name, _ortvalue(array))
+        self._batch = None  # until the step succeeded
+        self._session.run_with_iobinding(io)
         for j, present in enumerate(presents):  # present: [B, H, past + 1, D]
             self._cache[idx, j // 2, j % 2, :, lens, :] = present[:, :, past, :]
         self._lengths[idx] = lens + 1
-        return np.asarray(logits, dtype=np.float32)  # [B, V]
+        self._batch = _Batch(key, 1 - batch.buffer, presents, mask)
+        return logits  # [B, V]
+
+    def _views(self, buffer: int, rows: int, width: int) -> list[np.ndarray]:
+        """The buffer set's tensors as [rows, H, width, D] (contiguous)."""
+        shape = (rows, self.num_heads, width, self.head_dim)
+        size = rows * self.num_heads * width * self.head_dim
+        return [flat[:size].reshape(shape) for flat in self._buffers[buffer]]
+
+    def _gather(self, key: tuple[int, ...], lens: np.ndarray) -> _Batch:
+        """Each slot's past copied from the cache into buffer set 0, padded to the longest."""
+        past = int(lens.max())
+        pasts = self._views(0, len(key), past)
+        for row, (slot, n) in enumerate(zip(key, lens.tolist(), strict=True)):
+            cache = self._cache[slot]  # [layers, 2, H, C, D]
+            for j, array in enumerate(pasts):  # positions past n are masked out
+                array[row, :, :n, :] = cache[j // 2, j % 2, :, :n, :]
+        mask = (np.arange(past)[None, :] < lens[:, None]).astype(np.int64)
+        return _Batch(key, 0, pasts, mask)
+
+    def _forget(self, slot: int) -> None:
+        """The slot's contents change: the kept batch no longer holds its past."""
+        if self._batch is not None and slot in self._batch.slots:
+            self._batch = None
 
     def sample(
         self,
@@ -257,11 +305,32 @@ class OrtDecoder:
 
     def release(self, slot: int) -> None:
         self._check_slot(slot)
+        self._forget(slot)
         self._lengths[slot] = 0
 
     def close(self) -> None:
+        self._batch = None
+        self._binding = None
         self._session = None
         self._cache = np.zeros((0,), dtype=np.float32)
+        self._buffers = []
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    """A decode step's batch as ONNX Runtime reads it: the next step's past, if the same slots."""
+
+    slots: tuple[int, ...]
+    buffer: int  # the buffer set holding `pasts`
+    pasts: list[np.ndarray]  # [B, H, P, D] per past_key_values input
+    mask: np.ndarray  # [B, P] int64: ones where a row holds a token
+
+
+def _ortvalue(array: np.ndarray) -> Any:
+    """An OrtValue over the array's own memory: ONNX Runtime writes the output in place."""
+    import onnxruntime as ort
+
+    return ort.OrtValue.ortvalue_from_numpy(array)
 
 
 ONNXRUNTIME = BackendDeclaration(

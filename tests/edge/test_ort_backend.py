@@ -103,6 +103,37 @@ def test_decode_is_independent_of_batch_mates(decoder: OrtDecoder) -> None:
     assert [decoder.length(s) for s in range(3)] == [12, 3, 8]
 
 
+def test_decode_steps_match_each_slot_alone(decoder: OrtDecoder) -> None:
+    """Steps that keep their batch (its presents are the next past) and steps that change
+    it (a slot sits out, the order turns, a slot is refilled) give each slot the logits
+    it gets alone."""
+    prompts = {0: [5, 6, 7, 8, 9, 10, 11], 1: [40, 41], 2: [60, 61, 62, 63, 64, 65, 66, 67]}
+    schedule = [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0, 2], [0, 1, 2], [2, 1, 0], [2, 1, 0]]
+
+    def token(slot: int, k: int) -> int:  # the input of the slot's k-th decode
+        return 100 + 7 * k + slot
+
+    alone: dict[int, list[np.ndarray]] = {}
+    for slot, prompt in prompts.items():
+        decoder.prefill(0, prompt)
+        runs = sum(slot in step for step in schedule)
+        alone[slot] = [decoder.decode([0], [token(slot, k)])[0] for k in range(runs)]
+        decoder.release(0)
+    for slot, prompt in prompts.items():
+        decoder.prefill(slot, prompt)
+    done = dict.fromkeys(prompts, 0)
+    for step in schedule:
+        logits = decoder.decode(step, [token(s, done[s]) for s in step])
+        for row, slot in enumerate(step):
+            np.testing.assert_allclose(logits[row], alone[slot][done[slot]], atol=1e-4)
+            done[slot] += 1
+    assert [decoder.length(s) for s in range(3)] == [len(prompts[s]) + done[s] for s in range(3)]
+    decoder.release(1)  # refilled: the kept batch must not serve its old past
+    decoder.prefill(1, prompts[0])
+    again = decoder.decode([2, 1, 0], [token(2, done[2]), token(0, 0), token(0, done[0])])
+    np.testing.assert_allclose(again[1], alone[0][0], atol=1e-4)
+
+
 def test_sample_uses_numpy_sampling(decoder: OrtDecoder) -> None:
     logits = decoder.prefill(0, [1, 2, 3])
     greedy = decoder.sample(logits, [SamplingParams()], [None], [[1, 2, 3]])
