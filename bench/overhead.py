@@ -150,7 +150,9 @@ class Run:
             )
 
     def headrace(self, tag: str, settings: Path | None, src: Path | None, full: bool) -> None:
-        names = [n for n in (self.a.classify_model, self.a.generate_model) if n]
+        wanted = (self.a.generate_model,) if self.a.generate_only else (
+            self.a.classify_model, self.a.generate_model)  # fmt: skip
+        names = [n for n in wanted if n]
         repo = single_model_repo(self.models, names, self.work / f"repo-{tag}")
         port, metrics_port = free_port(), free_port()
         cmd = headrace_cmd(repo, port, metrics_port, "edge")
@@ -170,7 +172,7 @@ class Run:
                 )
             if full and self.a.generate_model:
                 out["generate"] = self.generate(target, server.pid)
-            if self.a.py_spy and tag == "headrace":
+            if self.a.py_spy and tag == "headrace" and not self.a.generate_only:
                 self.profile(server.pid, target, names[0])
             self.results[tag] = out
 
@@ -432,7 +434,8 @@ def main(argv: list[str] | None = None) -> None:
         tiny = a.models is None
         a.classify_model = a.classify_model or ("tiny-classifier" if tiny else "sentiment")
         a.generate_model = a.generate_model or ("tiny-generator" if tiny else "tweetgpt")
-        for name in (a.classify_model, a.generate_model):
+        needed = [a.generate_model] if a.generate_only else [a.classify_model, a.generate_model]
+        for name in needed:
             newest_version(models / name)  # fails early on a missing model
         run = Run(a, models, work)
         t0 = time.monotonic()
