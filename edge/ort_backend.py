@@ -142,7 +142,7 @@ class OrtDecoder:
     allocated zeroed (calloc: pages become resident only as slots fill them), is
     where each slot's keys and values are kept, contiguous from position 0.
 
-    A decode step runs with IO binding over two preallocated buffer sets: the
+    A decode step runs with IO binding over two preallocated buffers: the
     past is read from one, ONNX Runtime writes the presents [B, H, P + 1, D] into
     the other, and each new key/value is also written back into the cache. When
     the next step has the same slots in the same order (most steps), those
@@ -150,7 +150,7 @@ class OrtDecoder:
     past is copied from the cache into a buffer, padded to the longest with mask
     zeros. A row's past may so hold masked gaps (where a shorter slot was padded);
     position ids come from each slot's own length, so its logits do not change.
-    The buffers hold at most twice the batch's past (docs/edge.md has the figures).
+    The two buffers hold at most twice the batch's past (docs/edge.md has the figures).
     """
 
     name = NAME
@@ -179,22 +179,16 @@ class OrtDecoder:
         self._outputs = ["logits"] + [
             f"present.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")
         ]
+        # [slots, past/present tensor (layer i: key 2i, value 2i + 1), H, C, D]
         self._cache = np.zeros(
-            (
-                self.max_slots,
-                self.num_layers,
-                2,
-                self.num_heads,
-                self.max_context,
-                self.head_dim,
-            ),
+            (self.max_slots, len(self._past), self.num_heads, self.max_context, self.head_dim),
             dtype=np.float32,
         )
         self._lengths = np.zeros(self.max_slots, dtype=np.int64)  # tokens held per slot
         self._empty_past = np.zeros((1, self.num_heads, 0, self.head_dim), dtype=np.float32)
-        # two sets of flat buffers, one per past/present tensor, each room for a full batch
-        room = self.max_slots * self.num_heads * self.max_context * self.head_dim
-        self._buffers = [[np.zeros(room, np.float32) for _ in self._past] for _ in range(2)]
+        # two flat buffers, each room for every tensor of a full batch (see _stacked)
+        self._buffers = [np.zeros(self._cache.size, np.float32) for _ in range(2)]
+        self._tensors = np.arange(len(self._past))[:, None]  # [T, 1], to index the cache
         self._batch: _Batch | None = None  # the last decode's presents, if still valid
         self._binding = self._session.io_binding()
         if spec.options.get("warmup", True):  # the first runs allocate: not on a request's time
@@ -225,9 +219,9 @@ class OrtDecoder:
         feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
         feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
         logits, *presents = self._session.run(self._outputs, feeds)
-        cache = self._cache[slot]  # [layers, 2, H, C, D]
+        cache = self._cache[slot]  # [T, H, C, D]
         for j, present in enumerate(presents):  # present: [1, H, n, D]
-            cache[j // 2, j % 2, :, :n, :] = present[0]
+            cache[j, :, :n, :] = present[0]
         self._lengths[slot] = n
         return np.asarray(logits[0], dtype=np.float32)  # [V]
 
@@ -252,39 +246,41 @@ class OrtDecoder:
         rows, past = batch.mask.shape
         # attention_mask: [B, past + 1]; the past's mask and the new token
         mask = np.concatenate([batch.mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
-        presents = self._views(1 - batch.buffer, rows, past + 1)
+        presents = self._stacked(1 - batch.buffer, rows, past + 1)  # [T, B, H, past + 1, D]
         logits = np.empty((rows, self.vocab_size), dtype=np.float32)
         io = self._binding
         io.bind_cpu_input("input_ids", np.asarray(last_tokens, dtype=np.int64)[:, None])
         io.bind_cpu_input("attention_mask", mask)
         io.bind_cpu_input("position_ids", lens[:, None].copy())  # [B, 1]
-        for name, array in zip(self._past, batch.pasts, strict=True):
+        for name, array in zip(self._past, batch.pasts, strict=True):  # [B, H, past, D] each
             io.bind_cpu_input(name, array)
         io.bind_ortvalue_output("logits", _ortvalue(logits))
         for name, array in zip(self._outputs[1:], presents, strict=True):
             io.bind_ortvalue_output(name, _ortvalue(array))
         self._batch = None  # until the step succeeded
         self._session.run_with_iobinding(io)
-        for j, present in enumerate(presents):  # present: [B, H, past + 1, D]
-            self._cache[idx, j // 2, j % 2, :, lens, :] = present[:, :, past, :]
+        # every tensor's new key/value into its slot's cache at the slot's length, one copy
+        self._cache[idx[None, :], self._tensors, :, lens[None, :], :] = presents[:, :, :, past, :]
         self._lengths[idx] = lens + 1
         self._batch = _Batch(key, 1 - batch.buffer, presents, mask)
         return logits  # [B, V]
 
-    def _views(self, buffer: int, rows: int, width: int) -> list[np.ndarray]:
-        """The buffer set's tensors as [rows, H, width, D] (contiguous)."""
-        shape = (rows, self.num_heads, width, self.head_dim)
-        size = rows * self.num_heads * width * self.head_dim
-        return [flat[:size].reshape(shape) for flat in self._buffers[buffer]]
+    def _stacked(self, buffer: int, rows: int, width: int) -> np.ndarray:
+        """The buffer as [T, rows, H, width, D]: each tensor [rows, H, width, D] contiguous.
+
+        One array for all tensors, so a step's copies are one numpy call each: every
+        call that releases the GIL may wait that long again to get it back while the
+        event loop is busy (8 per-tensor copies took ~30 ms beside a busy Python thread).
+        """
+        shape = (len(self._past), rows, self.num_heads, width, self.head_dim)
+        return self._buffers[buffer][: int(np.prod(shape))].reshape(shape)
 
     def _gather(self, key: tuple[int, ...], lens: np.ndarray) -> _Batch:
-        """Each slot's past copied from the cache into buffer set 0, padded to the longest."""
+        """Each slot's past copied from the cache into buffer 0, padded to the longest."""
         past = int(lens.max())
-        pasts = self._views(0, len(key), past)
+        pasts = self._stacked(0, len(key), past)
         for row, (slot, n) in enumerate(zip(key, lens.tolist(), strict=True)):
-            cache = self._cache[slot]  # [layers, 2, H, C, D]
-            for j, array in enumerate(pasts):  # positions past n are masked out
-                array[row, :, :n, :] = cache[j // 2, j % 2, :, :n, :]
+            pasts[:, row, :, :n, :] = self._cache[slot, :, :, :n, :]  # past n: masked out
         mask = (np.arange(past)[None, :] < lens[:, None]).astype(np.int64)
         return _Batch(key, 0, pasts, mask)
 
@@ -321,8 +317,8 @@ class _Batch:
     """A decode step's batch as ONNX Runtime reads it: the next step's past, if the same slots."""
 
     slots: tuple[int, ...]
-    buffer: int  # the buffer set holding `pasts`
-    pasts: list[np.ndarray]  # [B, H, P, D] per past_key_values input
+    buffer: int  # the buffer holding `pasts`
+    pasts: np.ndarray  # [T, B, H, P, D]: [j] is past_key_values input j
     mask: np.ndarray  # [B, P] int64: ones where a row holds a token
 
 

@@ -81,6 +81,9 @@ def sample_numpy(
         logits = np.array(logits, dtype=np.float32, copy=True)
     out: list[int] = []
     greedy_rows = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
+    if len(greedy_rows) == len(params):  # all greedy: one argmax, no copy of the rows
+        tokens: list[int] = np.argmax(logits, axis=-1).tolist()
+        return tokens
     greedy = (
         dict(zip(greedy_rows, np.argmax(logits[greedy_rows], axis=-1).tolist(), strict=True))
         if greedy_rows
