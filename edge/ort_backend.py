@@ -189,6 +189,7 @@ class OrtDecoder:
         # two flat buffers, each room for every tensor of a full batch (see _stacked)
         self._buffers = [np.zeros(self._cache.size, np.float32) for _ in range(2)]
         self._tensors = np.arange(len(self._past))[:, None]  # [T, 1], to index the cache
+        self._staging = np.zeros(self._cache[0].size, np.float32)  # one prefill's presents
         self._batch: _Batch | None = None  # the last decode's presents, if still valid
         self._binding = self._session.io_binding()
         if spec.options.get("warmup", True):  # the first runs allocate: not on a request's time
@@ -214,16 +215,25 @@ class OrtDecoder:
             raise ValueError("prefill needs at least one token")
         if n > self.max_context:
             raise ValueError(f"prompt of {n} tokens exceeds the context of {self.max_context}")
-        feeds: dict[str, np.ndarray] = dict.fromkeys(self._past, self._empty_past)
-        feeds["input_ids"] = np.asarray(token_ids, dtype=np.int64)[None, :]  # [1, n]
-        feeds["attention_mask"] = np.ones((1, n), dtype=np.int64)
-        feeds["position_ids"] = np.arange(n, dtype=np.int64)[None, :]
-        logits, *presents = self._session.run(self._outputs, feeds)
-        cache = self._cache[slot]  # [T, H, C, D]
-        for j, present in enumerate(presents):  # present: [1, H, n, D]
-            cache[j, :, :n, :] = present[0]
+        io = self._binding
+        io.bind_cpu_input("input_ids", np.asarray(token_ids, dtype=np.int64)[None, :])  # [1, n]
+        io.bind_cpu_input("attention_mask", np.ones((1, n), dtype=np.int64))
+        io.bind_cpu_input("position_ids", np.arange(n, dtype=np.int64)[None, :])
+        for name in self._past:
+            io.bind_cpu_input(name, self._empty_past)
+        logits = np.empty((1, self.vocab_size), dtype=np.float32)
+        io.bind_ortvalue_output("logits", _ortvalue(logits))
+        # the presents [1, H, n, D] go to the slot's own cache rows through a staging
+        # buffer (the cache's [H, C, D] rows are not contiguous for n < C): one copy
+        staged = self._staging[: len(self._past) * self.num_heads * n * self.head_dim]
+        presents = staged.reshape(len(self._past), 1, self.num_heads, n, self.head_dim)
+        for name, array in zip(self._outputs[1:], presents, strict=True):
+            io.bind_ortvalue_output(name, _ortvalue(array))
+        self._session.run_with_iobinding(io)
+        self._cache[slot, :, :, :n, :] = presents[:, 0]
         self._lengths[slot] = n
-        return np.asarray(logits[0], dtype=np.float32)  # [V]
+        row: np.ndarray = logits[0]
+        return row  # [V]
 
     def decode(self, slots: Sequence[int], last_tokens: Sequence[int]) -> np.ndarray:
         """One step for each slot: last_tokens[i] goes to slots[i] -> logits [len(slots), V]."""
