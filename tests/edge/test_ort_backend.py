@@ -134,6 +134,52 @@ def test_decode_steps_match_each_slot_alone(decoder: OrtDecoder) -> None:
     np.testing.assert_allclose(again[1], alone[0][0], atol=1e-4)
 
 
+def test_random_schedule_matches_each_sequence_alone(onnx_models: Path) -> None:
+    """Joins, leaves, sit-outs and turned orders at random over many steps: every row of
+    every step equals its sequence decoded alone (a second decoder, one slot)."""
+    version = onnx_models / "tiny-generator" / "1"
+    batch = OrtDecoder(_spec(version, Task.GENERATE, max_slots=4))
+    alone = OrtDecoder(_spec(version, Task.GENERATE, max_slots=1))
+    rng = np.random.default_rng(20261207)
+    prompts: dict[int, list[int]] = {}  # sequence -> prompt
+    inputs: dict[int, list[int]] = {}  # sequence -> the tokens decoded so far
+    held: dict[int, int] = {}  # slot -> sequence
+    reference: dict[tuple[int, int], np.ndarray] = {}  # (sequence, k) -> k-th decode's logits
+
+    def expected(seq: int, k: int) -> np.ndarray:
+        if (seq, k) not in reference:
+            alone.prefill(0, prompts[seq])
+            for j, token in enumerate(inputs[seq][: k + 1]):
+                reference[seq, j] = alone.decode([0], [token])[0]
+            alone.release(0)
+        return reference[seq, k]
+
+    for step in range(40):
+        for slot in range(4):  # fill free slots now and then, end a sequence now and then
+            if slot not in held and rng.random() < 0.5:
+                seq = len(prompts)
+                prompts[seq] = rng.integers(5, 60, int(rng.integers(1, 12))).tolist()
+                inputs[seq] = []
+                batch.prefill(slot, prompts[seq])
+                held[slot] = seq
+            elif slot in held and (rng.random() < 0.1 or len(inputs[held[slot]]) >= 20):
+                batch.release(slot)
+                del held[slot]
+        slots = [s for s in held if rng.random() < 0.85]  # some sit this step out
+        if not slots:
+            continue
+        rng.shuffle(slots)
+        tokens = rng.integers(5, 60, len(slots)).tolist()
+        for slot, token in zip(slots, tokens, strict=True):
+            inputs[held[slot]].append(token)
+        logits = batch.decode(slots, tokens)
+        for row, slot in enumerate(slots):
+            seq = held[slot]
+            want = expected(seq, len(inputs[seq]) - 1)
+            np.testing.assert_allclose(logits[row], want, atol=1e-4, err_msg=f"step {step}")
+    assert len(prompts) > 8  # the schedule did join and leave
+
+
 def test_sample_uses_numpy_sampling(decoder: OrtDecoder) -> None:
     logits = decoder.prefill(0, [1, 2, 3])
     greedy = decoder.sample(logits, [SamplingParams()], [None], [[1, 2, 3]])
