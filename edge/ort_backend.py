@@ -138,8 +138,8 @@ class OrtEncoder:
 class OrtDecoder:
     """A causal LM graph with a KV cache of `max_slots` sequences, in host memory.
 
-    cache: [max_slots, layers, 2 (key, value), heads, max_context, head_dim] float32,
-    allocated zeroed (calloc: pages become resident only as slots fill them), is
+    cache: [max_slots, 2 x layers (key, value per layer), heads, max_context, head_dim]
+    float32, allocated zeroed (calloc: pages become resident only as slots fill them), is
     where each slot's keys and values are kept, contiguous from position 0.
 
     A decode step runs with IO binding over two preallocated buffers: the
