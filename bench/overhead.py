@@ -150,9 +150,7 @@ class Run:
             )
 
     def headrace(self, tag: str, settings: Path | None, src: Path | None, full: bool) -> None:
-        wanted = (self.a.generate_model,) if self.a.generate_only else (
-            self.a.classify_model, self.a.generate_model)  # fmt: skip
-        names = [n for n in wanted if n]
+        names = [n for n in self.a.served if n]
         repo = single_model_repo(self.models, names, self.work / f"repo-{tag}")
         port, metrics_port = free_port(), free_port()
         cmd = headrace_cmd(repo, port, metrics_port, "edge")
@@ -434,8 +432,9 @@ def main(argv: list[str] | None = None) -> None:
         tiny = a.models is None
         a.classify_model = a.classify_model or ("tiny-classifier" if tiny else "sentiment")
         a.generate_model = a.generate_model or ("tiny-generator" if tiny else "tweetgpt")
-        needed = [a.generate_model] if a.generate_only else [a.classify_model, a.generate_model]
-        for name in needed:
+        # the models every headrace server loads (with --generate-only, the generator alone)
+        a.served = [a.generate_model] if a.generate_only else [a.classify_model, a.generate_model]
+        for name in a.served:
             newest_version(models / name)  # fails early on a missing model
         run = Run(a, models, work)
         t0 = time.monotonic()
