@@ -104,16 +104,10 @@ class Server:
         if config.api_key_file is not None:
             self.auth = Authenticator(config.api_key_file, config.auth_exempt)
         self.repository: ModelRepository
-        if config.engine_socket is not None:  # a front end: the models are the engine's
-            from headrace.server.engine_ipc.remote import RemoteRepository
+        if config.engine_socket is not None:  # a front end: the engine's models (some, or all)
+            from headrace.server.engine_ipc.split import front_end_repository
 
-            self.repository = RemoteRepository(
-                config.engine_socket,
-                profile=config.profile,
-                defaults=config.defaults(),
-                stream=config.stream_defaults(),
-                connect_timeout_s=config.load_timeout_s,
-            )
+            self.repository = front_end_repository(config)
         else:
             self.repository = ModelRepository.from_config(config)
         self.gate = Gate()  # drain flag and running calls of every front

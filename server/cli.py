@@ -25,7 +25,8 @@ SERVE_FIELDS = (
     "decoder_intra_op_threads", "default_classify_model",
     "default_generate_model", "log_format", "log_level", "port_file", "max_message_mb",
     "tls_cert", "tls_key", "tls_client_ca", "metrics_tls", "api_key_file", "auth_exempt",
-    "stream_interval", "stream_interval_ms", "workers", "engine_process", "otlp_endpoint",
+    "stream_interval", "stream_interval_ms", "workers", "engine_process", "engine_tasks",
+    "otlp_endpoint",
 )  # fmt: skip
 
 
@@ -125,6 +126,13 @@ def _add_serve(subparsers: Any) -> None:
         "--workers N > 1, off for edge and cpu)",
     )  # fmt: skip
     p.add_argument(
+        "--engine-tasks", metavar="TASKS",
+        help="with --engine-process: the tasks whose models the engine serves, comma "
+        "separated (default classify,generate); the front ends load the others themselves. "
+        "'generate' decodes in the engine's own process and leaves Classify without the "
+        "extra hop (docs/edge.md)",
+    )  # fmt: skip
+    p.add_argument(
         "--stream-interval", type=int, metavar="TOKENS",
         help="GenerateStream: tokens per message unless a request sets its own (default 1)",
     )  # fmt: skip
@@ -190,6 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(config.log_format, config.log_level)
     from headrace.server.app import run
     from headrace.server.profiles import ProfileError
+    from headrace.server.types import Task
     from headrace.server.workers import default_workers, run_workers
 
     workers = config.workers or default_workers(config.profile)
@@ -197,6 +206,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine = config.engine_process
         if engine is None:  # the default: on for the datacenter profile with several workers
             engine = workers > 1 and config.profile == "datacenter"
+        if not engine and config.engine_task_set() != set(Task):
+            get_logger("headrace.server").warning(
+                "engine_tasks_ignored", reason="engine_tasks needs --engine-process"
+            )
         if engine:
             from headrace.server.engine_ipc.supervisor import run_engine_workers
 

@@ -94,6 +94,9 @@ class ServerConfig:
     # the workers are front ends reaching it over a Unix socket (server/engine_ipc/);
     # None: on for the datacenter profile, off elsewhere
     engine_process: bool | None = None
+    # the tasks whose models the engine process serves; the front ends load the others
+    # themselves (["generate"]: decoding in the engine, Classify with no extra hop)
+    engine_tasks: tuple[str, ...] = ("classify", "generate")
     engine_socket: Path | None = None  # a front end's engine (set by the supervisor)
     # Security (docs/serving.md#security). TLS files are re-read when they change.
     tls_cert: Path | None = None  # PEM certificate chain: TLS on the gRPC and HTTP ports
@@ -153,6 +156,13 @@ class ServerConfig:
             raise ConfigError("tls_client_ca (--tls-client-ca) needs tls_cert and tls_key")
         if self.metrics_tls and self.tls_cert is None:
             raise ConfigError("metrics_tls (--metrics-tls) needs tls_cert and tls_key")
+        tasks = [t.value for t in Task]
+        odd = sorted(set(self.engine_tasks) - set(tasks))
+        if odd or not self.engine_tasks:
+            raise ConfigError(
+                f"engine_tasks takes one or more of {', '.join(tasks)}"
+                + (f", not {', '.join(odd)}" if odd else "")
+            )
         unknown = sorted(set(self.auth_exempt) - set(AUTH_EXEMPT_GROUPS))
         if unknown:
             raise ConfigError(
@@ -173,6 +183,10 @@ class ServerConfig:
 
     def stream_defaults(self) -> StreamInterval:
         return StreamInterval(self.stream_interval, self.stream_interval_ms)
+
+    def engine_task_set(self) -> frozenset[Task]:
+        """The tasks the engine process serves (all of them unless `engine_tasks` says)."""
+        return frozenset(Task(t) for t in self.engine_tasks)
 
     def defaults(self) -> dict[Task, str]:
         out: dict[Task, str] = {}
@@ -199,7 +213,7 @@ _INTS = {
 }
 _FLOATS = {"grace_period_s", "poll_interval_s", "max_connection_age_s", "load_timeout_s"}
 _BOOLS = {"metrics_tls", "reuse_port", "engine_process"}
-_LISTS = {"auth_exempt"}  # a TOML array of strings, or one comma separated string
+_LISTS = {"auth_exempt", "engine_tasks"}  # a TOML array of strings, or one comma separated string
 
 
 def _coerce(key: str, value: Any, base: Path | None) -> Any:

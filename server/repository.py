@@ -40,6 +40,7 @@ __all__ = ["Lease", "LoadedVersion", "ModelEntry", "ModelRepository", "scan"]
 log = get_logger("headrace.repository")
 
 Listener = Callable[[], Awaitable[None]]
+Serves = Callable[[Path], bool]  # which version folders a repository serves
 
 
 M = TypeVar("M", bound=ServedModel)
@@ -55,8 +56,8 @@ class Lease(Generic[M]):
     model: M
 
 
-def scan(root: Path) -> dict[tuple[str, str], Path]:
-    """(name, version) -> version folder, for every folder holding a manifest."""
+def scan(root: Path, serves: Serves | None = None) -> dict[tuple[str, str], Path]:
+    """(name, version) -> version folder, for each folder with a manifest `serves` takes."""
     found: dict[tuple[str, str], Path] = {}
     if not root.is_dir():
         return found
@@ -65,7 +66,8 @@ def scan(root: Path) -> dict[tuple[str, str], Path]:
             continue
         for version_dir in model_dir.iterdir():
             if version_dir.is_dir() and is_version_number(version_dir.name):
-                if (version_dir / MANIFEST_NAME).is_file():
+                manifest = version_dir / MANIFEST_NAME
+                if manifest.is_file() and (serves is None or serves(version_dir)):
                     found[(model_dir.name, version_key(version_dir.name))] = version_dir
     return found
 
@@ -104,8 +106,10 @@ class ModelRepository:
         defaults: dict[Task, str] | None = None,
         load_timeout_s: float = 300.0,
         stream: StreamInterval | None = None,
+        serves: Serves | None = None,
     ) -> None:
         self.root = Path(root)
+        self.serves = serves  # None: every version; else only the folders it accepts
         self.requested_profile = profile
         self.profile = profile  # resolved in start()
         self.device = device
@@ -124,7 +128,7 @@ class ModelRepository:
         self._lock = asyncio.Lock()
 
     @classmethod
-    def from_config(cls, config: ServerConfig) -> ModelRepository:
+    def from_config(cls, config: ServerConfig, serves: Serves | None = None) -> ModelRepository:
         """The repository `headrace serve` runs (in the server, or in its engine process)."""
         assert config.models is not None
         return cls(
@@ -137,6 +141,7 @@ class ModelRepository:
             defaults=config.defaults(),
             load_timeout_s=config.load_timeout_s,
             stream=config.stream_defaults(),
+            serves=serves,
         )
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -191,7 +196,7 @@ class ModelRepository:
         Listeners are told of every change, of the served set or of a version's state."""
         changes = self.states.changes
         async with self._lock:
-            found = await asyncio.to_thread(scan, self.root)
+            found = await asyncio.to_thread(scan, self.root, self.serves)
             loaded = {(n, v) for n, vs in self._served.items() for v in vs}
             new = sorted(set(found) - loaded, key=lambda k: (k[0], int(k[1])))
             for name, ver in new:

@@ -5,5 +5,6 @@
     client.py    a front end's connection to the engine: calls in, results out, reconnects
     remote.py    RemoteRepository and the remote models the fronts' services call, in place
                  of the local ModelRepository and ClassifierModel / GeneratorModel
+    split.py     `engine_tasks`: the engine serves some tasks, each front end loads the rest
     supervisor.py  `headrace serve --workers N --engine-process`: starts, restarts, drains
 """

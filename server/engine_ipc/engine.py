@@ -33,6 +33,7 @@ from typing import Any
 from headrace.server import tracing
 from headrace.server.config import ServerConfig, load_config
 from headrace.server.engine_ipc import wire
+from headrace.server.engine_ipc.split import engine_filter
 from headrace.server.errors import ServiceError
 from headrace.server.logs import configure_logging, get_logger
 from headrace.server.models import ClassifierModel, GeneratorModel
@@ -80,7 +81,8 @@ class Engine:
         assert config.models is not None
         self.config = config
         self.socket_path = socket_path
-        self.repository = ModelRepository.from_config(config)
+        # engine_tasks: only those tasks' versions (server/engine_ipc/split.py)
+        self.repository = ModelRepository.from_config(config, serves=engine_filter(config))
         self.senders: set[wire.Sender] = set()
         self.calls: set[asyncio.Task[None]] = set()
         self.stopping = False

@@ -93,3 +93,15 @@ def test_workers_split_decoder_threads_too(tmp_path: Path) -> None:
     assert each.decoder_intra_op_threads == each.intra_op_threads  # never more than its share
     alone = worker_config(load_config(None, {}), 2, 50051, tmp_path / "port")
     assert alone.decoder_intra_op_threads is None
+
+
+def test_engine_tasks_from_file_or_flag(tmp_path: Path) -> None:
+    assert load_config().engine_task_set() == {Task.CLASSIFY, Task.GENERATE}
+    path = tmp_path / "h.toml"
+    path.write_text('engine_tasks = ["generate"]\n')
+    assert load_config(path).engine_task_set() == {Task.GENERATE}
+    flag = load_config(path, {"engine_tasks": "classify, generate"})
+    assert flag.engine_tasks == ("classify", "generate")
+    for bad in ("", "generate,chat", ["embed"]):
+        with pytest.raises(ConfigError, match="engine_tasks takes one or more of classify, generate"):
+            load_config(None, {"engine_tasks": bad})
