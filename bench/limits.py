@@ -121,6 +121,7 @@ def classify_limit(
             padded[b].append((ids, mask))
     backend = load_backend(spec)
     times: dict[int, list[float]] = {b: [] for b in batch_sizes}
+    cpu: dict[int, float] = dict.fromkeys(batch_sizes, 0.0)  # process CPU s, every thread
     try:
         for b in batch_sizes:
             for ids, mask in padded[b][:2]:  # warm-up: first calls allocate
@@ -135,9 +136,10 @@ def classify_limit(
                 slice_end = time.perf_counter() + 0.25
                 while True:
                     ids, mask = padded[b][len(t_b) % len(padded[b])]
-                    t0 = time.perf_counter()
+                    c0, t0 = time.process_time(), time.perf_counter()
                     backend.forward(ids, mask)
                     t1 = time.perf_counter()
+                    cpu[b] += time.process_time() - c0
                     t_b.append(t1 - t0)
                     if t1 >= slice_end:
                         break
@@ -156,6 +158,8 @@ def classify_limit(
                 "ms_per_call": 1e3 * call_s,
                 "mean_texts_per_s": b * len(times[b]) / sum(times[b]),
                 "calls": len(times[b]),
+                # CPU per text (ONNX Runtime's pool threads too): what a CPU budget compares to
+                "cpu_us_per_text": 1e6 * cpu[b] / (b * len(times[b])),
             }
         )
         print(f"classify limit batch={b:3d} {b / call_s:8.1f} texts/s", flush=True)
@@ -170,6 +174,7 @@ def classify_limit(
         "by_batch": rows,
         "best_batch": best["batch"],
         "limit_texts_per_s": best["texts_per_s"],
+        "cpu_us_per_text": best["cpu_us_per_text"],
         "batch1_after_idle_ms": idle,
     }
 

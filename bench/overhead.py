@@ -37,7 +37,7 @@ of the per-request cost budget are printed at the end:
 
   L = 1 / (1/floor + 1/raw)           classify calls/s at 64 callers >= 85 % of L
   p50 at 1 caller                     <= floor p50 + raw batch-1 time + 0.3 ms
-  server CPU per call at 64 callers   <= 1.3 x (floor's CPU per call + 1/raw)
+  server CPU per call at 64 callers   <= 1.3 x (floor CPU per call + raw CPU per text)
   generate, 16 streams                >= 80 % of the raw decode tokens/s at 16 slots
   TTFT p50 at 1 stream                <= raw prefill + 1 ms
   --workers 2                         calls/s and one caller's p50 no worse than one
@@ -221,6 +221,8 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
             "raw_best_batch": raw["best_batch"],
             "raw_batch1_ms": raw_b1_ms,
             "raw_batch1_after_idle_ms": raw.get("batch1_after_idle_ms"),
+            # CPU, not wall, per text at the best batch (with 2 intra-op threads up to 2x)
+            "raw_cpu_us_per_text": raw.get("cpu_us_per_text") or 1e6 / raw_tps,
             "L_calls_per_s": limit,
         }
     engine = r.get("engine")
@@ -258,7 +260,8 @@ def figures(r: dict[str, Any], duration: float) -> dict[str, Any]:
                 "calls_per_s_64": p64["throughput"],
                 "pct_of_L": 100.0 * p64["throughput"] / limit,
                 "cpu_us_per_call_64": cpu,
-                "cpu_budget_us": 1.3 * (floor_cpu + 1e6 / raw_tps),
+                "cpu_budget_us": 1.3 * (floor_cpu + f["raw_cpu_us_per_text"]),
+                "cpu_budget_wall_us": 1.3 * (floor_cpu + 1e6 / raw_tps),  # as before
             }
             if engine:  # what the service layers add per call, by thread
                 base = f["engine_cpu_us_per_call"]
@@ -320,7 +323,8 @@ def report(f: dict[str, Any]) -> str:
             f"floor (bare grpc.aio): {f['floor_calls_per_s']:.0f} calls/s at 64, "
             f"p50 {f['floor_p50_ms_1']:.3f} ms at 1, {f['floor_cpu_us_per_call']:.0f} µs CPU/call",
             f"raw backend: {f['raw_texts_per_s']:.0f} texts/s at batch {f['raw_best_batch']}, "
-            f"batch 1 {f['raw_batch1_ms']:.3f} ms{_idle(f['raw_batch1_after_idle_ms'])}",
+            f"batch 1 {f['raw_batch1_ms']:.3f} ms{_idle(f['raw_batch1_after_idle_ms'])}; "
+            f"{f['raw_cpu_us_per_text']:.0f} µs CPU per text at its best batch",
             f"L = 1/(1/floor + 1/raw) = {f['L_calls_per_s']:.0f} calls/s",
         ]
     if "engine_calls_per_s" in f:
@@ -356,7 +360,8 @@ def report(f: dict[str, Any]) -> str:
             ok = cpu["total"] <= s["cpu_budget_us"]
             lines.append(
                 f"  CPU/call at 64: {cpu['total']:.0f} µs ({parts}); budget "
-                f"{s['cpu_budget_us']:.0f} µs {'MET' if ok else 'not met'}"
+                f"{s['cpu_budget_us']:.0f} µs {'MET' if ok else 'not met'} (with the raw wall "
+                f"time per text in place of its CPU: {s['cpu_budget_wall_us']:.0f} µs)"
             )
         if "layers_cpu_us_per_call_64" in s:
             d = s["layers_cpu_us_per_call_64"]

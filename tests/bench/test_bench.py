@@ -211,3 +211,37 @@ def test_cancelled_streams_leave_no_slot_in_use(server, tmp_path: Path) -> None:
     while scrape_metric(metrics_port, "headrace_active_slots") != 0 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert scrape_metric(metrics_port, "headrace_active_slots") == 0
+
+
+def _point(calls_per_s: float, cores: float, p50_ms: float = 1.0) -> dict[str, float]:
+    return {"throughput": calls_per_s, "server_cores": cores, "p50_ms": p50_ms}
+
+
+def test_overhead_budgets_compare_cpu_to_cpu_and_cold_to_cold() -> None:
+    from bench.overhead import figures, report
+
+    raw = {
+        "by_batch": [{"batch": 1, "ms_per_call": 0.6}, {"batch": 4, "ms_per_call": 2.4}],
+        "best_batch": 4, "limit_texts_per_s": 2000.0, "cpu_us_per_text": 1000.0,
+        "batch1_after_idle_ms": 0.9,
+    }  # fmt: skip
+    r = {
+        "raw_classify": raw,
+        "floor": {64: _point(5000.0, 1.0, 0.5), 1: _point(1000.0, 0.2, 0.5)},
+        "headrace": {"classify": {64: _point(1000.0, 1.5), 1: _point(600.0, 0.5, 1.6)}},
+    }
+    f = figures(r, duration=1.0)
+    s = f["servers"]["headrace"]
+    # 1.3 x (floor 200 µs + the raw CPU per text, 1,000 µs), not its wall time (500 µs)
+    assert s["cpu_budget_us"] == pytest.approx(1560.0)
+    assert s["cpu_budget_wall_us"] == pytest.approx(910.0)
+    assert s["p50_budget_ms"] == pytest.approx(1.4)  # floor p50 + raw batch 1 + 0.3
+    assert s["p50_budget_idle_ms"] == pytest.approx(1.7)  # ... with batch 1 after idle
+    text = report(f)
+    assert "CPU/call at 64: 1500 µs" in text and "budget 1560 µs MET" in text
+    assert "budget 1.400 ms (+0.500 ms over floor + raw) not met" in text
+    assert "after 1 ms idle: budget 1.700 ms MET" in text
+    raw.pop("cpu_us_per_text")  # an older result: the wall time per text, as before
+    raw.pop("batch1_after_idle_ms")
+    s = figures(r, duration=1.0)["servers"]["headrace"]
+    assert s["cpu_budget_us"] == pytest.approx(910.0) and s["p50_budget_idle_ms"] is None
