@@ -7,7 +7,8 @@ The supervisor of server/workers.py, plus the engine (server/engine_ipc/engine.p
 - the engine starts first and loads every model; the front ends start once it serves
   (an engine that fails to start stops the whole start, as a worker's failure does);
 - each front end gets the engine's socket (`engine_socket`): its repository is the
-  engine's catalog (server/engine_ipc/remote.py), it loads no model;
+  engine's catalog (server/engine_ipc/remote.py), it loads no model (with
+  `engine_tasks`, only the other tasks' models: server/engine_ipc/split.py);
 - an engine that dies is restarted (with the workers' backoff); meanwhile the front ends
   answer UNAVAILABLE and reconnect by themselves;
 - SIGTERM: the front ends drain first (their calls run on the engine), then the engine
