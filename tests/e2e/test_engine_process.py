@@ -147,19 +147,25 @@ def test_cancel_frees_the_slot_in_the_engine(engine: Engine) -> None:
         assert stub.Generate(G(prompt="the", max_new_tokens=3)).usage.completion_tokens <= 3
 
 
+def kill_engine_under_a_stream(running: Engine, stub: pb_grpc.InferenceStub) -> int:
+    """SIGKILL the engine while a stream of GEN runs: the stream ends UNAVAILABLE."""
+    first = running.engine_pids()[-1]
+    call = stub.GenerateStream(
+        G(prompt="the", max_new_tokens=400, sampling=pb.SamplingParams(ignore_eos=True))
+    )
+    next(call)
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(grpc.RpcError) as err:
+        for _ in call:
+            pass
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+    return first
+
+
 def test_killed_engine_fails_calls_unavailable_then_serves_again(engine: Engine) -> None:
-    first = engine.engine_pids()[-1]
     with grpc.insecure_channel(engine.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        call = stub.GenerateStream(
-            G(prompt="the", max_new_tokens=400, sampling=pb.SamplingParams(ignore_eos=True))
-        )
-        next(call)
-        os.kill(first, signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
-            for _ in call:
-                pass
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        first = kill_engine_under_a_stream(engine, stub)
         with pytest.raises(grpc.RpcError) as err:  # while it restarts: retryable
             stub.Classify(pb.ClassifyRequest(texts=["meanwhile"]))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -26,7 +25,7 @@ from headrace.server.types import Task
 from headrace.v1 import inference_pb2 as pb
 from headrace.v1 import inference_pb2_grpc as pb_grpc
 
-from tests.e2e.test_engine_process import Engine, G
+from tests.e2e.test_engine_process import Engine, G, kill_engine_under_a_stream
 from tests.e2e.test_workers import GEN, wait_for
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -90,18 +89,9 @@ def test_every_rpc_sees_one_repository(split: Engine) -> None:
 
 
 def test_classify_answers_while_the_engine_is_gone(split: Engine) -> None:
-    first = split.engine_pids()[-1]
     with grpc.insecure_channel(split.address) as channel:
         stub = pb_grpc.InferenceStub(channel)
-        call = stub.GenerateStream(
-            G(prompt="the", max_new_tokens=400, sampling=pb.SamplingParams(ignore_eos=True))
-        )
-        next(call)
-        os.kill(first, signal.SIGKILL)
-        with pytest.raises(grpc.RpcError) as err:
-            for _ in call:
-                pass
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value
+        kill_engine_under_a_stream(split, stub)
         wait_for(lambda: health(channel, GEN) == NOT_SERVING, timeout=15)
         assert health(channel, CLS) == SERVING
         for _ in range(5):  # the front end's own classifier, engine or not
