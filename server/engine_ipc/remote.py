@@ -25,6 +25,7 @@ from typing import Any
 from headrace.server import metrics
 from headrace.server.calls import check_classify
 from headrace.server.engine_ipc.client import EngineClient
+from headrace.server.engine_ipc.tokenize import TokenizeQueue
 from headrace.server.loader import LoadedVersion
 from headrace.server.manifest import Manifest, read_manifest
 from headrace.server.model_state import ModelState, ModelStates
@@ -91,24 +92,29 @@ class RemoteClassifierModel(ClassifierModel):
         self._truncating = _private_copy(tokenizer)
         self._truncating.enable_truncation(max_length=self.max_tokens)
         self._prompt_tokens = metrics.PROMPT_TOKENS.labels(name)
+        self._tokenizing = TokenizeQueue(self.tokenize, name)  # off the loop, batched
+        self._running = 0  # classify calls in flight here
 
     @property
     def engine(self) -> Any:
         return _ENGINE
 
     def close(self) -> None:
-        return None
+        self._tokenizing.close()
 
     async def classify(self, call: ClassifyCall) -> list[ClassifyItem]:
         check_classify(call, self.manifest.limits)
-        encoded = (
-            self.encode(call.texts, reject_overlong=True)
-            if call.reject_overlong
-            else self.tokenize(list(call.texts))
-        )
-        logits, tokens = await self.client.classify(
-            self.name, self.version, [ids for ids, _ in encoded]
-        )
+        self._running += 1
+        try:
+            if call.reject_overlong:  # an overlong text fails here, before the engine
+                encoded = self.encode(call.texts, reject_overlong=True)
+            else:
+                encoded = await self._tokenizing.encode(call.texts, alone=self._running == 1)
+            logits, tokens = await self.client.classify(
+                self.name, self.version, [ids for ids, _ in encoded]
+            )
+        finally:
+            self._running -= 1
         labels = self.manifest.labels
         if logits.shape[1] != len(labels):
             raise BackendFailure(
@@ -186,6 +192,8 @@ class RemoteRepository(ModelRepository):
 
     async def stop(self, *, drain: bool = True) -> None:
         await self.client.close()
+        for built in self._built.values():
+            built.model.close()
 
     async def refresh(self) -> bool:
         return False  # the engine rescans; its catalog comes when it changes
@@ -208,7 +216,8 @@ class RemoteRepository(ModelRepository):
                 loaded = await self._version(entry)
                 served.setdefault(loaded.name, {})[loaded.version] = loaded
             live = {(v.name, v.version, str(v.path)) for vs in served.values() for v in vs.values()}
-            self._built = {k: v for k, v in self._built.items() if k in live}
+            for key in set(self._built) - live:
+                self._built.pop(key).model.close()  # a front end's own threads, if any
         self.states = states
         self._served = served
         await self._notify()
