@@ -23,10 +23,11 @@ class TokenizeQueue:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"tokenize-{name}")
         self._waiting: list[tuple[Sequence[str], asyncio.Future[Encoded]]] = []
         self._drainer: asyncio.Task[None] | None = None
+        self._closed = False  # the version retired: what still comes is tokenized here
 
     async def encode(self, texts: Sequence[str], *, alone: bool) -> Encoded:
         """`alone`: no other call of this model is running (tokenized here, at once)."""
-        if alone and self._drainer is None:
+        if (alone and self._drainer is None) or self._closed:
             return self.tokenize(list(texts))
         future: asyncio.Future[Encoded] = asyncio.get_running_loop().create_future()
         self._waiting.append((texts, future))
@@ -35,13 +36,12 @@ class TokenizeQueue:
         return await future
 
     async def _drain(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
                 texts = [t for call, _ in batch for t in call]
                 try:
-                    encoded = await loop.run_in_executor(self._pool, self.tokenize, texts)
+                    encoded = await self._in_thread(texts)
                 except Exception as exc:  # every call of the batch gets the error
                     for _, future in batch:
                         if not future.done():
@@ -55,5 +55,17 @@ class TokenizeQueue:
         finally:
             self._drainer = None
 
+    async def _in_thread(self, texts: list[str]) -> Encoded:
+        if not self._closed:
+            try:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._pool, self.tokenize, texts)
+            except RuntimeError:  # the pool shut down meanwhile: below
+                if not self._closed:
+                    raise
+        return self.tokenize(texts)
+
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """No new work for the thread (what it runs finishes); it exits when idle."""
+        self._closed = True
+        self._pool.shutdown(wait=False)

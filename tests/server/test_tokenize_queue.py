@@ -112,3 +112,19 @@ async def test_a_cancelled_caller_leaves_the_others_served() -> None:
             await gone
     finally:
         queue.close()
+
+
+@on_a_loop
+async def test_closed_with_calls_waiting_still_answers_them() -> None:
+    tok = Recorder()
+    queue = TokenizeQueue(tok, "m")
+    tok.release.clear()
+    first = asyncio.create_task(queue.encode(["a"], alone=False))
+    await asyncio.sleep(0.02)
+    waiting = asyncio.create_task(queue.encode(["b"], alone=False))
+    await asyncio.sleep(0.02)
+    queue.close()  # the version retired while its calls run
+    tok.release.set()
+    assert await first == expected(["a"]) and await waiting == expected(["b"])
+    assert await queue.encode(["late"], alone=False) == expected(["late"])  # on the loop
+    assert tok.calls[-1] == (["late"], threading.current_thread().name)
