@@ -106,7 +106,6 @@ def classify_limit(
     pad_id = tok.token_to_id("[PAD]") or 0
     texts = tweets(1024, seed=1)
     encoded = [e.ids for e in tok.encode_batch(texts)]
-    backend = load_backend(spec)
     padded: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     for b in batch_sizes:
         padded[b] = []
