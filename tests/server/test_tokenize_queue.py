@@ -5,9 +5,10 @@ a lone call is tokenized at once on the loop, a failure reaches every call it he
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import pytest
@@ -43,11 +44,32 @@ def expected(texts: list[str]) -> Encoded:
     return [([ord(c) for c in t], len(t) > 3) for t in texts]
 
 
+@contextlib.contextmanager
+def queue_of(tok: Recorder) -> Iterator[TokenizeQueue]:
+    queue = TokenizeQueue(tok, "m")
+    try:
+        yield queue
+    finally:
+        queue.close()
+
+
+async def behind_a_batch(
+    queue: TokenizeQueue, tok: Recorder, *calls: list[str]
+) -> tuple[asyncio.Task[Encoded], list[asyncio.Task[Encoded]]]:
+    """A call of ["a"] held on the worker thread, then `calls` queued behind it; they run
+    once `tok.release` is set."""
+    tok.release.clear()
+    first = asyncio.create_task(queue.encode(["a"], alone=False))
+    await asyncio.sleep(0.02)
+    rest = [asyncio.create_task(queue.encode(c, alone=False)) for c in calls]
+    await asyncio.sleep(0.02)
+    return first, rest
+
+
 @on_a_loop
 async def test_concurrent_calls_share_a_batch_and_get_their_own_rows() -> None:
     tok = Recorder()
-    queue = TokenizeQueue(tok, "m")
-    try:
+    with queue_of(tok) as queue:
         tok.release.clear()  # the first batch waits: the other calls pile up meanwhile
         calls = [[f"t{i}", f"text{i}"] if i % 2 else [f"x{i}"] for i in range(20)]
         tasks = [asyncio.create_task(queue.encode(c, alone=False)) for c in calls]
@@ -58,71 +80,46 @@ async def test_concurrent_calls_share_a_batch_and_get_their_own_rows() -> None:
         assert len(tok.calls) < len(calls)  # batched: the first alone, the rest together
         assert sum(len(texts) for texts, _ in tok.calls) == sum(len(c) for c in calls)
         assert all(name.startswith("tokenize-m") for _, name in tok.calls)  # off the loop
-    finally:
-        queue.close()
 
 
 @on_a_loop
 async def test_a_lone_call_is_tokenized_on_the_loop() -> None:
     tok = Recorder()
-    queue = TokenizeQueue(tok, "m")
-    try:
+    with queue_of(tok) as queue:
         assert await queue.encode(["hello"], alone=True) == expected(["hello"])
         assert tok.calls == [(["hello"], threading.current_thread().name)]
-    finally:
-        queue.close()
 
 
 @on_a_loop
 async def test_a_failure_reaches_each_call_of_its_batch_and_the_next_batch_runs() -> None:
     tok = Recorder(fail_on="boom")
-    queue = TokenizeQueue(tok, "m")
-    try:
-        tok.release.clear()
-        first = asyncio.create_task(queue.encode(["a"], alone=False))
-        await asyncio.sleep(0.02)  # the first batch is running: these two go together
-        second = asyncio.create_task(queue.encode(["boom"], alone=False))
-        third = asyncio.create_task(queue.encode(["c"], alone=False))
-        await asyncio.sleep(0.02)
+    with queue_of(tok) as queue:
+        first, rest = await behind_a_batch(queue, tok, ["boom"], ["c"])  # these two together
         tok.release.set()
         assert await first == expected(["a"])
-        for task in (second, third):
+        for task in rest:
             with pytest.raises(RuntimeError, match="tokenizer broke"):
                 await task
         assert await queue.encode(["after"], alone=False) == expected(["after"])
-    finally:
-        queue.close()
 
 
 @on_a_loop
 async def test_a_cancelled_caller_leaves_the_others_served() -> None:
     tok = Recorder()
-    queue = TokenizeQueue(tok, "m")
-    try:
-        tok.release.clear()
-        first = asyncio.create_task(queue.encode(["a"], alone=False))
-        await asyncio.sleep(0.02)
-        gone = asyncio.create_task(queue.encode(["gone"], alone=False))
-        kept = asyncio.create_task(queue.encode(["kept"], alone=False))
-        await asyncio.sleep(0.02)
+    with queue_of(tok) as queue:
+        first, (gone, kept) = await behind_a_batch(queue, tok, ["gone"], ["kept"])
         gone.cancel()
         tok.release.set()
         assert await first == expected(["a"]) and await kept == expected(["kept"])
         with pytest.raises(asyncio.CancelledError):
             await gone
-    finally:
-        queue.close()
 
 
 @on_a_loop
 async def test_closed_with_calls_waiting_still_answers_them() -> None:
     tok = Recorder()
     queue = TokenizeQueue(tok, "m")
-    tok.release.clear()
-    first = asyncio.create_task(queue.encode(["a"], alone=False))
-    await asyncio.sleep(0.02)
-    waiting = asyncio.create_task(queue.encode(["b"], alone=False))
-    await asyncio.sleep(0.02)
+    first, (waiting,) = await behind_a_batch(queue, tok, ["b"])
     queue.close()  # the version retired while its calls run
     tok.release.set()
     assert await first == expected(["a"]) and await waiting == expected(["b"])
