@@ -21,6 +21,7 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,13 +36,30 @@ _LEVELS = {
 }
 
 
-class _Stderr:
-    """Writes to whatever sys.stderr is at each call (test runners swap it)."""
+# A write to a pipe of at most this many bytes is never split by another process's:
+# the workers of `--workers N` (and their engine) share one stderr.
+PIPE_BUF = 4096
+
+
+class _Stderr(threading.local):
+    """Writes to whatever sys.stderr is at each call (test runners swap it), each line in
+    one write: print() writes a line's text and its newline apart, and a piped stderr is
+    unbuffered, so two processes' lines would interleave (half a line, then another's)."""
+
+    part = ""  # per thread: the text of a line whose newline has not come yet
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        if not text.endswith("\n"):
+            self.part += text
+            return len(text)
+        line, self.part = self.part + text, ""
+        sys.stderr.write(line)
+        return len(text)
 
     def flush(self) -> None:
+        if self.part:
+            sys.stderr.write(self.part)
+            self.part = ""
         sys.stderr.flush()
 
 
@@ -95,9 +113,19 @@ class _RpcLines:
         self.pending.append(line)
 
     def flush(self) -> None:
-        text = "".join(self.pending)
+        """The turn's lines in as few writes as keep each whole (PIPE_BUF bytes at most)."""
+        chunk: list[str] = []
+        size = 0
+        for line in self.pending:
+            n = len(line.encode())
+            if chunk and size + n > PIPE_BUF:
+                sys.stderr.write("".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += n
         self.pending.clear()
-        sys.stderr.write(text)
+        if chunk:
+            sys.stderr.write("".join(chunk))
 
 
 _rpc_lines: _RpcLines | None = None
