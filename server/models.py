@@ -21,6 +21,7 @@ engine's own worker thread.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
@@ -324,6 +325,59 @@ class GeneratorModel(ServedModel):
             failure = exc
             raise
         finally:
+            self.scheduler.cancel(stream)
+            if trace is not None:
+                trace.end(failure)
+
+    async def forward(self, params: GenerateParams, send: Callable[[TokenEvent], None]) -> None:
+        """generate() for a consumer that takes each event in the step's delivery itself.
+
+        `send(event)` runs on the event loop inside the scheduler's delivery, as soon as
+        an event is due (the same events, coalescing and stream_interval rules as
+        generate's), so no task wakes per token: the engine process forwards thousands
+        of streams' tokens this way. `send` must not block or raise. Returns after the
+        last event; raises what generate raises; cancelling frees the slot as it does.
+        """
+        loop = asyncio.get_running_loop()
+        stream = self.scheduler.submit(params)
+        trace = tracing.generation(self.name, stream)
+        done: asyncio.Future[None] = loop.create_future()
+        timer: asyncio.TimerHandle | None = None
+
+        def take() -> None:
+            nonlocal timer
+            while not done.done():
+                try:
+                    got = stream.poll()
+                except BaseException as exc:  # the engine's error for this stream
+                    done.set_exception(exc)
+                    return
+                if not isinstance(got, TokenEvent):
+                    if got is not None and timer is None:  # stream_interval_ms not over
+                        timer = loop.call_later(got, on_timer)
+                    return
+                if trace is not None:
+                    trace.chunk(got)
+                send(got)
+                if got.finish_reason is not None:
+                    done.set_result(None)
+
+        def on_timer() -> None:
+            nonlocal timer
+            timer = None
+            take()
+
+        stream.on_ready = take
+        failure: BaseException | None = None
+        try:
+            await done
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            stream.on_ready = None
+            if timer is not None:
+                timer.cancel()
             self.scheduler.cancel(stream)
             if trace is not None:
                 trace.end(failure)

@@ -31,6 +31,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -77,6 +78,9 @@ class Stream:
     finish: FinishReason | None = None
     error: BaseException | None = None
     finished: bool = False  # nothing more will be pushed (finished, failed or cancelled)
+    # set by a consumer that takes its events in the delivery itself (GeneratorModel.forward):
+    # called instead of waking a task, once per step that touched the stream
+    on_ready: Callable[[], None] | None = None
 
     def push(self, text: str, token_id: int, finish: FinishReason | None, at: float) -> None:
         if self.finished:
@@ -89,14 +93,20 @@ class Stream:
         if finish is not None:
             self.finish = finish
             self.finished = True
-        self.ready.set()
+        self._wake()
 
     def fail(self, error: BaseException) -> None:
         if self.finished:
             return
         self.error = error
         self.finished = True
-        self.ready.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+        else:
+            self.ready.set()
 
     def _wait_s(self) -> float | None:
         """0 when an event is due now, None when tokens must come first, else seconds to wait.
@@ -114,35 +124,45 @@ class Stream:
             return max(0.0, self.sent_at + rule.ms / 1000 - time.perf_counter())
         return 0.0
 
+    def poll(self) -> TokenEvent | float | None:
+        """The event due now, else seconds until one is (None: once tokens come).
+
+        Raises the engine's error once what was made before it has been taken.
+        """
+        wait = self._wait_s()
+        if self.error is not None:  # what was made before the failure goes first
+            wait = 0.0 if self.pending_ids else None
+        if wait != 0.0:
+            if self.error is not None:
+                raise self.error
+            return wait
+        final = self.finish is not None
+        event = TokenEvent(
+            text="".join(self.pending_text),
+            token_ids=tuple(self.pending_ids),
+            finish_reason=self.finish,
+            prompt_tokens=len(self.params.prompt_ids) if final else 0,
+            completion_tokens=self.tokens if final else 0,
+            token_times_us=tuple(self.pending_times),
+        )
+        self.pending_text.clear()
+        self.pending_ids.clear()
+        self.pending_times.clear()
+        self.sent_at = time.perf_counter()
+        return event
+
     async def next_event(self) -> TokenEvent:
         """Everything produced since the last call, as one event; raises the engine's error."""
         while True:
-            wait = self._wait_s()
-            if self.error is not None:  # what was made before the failure goes first
-                wait = 0.0 if self.pending_ids else None
-            if wait == 0.0:
-                final = self.finish is not None
-                event = TokenEvent(
-                    text="".join(self.pending_text),
-                    token_ids=tuple(self.pending_ids),
-                    finish_reason=self.finish,
-                    prompt_tokens=len(self.params.prompt_ids) if final else 0,
-                    completion_tokens=self.tokens if final else 0,
-                    token_times_us=tuple(self.pending_times),
-                )
-                self.pending_text.clear()
-                self.pending_ids.clear()
-                self.pending_times.clear()
-                self.sent_at = time.perf_counter()
-                return event
-            if self.error is not None:
-                raise self.error
+            got = self.poll()
+            if isinstance(got, TokenEvent):
+                return got
             self.ready.clear()
-            if wait is None:
+            if got is None:
                 await self.ready.wait()
             else:  # tokens are in, the interval is not over: wait for it (or the finish)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.ready.wait(), wait)
+                    await asyncio.wait_for(self.ready.wait(), got)
 
 
 class _Inbox:

@@ -160,12 +160,10 @@ class Engine:
         try:
             name, version, params = wire.parse_generate(body)
             async with self.repository.lease(name, version, GeneratorModel) as lease:
-                events = lease.model.generate(params)
-                try:
-                    async for event in events:
-                        sender.send(wire.tokens_frame(call_id, event))
-                finally:
-                    await events.aclose()  # the slot is freed at the next step
+                # each step's events framed in its delivery: no task wakes per token
+                await lease.model.forward(
+                    params, lambda event: sender.send(wire.tokens_frame(call_id, event))
+                )  # cancelled (CANCEL, the front end gone): the slot is freed at the next step
         except asyncio.CancelledError:
             raise
         except Exception as exc:

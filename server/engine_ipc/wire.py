@@ -182,24 +182,24 @@ def tokens_frame(call_id: int, event: TokenEvent) -> bytes:
     text = event.text.encode()
     n = len(event.token_ids)
     times = event.token_times_us if len(event.token_times_us) == n else (0,) * n
-    return frame(
-        TOKENS, call_id,
+    body = b"".join((
         TOKENS_HEAD.pack(FINISH_CODES[event.finish_reason], event.prompt_tokens,
                          event.completion_tokens, n, len(text)),
-        np.asarray(event.token_ids, dtype="<i4").tobytes(),
-        np.asarray(times, dtype="<u4").tobytes(),
+        struct.pack(f"<{n}i{n}I", *event.token_ids, *times),  # a step's few: no numpy
         text,
-    )  # fmt: skip
+    ))  # fmt: skip
+    return HEADER.pack(len(body), TOKENS, call_id) + body
 
 
 def parse_tokens(body: memoryview) -> TokenEvent:
     finish, prompt, completion, n, n_text = TOKENS_HEAD.unpack_from(body, 0)
     at = TOKENS_HEAD.size
-    ids = np.frombuffer(body, dtype="<i4", count=n, offset=at).tolist()
-    times = np.frombuffer(body, dtype="<u4", count=n, offset=at + 4 * n).tolist()
+    values = struct.unpack_from(f"<{n}i{n}I", body, at)
     at += 8 * n
     text = bytes(body[at : at + n_text]).decode()
-    return TokenEvent(text, tuple(ids), FINISH_FROM_CODE[finish], prompt, completion, tuple(times))
+    return TokenEvent(
+        text, values[:n], FINISH_FROM_CODE[finish], prompt, completion, values[n:]
+    )  # fmt: skip
 
 
 def error_frame(call_id: int, exc: BaseException) -> bytes:
