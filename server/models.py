@@ -335,8 +335,9 @@ class GeneratorModel(ServedModel):
         `send(event)` runs on the event loop inside the scheduler's delivery, as soon as
         an event is due (the same events, coalescing and stream_interval rules as
         generate's), so no task wakes per token: the engine process forwards thousands
-        of streams' tokens this way. `send` must not block or raise. Returns after the
-        last event; raises what generate raises; cancelling frees the slot as it does.
+        of streams' tokens this way. `send` must not block; what it raises ends this
+        stream with that error. Returns after the last event; raises what generate
+        raises; cancelling frees the slot as it does.
         """
         loop = asyncio.get_running_loop()
         stream = self.scheduler.submit(params)
@@ -356,9 +357,13 @@ class GeneratorModel(ServedModel):
                     if got is not None and timer is None:  # stream_interval_ms not over
                         timer = loop.call_later(got, on_timer)
                     return
-                if trace is not None:
-                    trace.chunk(got)
-                send(got)
+                try:
+                    if trace is not None:
+                        trace.chunk(got)
+                    send(got)
+                except Exception as exc:  # this stream's, not the delivery's other streams'
+                    done.set_exception(exc)
+                    return
                 if got.finish_reason is not None:
                     done.set_result(None)
 

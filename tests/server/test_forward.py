@@ -224,3 +224,31 @@ def test_cancelled_forward_frees_the_slot(tokenizer: Tokenizer) -> None:
     # the held step, then the slot freed: not the 59 steps of the cancelled stream's 60
     assert len(backend.decode_sizes()) == 3 + 2
     assert backend.slots == {} and model.active_slots == 0
+
+
+def test_a_failing_send_ends_its_stream_alone(tokenizer: Tokenizer) -> None:
+    model, backend = make_model(tokenizer)
+
+    async def main() -> tuple[BaseException | None, list[TokenEvent]]:
+        await model.start()
+        sent: list[TokenEvent] = []
+
+        def send(event: TokenEvent) -> None:
+            sent.append(event)
+            if len(sent) == 2:
+                raise RuntimeError("the connection's buffer is gone")
+
+        results = await asyncio.gather(
+            model.forward(params_for(model, "the fox", 20), send),
+            forwarded(model, params_for(model, "the dog", 20)),
+            return_exceptions=True,
+        )
+        await model.stop()
+        failed, other = results
+        assert isinstance(other, list)
+        return failed if isinstance(failed, BaseException) else None, other
+
+    failed, other = run(main())
+    assert isinstance(failed, RuntimeError)
+    assert other[-1].completion_tokens == 20  # the stream beside it, delivered in the same steps
+    assert backend.slots == {} and model.active_slots == 0
