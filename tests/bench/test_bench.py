@@ -3,6 +3,8 @@ generator against a real headrace server on the tiny models (a second or two a p
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -245,3 +247,27 @@ def test_overhead_budgets_compare_cpu_to_cpu_and_cold_to_cold() -> None:
     raw.pop("batch1_after_idle_ms")
     s = figures(r, duration=1.0)["servers"]["headrace"]
     assert s["cpu_budget_us"] == pytest.approx(910.0) and s["p50_budget_idle_ms"] is None
+
+
+@pytest.mark.parametrize("task", ["classify", "generate"])
+def test_gpu_workers_script_runs_on_a_cpu_box(tmp_path: Path, task: str) -> None:
+    """bench/gpu_workers.sh as a GPU run would use it, on CPU: one line per layout."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ, "PY": sys.executable, "TASK": task, "PROFILE": "cpu",
+        "BACKEND": "onnxruntime", "RUNS": "1:engine", "LOADGENS": "1", "CONC": "2",
+        "STREAMS": "2", "DURATION": "1", "WARMUP": "0.3", "OUT": str(out),
+    }  # fmt: skip
+    subprocess.run(
+        ["bash", "bench/gpu_workers.sh"], cwd=ROOT, env=env, check=True, timeout=300,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    layout, ipc = rows
+    assert (layout["workers"], layout["mode"], layout["errors"]) == (1, "engine", {})
+    if task == "generate":
+        assert layout["tokens_per_s"] > 0 and layout["raw_decode_tokens_per_s"] > 0
+        assert 0 < layout["share_of_raw"] < 1.5 and layout["ttft_p50_ms"] > 0
+    else:
+        assert layout["calls_per_s"] > 0 and layout["one_caller_p50_ms"] > 0
+    assert ipc["ipc_roundtrip"]["pings_per_s"] > 0
