@@ -18,7 +18,9 @@ after a step that made first tokens while few sequences run, it waits (2 ms at m
 the loop has handed them to their consumers, so that the first message leaves before the
 next decode step takes the cores (time to first token, the one figure a lone caller sees). Delivery is a
 per-stream buffer: a consumer that falls behind gets every pending token in one
-coalesced TokenEvent, so the transport never throttles the step loop. The worker
+coalesced TokenEvent, so the transport never throttles the step loop (a consumer that
+sets `Stream.on_ready` takes its events inside the delivery itself, with no task to wake:
+GeneratorModel.forward, for the engine process). The worker
 sleeps on the inbox when there is nothing to run. A cancelled stream leaves the queue
 at once, or its slot is freed at the worker's next step, before any request is admitted.
 """
