@@ -55,6 +55,7 @@ from headrace.server import tracing
 from headrace.server.auth import Authenticator
 from headrace.server.config import ServerConfig
 from headrace.server.health import DrainingHealthServicer
+from headrace.server.heap import freeze_startup_heap
 from headrace.server.kserve.pb import grpc_service_pb2 as kserve_pb
 from headrace.server.kserve.pb import grpc_service_pb2_grpc as kserve_grpc
 from headrace.server.kserve.service import OpenInferenceService
@@ -340,6 +341,7 @@ async def serve(config: ServerConfig) -> int:
             log.info("stopped", during="startup")
             return 0
         started = True
+        freeze_startup_heap()  # the models loaded: out of every full collection's scan
         await server.wait_stopped()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

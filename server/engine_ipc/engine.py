@@ -35,6 +35,7 @@ from headrace.server.config import ServerConfig, load_config
 from headrace.server.engine_ipc import wire
 from headrace.server.engine_ipc.split import engine_filter
 from headrace.server.errors import ServiceError
+from headrace.server.heap import freeze_startup_heap
 from headrace.server.logs import configure_logging, get_logger
 from headrace.server.models import ClassifierModel, GeneratorModel
 from headrace.server.repository import ModelRepository
@@ -94,6 +95,7 @@ class Engine:
         self.repository.add_listener(self._broadcast)
         self.socket_path.unlink(missing_ok=True)
         self._server = await asyncio.start_unix_server(self._serve, path=str(self.socket_path))
+        freeze_startup_heap()  # the models loaded: out of every full collection's scan
         ready = self.socket_path.with_name(self.socket_path.name + READY_SUFFIX)
         ready.write_text(f"{os.getpid()}\n")
         log.info("engine_serving", socket=str(self.socket_path), models=self.repository.names(),
