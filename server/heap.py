@@ -7,7 +7,10 @@ the tiny models, one took ~30 ms on the event loop (5 of them in 9 s of Classify
 callers), a stall every call in flight waits out. `gc.freeze()` moves every object
 alive at that moment to a permanent generation that no collection visits; what calls
 allocate afterwards is collected as before. A version loaded later (hot reload) is not
-frozen: its objects are scanned like any others. Done by the serving processes
+frozen: its objects are scanned like any others. A version loaded at startup and retired
+later keeps what only reference cycles held of it (its backend's session and arrays are
+freed by its `close`, not by the collector): at most once per startup version, however
+many reloads follow. Done by the serving processes
 (`server/app.py: serve`, the engine process), not by `Server.start`: a process that
 embeds a server keeps its heap its own.
 """
