@@ -22,10 +22,11 @@ engine's own worker thread.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import ClassVar, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 from headrace.server import metrics, tracing
@@ -33,7 +34,7 @@ from headrace.server.backends.base import DecoderBackend, EncoderBackend
 from headrace.server.calls import check_classify, check_generate, overlong
 from headrace.server.engine.base import Engine
 from headrace.server.engine.batcher import EncoderBatcher
-from headrace.server.engine.scheduler import DecoderScheduler
+from headrace.server.engine.scheduler import DecoderScheduler, Stream
 from headrace.server.manifest import Manifest
 from headrace.server.types import (
     BackendFailure,
@@ -308,12 +309,9 @@ class GeneratorModel(ServedModel):
         BackendFailure (at the first iteration for the first two). `on_queued` is
         called once the request is queued, before its first token.
         """
-        stream = self.scheduler.submit(params)
-        if on_queued is not None:
-            on_queued()
-        trace = tracing.generation(self.name, stream)  # None: tracing off
-        failure: BaseException | None = None
-        try:
+        with self._sequence(params) as (stream, trace):
+            if on_queued is not None:
+                on_queued()
             while True:
                 event = await stream.next_event()
                 if trace is not None:
@@ -321,6 +319,16 @@ class GeneratorModel(ServedModel):
                 yield event
                 if event.finish_reason is not None:
                     return
+
+    @contextlib.contextmanager
+    def _sequence(self, params: GenerateParams) -> Iterator[tuple[Stream, Any]]:
+        """Queue `params` -> (its stream, its trace or None); at the end, however it ends,
+        the slot is freed at the next step and the trace ends with the failure if any."""
+        stream = self.scheduler.submit(params)
+        trace = tracing.generation(self.name, stream)  # None: tracing off
+        failure: BaseException | None = None
+        try:
+            yield stream, trace
         except BaseException as exc:
             failure = exc
             raise
@@ -340,49 +348,41 @@ class GeneratorModel(ServedModel):
         raises; cancelling frees the slot as it does.
         """
         loop = asyncio.get_running_loop()
-        stream = self.scheduler.submit(params)
-        trace = tracing.generation(self.name, stream)
-        done: asyncio.Future[None] = loop.create_future()
-        timer: asyncio.TimerHandle | None = None
+        with self._sequence(params) as (stream, trace):
+            done: asyncio.Future[None] = loop.create_future()
+            timer: asyncio.TimerHandle | None = None
 
-        def take() -> None:
-            nonlocal timer
-            while not done.done():
-                try:
-                    got = stream.poll()
-                except BaseException as exc:  # the engine's error for this stream
-                    done.set_exception(exc)
-                    return
-                if not isinstance(got, TokenEvent):
-                    if got is not None and timer is None:  # stream_interval_ms not over
-                        timer = loop.call_later(got, on_timer)
-                    return
-                try:
-                    if trace is not None:
-                        trace.chunk(got)
-                    send(got)
-                except Exception as exc:  # this stream's, not the delivery's other streams'
-                    done.set_exception(exc)
-                    return
-                if got.finish_reason is not None:
-                    done.set_result(None)
+            def take() -> None:
+                nonlocal timer
+                while not done.done():
+                    try:
+                        got = stream.poll()
+                    except BaseException as exc:  # the engine's error for this stream
+                        done.set_exception(exc)
+                        return
+                    if not isinstance(got, TokenEvent):
+                        if got is not None and timer is None:  # stream_interval_ms not over
+                            timer = loop.call_later(got, on_timer)
+                        return
+                    try:
+                        if trace is not None:
+                            trace.chunk(got)
+                        send(got)
+                    except Exception as exc:  # this stream's, not the delivery's other streams'
+                        done.set_exception(exc)
+                        return
+                    if got.finish_reason is not None:
+                        done.set_result(None)
 
-        def on_timer() -> None:
-            nonlocal timer
-            timer = None
-            take()
+            def on_timer() -> None:
+                nonlocal timer
+                timer = None
+                take()
 
-        stream.on_ready = take
-        failure: BaseException | None = None
-        try:
-            await done
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            stream.on_ready = None
-            if timer is not None:
-                timer.cancel()
-            self.scheduler.cancel(stream)
-            if trace is not None:
-                trace.end(failure)
+            stream.on_ready = take
+            try:
+                await done
+            finally:
+                stream.on_ready = None
+                if timer is not None:
+                    timer.cancel()
