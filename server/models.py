@@ -26,7 +26,7 @@ import contextlib
 import math
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeAlias
+from typing import ClassVar, TypeAlias
 
 import numpy as np
 from headrace.server import metrics, tracing
@@ -321,7 +321,9 @@ class GeneratorModel(ServedModel):
                     return
 
     @contextlib.contextmanager
-    def _sequence(self, params: GenerateParams) -> Iterator[tuple[Stream, Any]]:
+    def _sequence(
+        self, params: GenerateParams
+    ) -> Iterator[tuple[Stream, tracing.GenerationTrace | None]]:
         """Queue `params` -> (its stream, its trace or None); at the end, however it ends,
         the slot is freed at the next step and the trace ends with the failure if any."""
         stream = self.scheduler.submit(params)
